@@ -1,0 +1,19 @@
+"""fused-preact: pre-activation ResNets (He et al., ECCV 2016) with fused BN-ReLU-conv units.
+
+Modules: ``units`` (eager reference of every unit in the paper), ``models``
+(CIFAR and ImageNet nets), ``fused`` (drop-in fused units), ``convert``
+(``convert_to_fused``), ``dispatch`` (backend choice).
+"""
+from .convert import convert_to_fused
+from .dispatch import BACKENDS, available_backends
+from .fused import FusedPreActBlock, FusedPreActBottleneck
+from .models import MODELS, ResNet, cifar_resnet, create_model, imagenet_resnet
+from .units import ACTIVATIONS, SHORTCUTS, PreActBlock, PreActBottleneck, ResidualUnit, make_unit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS", "BACKENDS", "MODELS", "SHORTCUTS", "FusedPreActBlock", "FusedPreActBottleneck",
+    "PreActBlock", "PreActBottleneck", "ResNet", "ResidualUnit", "available_backends", "cifar_resnet",
+    "convert_to_fused", "create_model", "imagenet_resnet", "make_unit",
+]

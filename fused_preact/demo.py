@@ -1,0 +1,113 @@
+"""Short demo: build a pre-activation ResNet, run a fused unit against eager, print the comparison.
+
+    python -m fused_preact.demo [--device cpu|cuda] [--batch N] [--depth 164]
+
+Everything printed is measured in this run: which backend ran, the largest
+difference from eager PyTorch (output, input gradient, weight gradients,
+running statistics) and median wall times.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+
+from . import dispatch
+from .convert import convert_to_fused
+from .fused import FusedPreActBottleneck
+from .models import cifar_resnet
+from .units import PreActBottleneck
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn, device: torch.device, repeats: int) -> float:
+    fn()   # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _train_step(module, x):
+    """Forward and backward; returns output, input gradient and parameter gradients."""
+    module.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    y = module(x)
+    y.backward(torch.ones_like(y))
+    return y.detach(), x.grad, [p.grad for p in module.parameters()]
+
+
+def _max_diff(a, b) -> float:
+    return max((u.double() - v.double()).abs().max().item() for u, v in zip(a, b))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+    parser.add_argument("--depth", type=int, default=164, help="CIFAR bottleneck depth, 9n+2 (default 164)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (default 5)")
+    args = parser.parse_args(argv)
+    if args.batch <= 0:
+        parser.error(f"--batch must be positive, got {args.batch}")
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    model = cifar_resnet(args.depth, 10, bottleneck=True).to(device)
+    units = model.units()
+    params = sum(p.numel() for p in model.parameters())
+    print(f"pre-act ResNet-{args.depth} (CIFAR-10): {len(units)} bottleneck units, {params:,} parameters, "
+          f"device {device}, torch {torch.__version__}")
+
+    # one unit of stage 1 at its real shape: 64 channels, 32x32
+    eager = PreActBottleneck(64, 64).to(device)
+    fused = FusedPreActBottleneck(64, 64, backend="auto").to(device)
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(args.batch, 64, 32, 32, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        backend = dispatch.resolve_backend("auto", x)
+        fused_out = _train_step(fused, x)
+        fused_ms = _median_ms(lambda: _train_step(fused, x), device, args.repeats)
+    eager_out = _train_step(eager, x)
+    eager_ms = _median_ms(lambda: _train_step(eager, x), device, args.repeats)
+    stats_diff = _max_diff(list(fused.state_dict().values()), list(eager.state_dict().values()))
+
+    # the whole model, converted in place, against an eager copy
+    reference = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        convert_to_fused(model)
+        images = torch.randn(args.batch, 3, 32, 32, device=device)
+        model_out = _train_step(model, images)
+    reference_out = _train_step(reference, images)
+
+    print(f"\nbackend chosen by 'auto': {backend}"
+          + ("" if backend != "eager" else "  (no fused kernel can run here yet: "
+             + "; ".join(f"{n}: {dispatch.unavailable_reason(n, x)}" for n in dispatch.AUTO_ORDER) + ")"))
+    print(f"\n{'what':<44}{'max |fused - eager|':>22}")
+    print(f"{'unit output':<44}{_max_diff([fused_out[0]], [eager_out[0]]):>22.3e}")
+    print(f"{'unit input gradient':<44}{_max_diff([fused_out[1]], [eager_out[1]]):>22.3e}")
+    print(f"{'unit parameter gradients':<44}{_max_diff(fused_out[2], eager_out[2]):>22.3e}")
+    print(f"{'unit running statistics':<44}{stats_diff:>22.3e}")
+    print(f"{'ResNet-%d logits (convert_to_fused)' % args.depth:<44}{_max_diff([model_out[0]], [reference_out[0]]):>22.3e}")
+    print(f"{'ResNet-%d parameter gradients' % args.depth:<44}{_max_diff(model_out[2], reference_out[2]):>22.3e}")
+    print(f"\nunit forward+backward, batch {args.batch}, 64x32x32, median of {args.repeats}:")
+    print(f"  eager PyTorch      {eager_ms:9.2f} ms")
+    print(f"  fused ({backend:<6})     {fused_ms:9.2f} ms   speed-up {eager_ms / fused_ms:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Drop-in fused pre-activation units.
+
+``FusedPreActBlock`` and ``FusedPreActBottleneck`` take the same constructor
+arguments as ``PreActBlock`` / ``PreActBottleneck`` (plus ``backend``) and are
+their subclasses, so they hold the same modules under the same names: a
+``state_dict`` saved from either class loads into the other with ``strict=True``.
+
+``backend`` chooses who computes the unit: ``"triton"``, ``"cuda"``, ``"eager"``
+or ``"auto"`` (the fastest backend that can run the input; eager, with one
+warning, when none can). The choice is made per call from the input, so a unit
+built on the CPU can move to a GPU. The backend is not part of the state.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+from .units import PreActBlock, PreActBottleneck, check_unit_input
+
+
+class _FusedUnitMixin:
+    """Forward through the dispatch layer; eager falls back to the reference unit."""
+
+    backend: str
+
+    def _set_backend(self, backend: str) -> None:
+        self.backend = dispatch.check_backend(backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_unit_input(x, self.in_channels, type(self).__name__)
+        name = dispatch.resolve_backend(self.backend, x)
+        if name == "eager":
+            return super().forward(x)
+        return dispatch.run_unit(name, self, x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend}"
+
+
+class FusedPreActBlock(_FusedUnitMixin, PreActBlock):
+    """Fused full pre-activation basic unit; see ``PreActBlock`` for the math."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
+                 *, backend: str = "auto"):
+        super().__init__(in_channels, out_channels, stride, projection)
+        self._set_backend(backend)
+
+
+class FusedPreActBottleneck(_FusedUnitMixin, PreActBottleneck):
+    """Fused full pre-activation bottleneck unit; see ``PreActBottleneck`` for the math."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
+                 stride_on: str = "1x1", *, backend: str = "auto"):
+        super().__init__(in_channels, out_channels, stride, projection, stride_on)
+        self._set_backend(backend)
+
+
+FUSED_CLASS = {PreActBlock: FusedPreActBlock, PreActBottleneck: FusedPreActBottleneck}

@@ -1,0 +1,312 @@
+"""Eager reference of every residual unit studied in He et al., "Identity Mappings
+in Deep Residual Networks" (ECCV 2016, arXiv:1603.05027).
+
+A unit computes ``y = combine(h(x), F(x))`` where ``F`` is the residual branch
+(two 3x3 convs, or 1x1-3x3-1x1 with expansion 4) and ``h`` the shortcut.
+
+Activation variants (paper Fig. 4 / Table 2), for the basic unit::
+
+    original          (a)  y = relu(x + BN(conv(relu(BN(conv(x))))))
+    bn_after_add      (b)  y = relu(BN(x + conv(relu(BN(conv(x))))))
+    relu_before_add   (c)  y = x + relu(BN(conv(relu(BN(conv(x))))))
+    relu_only_preact  (d)  y = x + BN(conv(relu(BN(conv(relu(x))))))
+    full_preact       (e)  y = x + conv(relu(BN(conv(relu(BN(x))))))
+
+Shortcut variants (paper Fig. 2 / Table 1), with ``s`` the shortcut value and
+``r`` the residual branch output::
+
+    identity           y = s + r
+    scaling            y = scale_shortcut * s + scale_residual * r
+    exclusive_gating   y = (1 - g) * s + g * r,  g = sigmoid(conv1x1(x) + b_g)
+    shortcut_gating    y = (1 - g) * s + r
+    conv1x1            y = conv1x1(x) + r          (a projection on every unit)
+    dropout            y = dropout(s, p) + r
+
+Layout rules, from the paper's appendix and its public Torch code:
+- a unit that changes shape (stride 2, or more channels, as in stage 1 of the
+  bottleneck nets: 16 -> 64) uses a 1x1 projection shortcut (``projection="B"``)
+  that takes the *pre-activated* input, so the first BN-ReLU is shared by both
+  paths; ``projection="A"`` (CIFAR basic nets of the original ResNet paper)
+  subsamples and zero-pads the raw input instead, keeping the shortcut free of
+  parameters and activations;
+- a unit that keeps its shape keeps its BN-ReLU inside the residual branch, so
+  the shortcut is a clean identity;
+- post-activation units (a)-(c) take a projection as in the original ResNet:
+  conv1x1 followed by BN.
+
+Module names are stable (they are the state_dict keys): ``conv1..convK`` are the
+branch's convolutions in order, ``bn_i`` is the BN that belongs to ``conv_i``
+(before it in pre-activation units, after it in post-activation units),
+``bn_add`` the BN after the addition of variant (b), ``shortcut`` the projection
+conv (``shortcut_bn`` its BN in post-activation units), ``gate`` the gating conv.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = ("original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact")
+SHORTCUTS = ("identity", "scaling", "exclusive_gating", "shortcut_gating", "conv1x1", "dropout")
+PROJECTIONS = ("A", "B")
+BOTTLENECK_STRIDE_ON = ("1x1", "3x3")
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+BOTTLENECK_EXPANSION = 4
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_unit_input(x: torch.Tensor, in_channels: int, unit_name: str) -> None:
+    """Raise a clear error, naming the argument, when ``x`` cannot enter a unit."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{unit_name}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"{unit_name}: x must be a 4-D tensor (N, C, H, W), got {x.dim()}-D of shape {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(
+            f"{unit_name}: x has {x.shape[1]} channels (dim 1) but the unit was built "
+            f"with in_channels={in_channels}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{unit_name}: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+
+class PadShortcut(nn.Module):
+    """Option A of the original ResNet: subsample by ``stride`` and zero-pad channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        if out_channels < in_channels:
+            raise ValueError(
+                f"projection='A' needs out_channels >= in_channels, got {in_channels} -> {out_channels}")
+        self.extra_channels = out_channels - in_channels
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, ::self.stride, ::self.stride]
+        # pad (W_left, W_right, H_top, H_bottom, C_front, C_back): new channels at the end
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, extra_channels={self.extra_channels}"
+
+
+class ResidualUnit(nn.Module):
+    """One residual unit of any variant in the paper (see the module docstring).
+
+    Args:
+        in_channels, out_channels: channels of the unit's input and output.
+        stride: spatial stride of the unit (1 or 2).
+        bottleneck: ``False`` for two 3x3 convs, ``True`` for 1x1-3x3-1x1 with a
+            width of ``out_channels // 4``.
+        activation: one of ``ACTIVATIONS`` (paper Fig. 4).
+        shortcut: one of ``SHORTCUTS`` (paper Fig. 2).
+        projection: shortcut of a shape-changing unit: ``"B"`` 1x1 conv
+            projection, ``"A"`` subsample + zero-pad.
+        stride_on: where a bottleneck puts its stride: ``"1x1"`` (the paper's
+            code, default) or ``"3x3"`` (timm / torchvision).
+        scale_shortcut, scale_residual: the lambdas of ``shortcut="scaling"``.
+        gate_bias: initial gate bias ``b_g`` of the gating shortcuts.
+        dropout: drop ratio of ``shortcut="dropout"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        *,
+        bottleneck: bool = False,
+        activation: str = "full_preact",
+        shortcut: str = "identity",
+        projection: str = "B",
+        stride_on: str = "1x1",
+        scale_shortcut: float = 0.5,
+        scale_residual: float = 0.5,
+        gate_bias: float = -6.0,
+        dropout: float = 0.5,
+    ):
+        super().__init__()
+        _positive_int("in_channels", in_channels)
+        _positive_int("out_channels", out_channels)
+        _choice("stride", stride, (1, 2))
+        _choice("activation", activation, ACTIVATIONS)
+        _choice("shortcut", shortcut, SHORTCUTS)
+        _choice("projection", projection, PROJECTIONS)
+        _choice("stride_on", stride_on, BOTTLENECK_STRIDE_ON)
+        if bottleneck and out_channels % BOTTLENECK_EXPANSION:
+            raise ValueError(f"a bottleneck unit needs out_channels divisible by 4, got {out_channels}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.bottleneck, self.activation, self.shortcut_kind = bottleneck, activation, shortcut
+        self.projection, self.stride_on = projection, stride_on
+        self.scale_shortcut, self.scale_residual = scale_shortcut, scale_residual
+        self.preact = activation in ("relu_only_preact", "full_preact")
+        changes_shape = stride != 1 or in_channels != out_channels
+
+        # residual branch: conv1..convK, each with its BN (before it if pre-activation)
+        if bottleneck:
+            width = out_channels // BOTTLENECK_EXPANSION
+            s1, s3 = (stride, 1) if stride_on == "1x1" else (1, stride)
+            convs = [conv1x1(in_channels, width, s1), conv3x3(width, width, s3), conv1x1(width, out_channels)]
+        else:
+            convs = [conv3x3(in_channels, out_channels, stride), conv3x3(out_channels, out_channels)]
+        self.num_convs = len(convs)
+        for i, conv in enumerate(convs, start=1):     # registered in the order they run
+            if activation == "full_preact":
+                setattr(self, f"bn{i}", nn.BatchNorm2d(conv.in_channels))
+            setattr(self, f"conv{i}", conv)
+            if activation != "full_preact" and (activation != "bn_after_add" or i < len(convs)):
+                setattr(self, f"bn{i}", nn.BatchNorm2d(conv.out_channels))
+        if activation == "bn_after_add":
+            self.bn_add = nn.BatchNorm2d(out_channels)
+
+        # shortcut: identity, zero-pad (A) or 1x1 projection (B, and the conv1x1 variant)
+        self.pad_shortcut = None
+        self.shortcut = None
+        self.shortcut_bn = None
+        if shortcut == "conv1x1" or (changes_shape and projection == "B"):
+            self.shortcut = conv1x1(in_channels, out_channels, stride)
+            if not self.preact:
+                self.shortcut_bn = nn.BatchNorm2d(out_channels)
+        elif changes_shape:
+            self.pad_shortcut = PadShortcut(in_channels, out_channels, stride)
+        # a pre-activation unit with a projection shares its first activation with the shortcut
+        self.shares_preact = self.preact and self.shortcut is not None
+
+        self.gate = None
+        if shortcut in ("exclusive_gating", "shortcut_gating"):
+            self.gate = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=True)
+            nn.init.constant_(self.gate.bias, gate_bias)
+        self.shortcut_dropout = nn.Dropout(dropout) if shortcut == "dropout" else None
+
+    # -- the two paths -------------------------------------------------------
+    def _preactivate(self, x: torch.Tensor) -> torch.Tensor:
+        """First activation of a pre-activation unit: relu(bn1(x)) or relu(x)."""
+        if self.activation == "full_preact":
+            x = self.bn1(x)
+        return F.relu(x)
+
+    def _residual(self, x: torch.Tensor, preactivated: bool) -> torch.Tensor:
+        h = x
+        for i in range(1, self.num_convs + 1):
+            conv = getattr(self, f"conv{i}")
+            last = i == self.num_convs
+            if self.activation == "full_preact":           # BN -> ReLU -> conv
+                if not (i == 1 and preactivated):
+                    h = F.relu(getattr(self, f"bn{i}")(h))
+                h = conv(h)
+            elif self.activation == "relu_only_preact":    # ReLU -> conv -> BN
+                if not (i == 1 and preactivated):
+                    h = F.relu(h)
+                h = getattr(self, f"bn{i}")(conv(h))
+            else:                                          # conv -> BN -> ReLU
+                h = conv(h)
+                if not last:
+                    h = F.relu(getattr(self, f"bn{i}")(h))
+                elif self.activation == "original":
+                    h = getattr(self, f"bn{i}")(h)
+                elif self.activation == "relu_before_add":
+                    h = F.relu(getattr(self, f"bn{i}")(h))
+        return h
+
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shortcut is not None:
+            s = self.shortcut(x)
+            return self.shortcut_bn(s) if self.shortcut_bn is not None else s
+        if self.pad_shortcut is not None:
+            return self.pad_shortcut(x)
+        return x
+
+    def _combine(self, shortcut_in: torch.Tensor, s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        kind = self.shortcut_kind
+        if kind == "scaling":
+            return self.scale_shortcut * s + self.scale_residual * r
+        if kind in ("exclusive_gating", "shortcut_gating"):
+            g = torch.sigmoid(self.gate(shortcut_in))
+            return (1 - g) * s + (g * r if kind == "exclusive_gating" else r)
+        if kind == "dropout":
+            return self.shortcut_dropout(s) + r
+        return s + r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_unit_input(x, self.in_channels, type(self).__name__)
+        if self.shares_preact:
+            x_preact = self._preactivate(x)
+            shortcut_in = x_preact
+            r = self._residual(x_preact, preactivated=True)
+        else:
+            shortcut_in = x
+            r = self._residual(x, preactivated=False)
+        y = self._combine(shortcut_in, self._shortcut(shortcut_in), r)
+        if self.activation == "original":
+            y = F.relu(y)
+        elif self.activation == "bn_after_add":
+            y = F.relu(self.bn_add(y))
+        return y
+
+    def extra_repr(self) -> str:
+        kind = "bottleneck" if self.bottleneck else "basic"
+        return (f"{self.in_channels}->{self.out_channels}, stride={self.stride}, {kind}, "
+                f"activation={self.activation}, shortcut={self.shortcut_kind}")
+
+
+class PreActBlock(ResidualUnit):
+    """Full pre-activation basic unit (paper Fig. 4e): two 3x3 convs, identity shortcut.
+
+    ``y = x + conv2(relu(bn2(conv1(relu(bn1(x))))))``; a shape-changing unit uses
+    ``shortcut(relu(bn1(x)))`` (projection ``"B"``) or a zero-padded ``x`` (``"A"``).
+    State names: ``bn1, conv1, bn2, conv2`` and ``shortcut`` when projecting.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B"):
+        super().__init__(in_channels, out_channels, stride, projection=projection)
+
+
+class PreActBottleneck(ResidualUnit):
+    """Full pre-activation bottleneck unit: 1x1 -> 3x3 -> 1x1, width ``out_channels // 4``.
+
+    ``stride_on`` places the stride on the first 1x1 (the paper's code, default)
+    or on the 3x3 (timm, torchvision). State names: ``bn1..bn3, conv1..conv3``
+    and ``shortcut`` when projecting.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
+                 stride_on: str = "1x1"):
+        super().__init__(in_channels, out_channels, stride, bottleneck=True, projection=projection,
+                         stride_on=stride_on)
+
+
+def make_unit(in_channels: int, out_channels: int, stride: int = 1, *, bottleneck: bool = False,
+              activation: str = "full_preact", shortcut: str = "identity", projection: str = "B",
+              stride_on: str = "1x1", **shortcut_options) -> ResidualUnit:
+    """A unit of the given variant. The standard full pre-activation unit with an
+    identity shortcut comes back as ``PreActBlock`` / ``PreActBottleneck`` (so
+    ``convert_to_fused`` finds it); ``shortcut_options`` (``scale_shortcut``,
+    ``scale_residual``, ``gate_bias``, ``dropout``) only matter to other shortcuts."""
+    if activation == "full_preact" and shortcut == "identity":
+        if bottleneck:
+            return PreActBottleneck(in_channels, out_channels, stride, projection, stride_on)
+        return PreActBlock(in_channels, out_channels, stride, projection)
+    return ResidualUnit(in_channels, out_channels, stride, bottleneck=bottleneck, activation=activation,
+                        shortcut=shortcut, projection=projection, stride_on=stride_on, **shortcut_options)

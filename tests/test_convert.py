@@ -1,0 +1,91 @@
+"""convert_to_fused on this project's models and on timm's resnetv2."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+from fused_preact import convert_to_fused, models
+from fused_preact.fused import FusedPreActBlock, FusedPreActBottleneck
+from fused_preact.units import ResidualUnit
+
+
+def _run(model, x, seed=0):
+    """Output, input gradient and parameter gradients of a training step's backward."""
+    x = x.detach().clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    y.backward(torch.ones_like(y) + torch.arange(y.shape[-1], dtype=y.dtype) / 10)
+    return y.detach(), x.grad, [p.grad.clone() for p in model.parameters()]
+
+
+def _assert_same_training_step(before, after, x):
+    y0, dx0, g0 = _run(before, x)
+    y1, dx1, g1 = _run(after, x)
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    torch.testing.assert_close(dx1, dx0, rtol=0, atol=0)
+    assert len(g0) == len(g1)
+    for grad1, grad0 in zip(g1, g0):   # same parameters in the same order
+        torch.testing.assert_close(grad1, grad0, rtol=0, atol=0)
+    for (name, b0), b1 in zip(before.state_dict().items(), after.state_dict().values()):
+        torch.testing.assert_close(b1, b0, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("builder,size", [(models.cifar_resnet20, 16), (models.cifar_resnet164, 16),
+                                          (lambda: models.imagenet_resnet50(num_classes=5), 64)])
+def test_converts_own_models_in_place(builder, size):
+    model = builder().double()
+    params_before = list(model.parameters())
+    reference = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert convert_to_fused(model, backend="eager") is model
+        units = model.units()
+        assert units and all(isinstance(u, (FusedPreActBlock, FusedPreActBottleneck)) for u in units)
+        assert all(a is b for a, b in zip(model.parameters(), params_before))   # optimizers stay valid
+        _assert_same_training_step(reference, model, torch.randn(2, 3, size, size, dtype=torch.float64))
+
+
+def test_other_variants_are_left_alone():
+    model = models.cifar_resnet20(activation="original")
+    convert_to_fused(model)
+    assert all(type(u) is ResidualUnit for u in model.units())
+
+
+@pytest.mark.parametrize("name", ["resnetv2_50", "resnetv2_18"])
+def test_converts_timm_resnetv2(name):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, num_classes=10).double()
+    reference = copy.deepcopy(model)
+    state = copy.deepcopy(model.state_dict())
+    params_before = list(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        convert_to_fused(model, backend="eager")
+        fused = [m for m in model.modules() if isinstance(m, (FusedPreActBlock, FusedPreActBottleneck))]
+        assert len(fused) == (16 if name == "resnetv2_50" else 8)
+        assert list(model.state_dict()) == list(state)      # timm's key names and order
+        model.load_state_dict(state, strict=True)            # timm checkpoints still load
+        assert all(a is b for a, b in zip(model.parameters(), params_before))
+        _assert_same_training_step(reference, model, torch.randn(2, 3, 64, 64, dtype=torch.float64))
+
+
+def test_timm_units_that_compute_something_else_stay_eager():
+    pytest.importorskip("timm")
+    from timm.layers import BatchNormAct2d, create_conv2d
+    from timm.models.resnetv2 import DownsampleConv, PreActBottleneck
+    gn_unit = PreActBottleneck(128, 128)   # timm's defaults: weight-standardized convs, group norm
+    bn_unit = PreActBottleneck(128, 256, stride=2, conv_layer=create_conv2d, norm_layer=BatchNormAct2d,
+                               proj_layer=DownsampleConv)
+    model = torch.nn.Sequential(gn_unit, bn_unit)
+    with pytest.warns(RuntimeWarning, match=r"left these units eager, .*: 0 \(conv1 is a StdConv2d"):
+        convert_to_fused(model)
+    assert model[0] is gn_unit and isinstance(model[1], FusedPreActBottleneck)
+    assert model[1].stride_on == "3x3" and model[1].conv2.stride == (2, 2)
+
+
+def test_convert_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="backend"):
+        convert_to_fused(models.cifar_resnet20(), backend="fast")
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        convert_to_fused("resnet")

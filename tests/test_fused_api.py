@@ -1,0 +1,118 @@
+"""The public fused-unit API: drop-in classes, backends, state_dict compatibility."""
+import copy
+import inspect
+import warnings
+
+import pytest
+import torch
+
+from fused_preact import dispatch
+from fused_preact.fused import FusedPreActBlock, FusedPreActBottleneck
+from fused_preact.units import PreActBlock, PreActBottleneck
+
+PAIRS = [(PreActBlock, FusedPreActBlock), (PreActBottleneck, FusedPreActBottleneck)]
+CONFIGS = {
+    PreActBlock: [dict(in_channels=5, out_channels=5), dict(in_channels=5, out_channels=12, stride=2),
+                  dict(in_channels=4, out_channels=12, stride=2, projection="A")],
+    PreActBottleneck: [dict(in_channels=12, out_channels=12), dict(in_channels=8, out_channels=20, stride=2),
+                       dict(in_channels=8, out_channels=20, stride=2, stride_on="3x3")],
+}
+
+
+def _params_and_grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    dispatch._warned.clear()
+    yield
+
+
+@pytest.mark.parametrize("eager_cls,fused_cls", PAIRS)
+def test_same_constructor_arguments(eager_cls, fused_cls):
+    eager = list(inspect.signature(eager_cls.__init__).parameters.values())
+    fused = list(inspect.signature(fused_cls.__init__).parameters.values())
+    assert fused[:len(eager)] == eager
+    assert [p.name for p in fused[len(eager):]] == ["backend"]
+
+
+@pytest.mark.parametrize("eager_cls,fused_cls", PAIRS)
+@pytest.mark.parametrize("index", range(3))
+def test_state_dict_round_trip_and_identical_results(eager_cls, fused_cls, index):
+    config = CONFIGS[eager_cls][index]
+    eager = eager_cls(**config).double()
+    fused = fused_cls(**config, backend="eager").double()
+    assert list(eager.state_dict()) == list(fused.state_dict())
+    fused.load_state_dict(eager.state_dict(), strict=True)
+    x = torch.randn(3, config["in_channels"], 9, 7, dtype=torch.float64, requires_grad=True)
+    x_fused = x.detach().clone().requires_grad_()
+    y, y_fused = eager(x), fused(x_fused)
+    torch.testing.assert_close(y_fused, y, rtol=0, atol=0)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_fused.backward(dy)
+    torch.testing.assert_close(x_fused.grad, x.grad, rtol=0, atol=0)
+    assert _params_and_grads(fused).keys() == _params_and_grads(eager).keys()
+    for name, grad in _params_and_grads(eager).items():
+        torch.testing.assert_close(_params_and_grads(fused)[name], grad, rtol=0, atol=0)
+    for name, buf in eager.state_dict().items():     # running statistics updated the same way
+        torch.testing.assert_close(fused.state_dict()[name], buf, rtol=0, atol=0)
+    back = eager_cls(**config).double()
+    back.load_state_dict(fused.state_dict(), strict=True)
+
+
+def test_backend_is_validated_at_construction():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        FusedPreActBlock(4, 4, backend="cudnn")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_explicit_backend_that_cannot_run_says_why(backend):
+    unit = FusedPreActBlock(4, 4, backend=backend)
+    if dispatch.unavailable_reason(backend, torch.randn(1, 4, 4, 4)) is None:
+        pytest.skip(f"{backend} can run here")
+    with pytest.raises(RuntimeError, match=f"backend='{backend}' cannot run here"):
+        unit(torch.randn(1, 4, 8, 8))
+
+
+def test_auto_falls_back_to_eager_with_one_warning():
+    x = torch.randn(2, 8, 6, 6)
+    if dispatch.available_backends(x) != ["eager"]:
+        pytest.skip("a fused backend can run here")
+    unit = FusedPreActBottleneck(8, 8)
+    reference = PreActBottleneck(8, 8)
+    reference.load_state_dict(unit.state_dict())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = unit(x)
+        unit(x)
+        FusedPreActBlock(8, 8)(x)
+    assert len([w for w in caught if "eager PyTorch path" in str(w.message)]) == 1
+    torch.testing.assert_close(y, reference(x))
+
+
+def test_fused_unit_checks_its_input():
+    unit = FusedPreActBlock(4, 4, backend="eager")
+    with pytest.raises(ValueError, match="x has 6 channels"):
+        unit(torch.randn(1, 6, 5, 5))
+    with pytest.raises(ValueError, match="4-D"):
+        unit(torch.randn(4, 5, 5))
+
+
+def test_repr_names_the_backend_and_deepcopy_keeps_it():
+    unit = FusedPreActBottleneck(8, 16, 2, backend="eager")
+    assert "backend=eager" in repr(unit)
+    assert copy.deepcopy(unit).backend == "eager"
+
+
+def test_compiles_without_graph_breaks():
+    from fused_preact import convert_to_fused, models
+    model = convert_to_fused(models.cifar_resnet(8), backend="auto")
+    x = torch.randn(2, 3, 12, 12)
+    compiled = torch.compile(model, fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
