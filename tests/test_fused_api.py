@@ -116,3 +116,13 @@ def test_compiles_without_graph_breaks():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_missing_extension_gives_a_clear_error(monkeypatch):
+    from fused_preact import _extension
+    monkeypatch.setattr(_extension, "_tried", True)
+    monkeypatch.setattr(_extension, "_module", None)
+    monkeypatch.setattr(_extension, "_reason", "the C++ extension fused_preact._C is not built (test)")
+    assert not _extension.available() and not _extension.built_with_cuda()
+    with pytest.raises(RuntimeError, match=r"batch_stats needs the C\+\+ extension: .* not built"):
+        _extension.batch_stats(torch.randn(2, 3, 4, 4))
