@@ -105,8 +105,8 @@ def main(argv=None) -> None:
     print(f"{'ResNet-%d logits (convert_to_fused)' % args.depth:<44}{_max_diff([model_out[0]], [reference_out[0]]):>22.3e}")
     print(f"{'ResNet-%d parameter gradients' % args.depth:<44}{_max_diff(model_out[2], reference_out[2]):>22.3e}")
     print(f"\nunit forward+backward, batch {args.batch}, 64x32x32, median of {args.repeats}:")
-    print(f"  eager PyTorch      {eager_ms:9.2f} ms")
-    print(f"  fused ({backend:<6})     {fused_ms:9.2f} ms   speed-up {eager_ms / fused_ms:.2f}x")
+    print(f"  {'eager PyTorch':<19}{eager_ms:9.2f} ms")
+    print(f"  {f'fused ({backend})':<19}{fused_ms:9.2f} ms   speed-up {eager_ms / fused_ms:.2f}x")
 
 
 if __name__ == "__main__":
