@@ -61,9 +61,7 @@ def check_backend(backend: str) -> str:
 def unavailable_reason(name: str, x: torch.Tensor) -> Optional[str]:
     """Why backend ``name`` cannot run input ``x``; ``None`` when it can."""
     check_backend(name)
-    if name == "eager":
-        return None
-    if name == "auto":
+    if name in ("auto", "eager"):
         return None
     backend = _registry.get(name)
     if backend is None:
