@@ -51,7 +51,7 @@ def want_cuda(cpp_extension) -> bool:
 
     choice = os.environ.get("FUSED_PREACT_CUDA", "").strip().lower()
     if choice not in ("", "0", "1", "auto"):
-        raise SystemExit(f"fused-preact: FUSED_PREACT_CUDA must be 0, 1 or unset, got {choice!r}")
+        raise SystemExit(f"fused-preact: FUSED_PREACT_CUDA must be 0, 1, auto or unset, got {choice!r}")
     if choice == "0":
         notice("FUSED_PREACT_CUDA=0: building the CPU part of the extension only")
         return False

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import dispatch
 from .fused import FUSED_CLASS, FusedPreActBlock, FusedPreActBottleneck
-from .units import BOTTLENECK_EXPANSION, PreActBlock, PreActBottleneck
+from .units import BOTTLENECK_EXPANSION
 
 # our module name -> timm's, for state_dict keys
 _TIMM_NAMES = {"bn1": "norm1", "bn2": "norm2", "bn3": "norm3", "shortcut": "downsample.conv"}
