@@ -1,0 +1,111 @@
+"""The operator contract every fused backend implements.
+
+A fused pre-activation unit is a chain of BN-ReLU-conv triples plus a shortcut.
+``fused_preact.unit_function`` writes its forward and backward once, in terms of
+the six operators below; each backend (Triton in ``kernels/``, the C++/CUDA
+extension in ``csrc/``) registers them with ``torch.library`` under its own
+namespace with exactly these schemas, so one autograd Function serves both and
+``torch.compile`` sees opaque operators with fake implementations.
+
+Conventions shared by every operator
+------------------------------------
+- Activations are NHWC: contiguous 4-D tensors ``[N, H, W, C]`` (a channels_last
+  ``[N, C, H, W]`` tensor permuted with ``.permute(0, 2, 3, 1)``). Matrices of
+  per-row data flatten them to ``[N*H*W, C]``.
+- A conv weight is the ``nn.Conv2d`` weight ``[Cout, Cin, K, K]`` with K in (1, 3),
+  any strides, float32 or the activation dtype. Padding is ``K // 2``, dilation 1,
+  groups 1, no bias. The op rounds the weight to the activation dtype before the
+  product (as autocast does), accumulates in fp32, and returns weight gradients in
+  the weight's own dtype.
+- The "pre-activation" of a conv input ``h`` is ``a = relu(scale[c] * h + shift[c])``
+  computed in fp32, then rounded to the activation dtype for the product. Spatial
+  zero padding is applied to ``a``, not ``h`` (padded positions are 0 after the
+  activation, as in eager). ``a`` is never written to memory.
+- Per-channel statistics travel as *partials*: ``pmean [T, C]``, ``pm2 [T, C]`` and
+  ``pcount [T]``, all float32, where row t holds the mean and the sum of squared
+  deviations from that mean (M2) of ``pcount[t]`` rows of the tensor. Partials are
+  merged with Chan's formula, so a tensor with mean 100 and std 0.01 keeps its
+  variance (no E[x^2] - E[x]^2 anywhere). Rows with ``pcount == 0`` are allowed.
+  T is the backend's choice.
+- Float64 activations are supported by backends that can (the C++ CPU path); a
+  backend that cannot raises a TypeError naming ``x``.
+
+Operators (schemas as registered)
+---------------------------------
+``channel_stats(Tensor x) -> (Tensor pmean, Tensor pm2, Tensor pcount)``
+    Partials of the per-channel statistics of NHWC ``x`` in one read pass.
+
+``bn_finalize(Tensor pmean, Tensor pm2, Tensor pcount, Tensor weight, Tensor bias,
+              Tensor(a!)? running_mean, Tensor(b!)? running_var,
+              Tensor? num_batches_tracked, float momentum, float eps)
+              -> (Tensor mean, Tensor invstd, Tensor scale, Tensor shift)``
+    Merge the partials into the batch mean and biased variance ``var = M2 / n``
+    (n = sum of pcount), ``invstd = 1 / sqrt(var + eps)``, ``scale = weight * invstd``,
+    ``shift = bias - mean * scale`` (all float32 ``[C]``). When ``running_mean`` is
+    given, update in place exactly as ``nn.BatchNorm2d`` in training:
+    ``running = (1 - f) * running + f * stat`` with the unbiased variance
+    ``M2 / (n - 1)``, where ``f = momentum``, or ``f = 1 / num_batches_tracked``
+    when ``momentum < 0`` (BatchNorm's ``momentum=None``; the caller has already
+    incremented ``num_batches_tracked``). Nothing here reads a value back to the host.
+
+``conv_bnrelu(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual,
+              int stride, bool stats) -> (Tensor y, Tensor pmean, Tensor pm2, Tensor pcount)``
+    ``y = conv(relu(scale * x + shift), weight, stride) (+ residual)``, NHWC, in
+    x's dtype. ``residual`` has y's shape and dtype and is added in the epilogue
+    (fp32, before rounding y). With ``stats=True`` the epilogue also emits the
+    partials of y's per-channel statistics (of the value after the residual add,
+    as rounded and stored); with ``stats=False`` they are empty tensors.
+
+``conv_dgrad(Tensor dy, Tensor weight, Tensor? h, Tensor? scale, Tensor? shift,
+             Tensor? mean, Tensor? invstd, Tensor? add, int stride, int height, int width)
+             -> (Tensor g, Tensor sum_g, Tensor sum_g_xhat)``
+    The data gradient of ``conv_bnrelu``'s convolution: ``t = conv_input_grad(dy,
+    weight)`` of NHWC shape ``[N, height, width, Cin]``, plus ``add`` when given
+    (a gradient that joins at the same point, e.g. the projection shortcut's). With
+    ``h`` given (the conv's raw input, before its BN-ReLU): ``g = t * (scale * h +
+    shift > 0)`` (the ReLU mask, recomputed) and the float32 ``[Cin]`` reductions
+    ``sum_g = sum(g)``, ``sum_g_xhat = sum(g * (h - mean) * invstd)`` over N, H, W
+    (the BN weight and bias gradients). With ``h`` None: ``g = t`` and both sums are
+    empty tensors. ``g`` is in dy's dtype.
+
+``conv_wgrad(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor weight,
+             int stride) -> Tensor dweight``
+    The weight gradient of ``conv_bnrelu``: the input's pre-activation is recomputed
+    from ``x`` as it is loaded. ``weight`` is only read for its shape and dtype;
+    ``dweight`` is ``[Cout, Cin, K, K]`` contiguous, in weight's dtype.
+
+``bn_backward_finish(Tensor g, Tensor h, Tensor mean, Tensor invstd, Tensor weight,
+                     Tensor sum_g, Tensor sum_g_xhat, float count, Tensor? add,
+                     bool batch_stats) -> Tensor dh``
+    Finish BN backward in one elementwise pass: with batch statistics,
+    ``dh = weight * invstd * (g - sum_g / count - xhat * sum_g_xhat / count)``,
+    ``xhat = (h - mean) * invstd``; with running statistics (eval),
+    ``dh = weight * invstd * g``. ``add`` (same shape as g) is added in the same pass
+    (the identity shortcut's gradient). In g's dtype.
+"""
+from __future__ import annotations
+
+OPERATORS = ("channel_stats", "bn_finalize", "conv_bnrelu", "conv_dgrad", "conv_wgrad",
+             "bn_backward_finish")
+
+SCHEMAS = {
+    "channel_stats": "(Tensor x) -> (Tensor pmean, Tensor pm2, Tensor pcount)",
+    "bn_finalize": ("(Tensor pmean, Tensor pm2, Tensor pcount, Tensor weight, Tensor bias, "
+                    "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? num_batches_tracked, "
+                    "float momentum, float eps) -> (Tensor mean, Tensor invstd, Tensor scale, Tensor shift)"),
+    "conv_bnrelu": ("(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, "
+                    "int stride, bool stats) -> (Tensor y, Tensor pmean, Tensor pm2, Tensor pcount)"),
+    "conv_dgrad": ("(Tensor dy, Tensor weight, Tensor? h, Tensor? scale, Tensor? shift, Tensor? mean, "
+                   "Tensor? invstd, Tensor? add, int stride, int height, int width) "
+                   "-> (Tensor g, Tensor sum_g, Tensor sum_g_xhat)"),
+    "conv_wgrad": ("(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor weight, int stride) "
+                   "-> Tensor dweight"),
+    "bn_backward_finish": ("(Tensor g, Tensor h, Tensor mean, Tensor invstd, Tensor weight, "
+                           "Tensor sum_g, Tensor sum_g_xhat, float count, Tensor? add, bool batch_stats) "
+                           "-> Tensor dh"),
+}
+
+
+def conv_output_size(size: int, kernel_size: int, stride: int) -> int:
+    """Output height/width of a conv with padding ``kernel_size // 2``."""
+    return (size + 2 * (kernel_size // 2) - kernel_size) // stride + 1

@@ -1,0 +1,117 @@
+"""Plain-PyTorch implementations of the operator contract in ``fused_preact.unit_ops``.
+
+Test oracle only (never registered as a backend): every backend's operators are
+compared with these, computed in float64, and ``unit_function`` is checked against
+the eager units by running it on these.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _nchw(x):
+    return x.permute(0, 3, 1, 2)
+
+
+def _nhwc(x):
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def _partials_of(x2d: torch.Tensor, rows_per_tile: int = 7):
+    """Partials over tiles of ``rows_per_tile`` rows (an odd size, to exercise merging)."""
+    m = x2d.shape[0]
+    x = x2d.double()
+    means, m2s, counts = [], [], []
+    for start in range(0, m, rows_per_tile):
+        tile = x[start:start + rows_per_tile]
+        mean = tile.mean(0)
+        means.append(mean)
+        m2s.append(((tile - mean) ** 2).sum(0))
+        counts.append(float(tile.shape[0]))
+    return (torch.stack(means).float(), torch.stack(m2s).float(),
+            torch.tensor(counts, dtype=torch.float32))
+
+
+def channel_stats(x):
+    return _partials_of(x.reshape(-1, x.shape[-1]))
+
+
+def merge_partials(pmean, pm2, pcount):
+    """Chan's merge, in float64: (mean, M2, n) per channel."""
+    pmean, pm2, pcount = pmean.double(), pm2.double(), pcount.double()
+    n = pcount.sum()
+    mean = (pmean * pcount[:, None]).sum(0) / n
+    m2 = pm2.sum(0) + (pcount[:, None] * (pmean - mean) ** 2).sum(0)
+    return mean, m2, n
+
+
+def bn_finalize(pmean, pm2, pcount, weight, bias, running_mean, running_var, num_batches_tracked,
+                momentum, eps):
+    mean, m2, n = merge_partials(pmean, pm2, pcount)
+    var = m2 / n
+    invstd = torch.rsqrt(var + eps)
+    scale = weight.double() * invstd
+    shift = bias.double() - mean * scale
+    if running_mean is not None:
+        f = (1.0 / num_batches_tracked.double()) if momentum < 0 else momentum
+        unbiased = m2 / (n - 1)
+        running_mean.copy_((1 - f) * running_mean.double() + f * mean)
+        running_var.copy_((1 - f) * running_var.double() + f * unbiased)
+    return tuple(t.float() for t in (mean, invstd, scale, shift))
+
+
+def _preact(x, scale, shift):
+    return torch.relu(scale.to(torch.float64) * x.double() + shift.double())
+
+
+def conv_bnrelu(x, weight, scale, shift, residual, stride, stats):
+    k = weight.shape[-1]
+    a = _preact(x, scale, shift).to(x.dtype).double()
+    y = F.conv2d(_nchw(a), weight.to(x.dtype).double(), stride=stride, padding=k // 2)
+    y = _nhwc(y)
+    if residual is not None:
+        y = y + residual.double()
+    y = y.to(x.dtype)
+    if stats:
+        pmean, pm2, pcount = channel_stats(y)
+    else:
+        pmean = pm2 = pcount = torch.empty(0)
+    return y, pmean, pm2, pcount
+
+
+def conv_dgrad(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width):
+    n, _, _, cout = dy.shape
+    cin, k = weight.shape[1], weight.shape[-1]
+    t = torch.nn.grad.conv2d_input((n, cin, height, width), weight.to(dy.dtype).double(),
+                                   _nchw(dy.double()), stride=stride, padding=k // 2)
+    t = _nhwc(t)
+    if add is not None:
+        t = t + add.double()
+    if h is None:
+        return t.to(dy.dtype), torch.empty(0), torch.empty(0)
+    g = t * (scale.double() * h.double() + shift.double() > 0)
+    xhat = (h.double() - mean.double()) * invstd.double()
+    g_rounded = g.to(dy.dtype)
+    return g_rounded, g.sum((0, 1, 2)).float(), (g * xhat).sum((0, 1, 2)).float()
+
+
+def conv_wgrad(dy, x, scale, shift, weight, stride):
+    k = weight.shape[-1]
+    a = _preact(x, scale, shift).to(x.dtype).double()
+    dw = torch.nn.grad.conv2d_weight(_nchw(a), tuple(weight.shape), _nchw(dy.double()),
+                                     stride=stride, padding=k // 2)
+    return dw.to(weight.dtype).contiguous()
+
+
+def bn_backward_finish(g, h, mean, invstd, weight, sum_g, sum_g_xhat, count, add, batch_stats):
+    g64 = g.double()
+    w = weight.double() * invstd.double()
+    if batch_stats:
+        xhat = (h.double() - mean.double()) * invstd.double()
+        dh = w * (g64 - sum_g.double() / count - xhat * sum_g_xhat.double() / count)
+    else:
+        dh = w * g64
+    if add is not None:
+        dh = dh + add.double()
+    return dh.to(g.dtype)
