@@ -1,7 +1,13 @@
+import os
 import zlib
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter, which
+# must be switched on before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
