@@ -22,13 +22,14 @@ Conventions shared by every operator
   zero padding is applied to ``a``, not ``h`` (padded positions are 0 after the
   activation, as in eager). ``a`` is never written to memory.
 - Per-channel statistics travel as *partials*: ``pmean [T, C]``, ``pm2 [T, C]`` and
-  ``pcount [T]``, all float32, where row t holds the mean and the sum of squared
+  ``pcount [T]``, all float32 (float64 for float64 activations), where row t holds the mean and the sum of squared
   deviations from that mean (M2) of ``pcount[t]`` rows of the tensor. Partials are
   merged with Chan's formula, so a tensor with mean 100 and std 0.01 keeps its
   variance (no E[x^2] - E[x]^2 anywhere). Rows with ``pcount == 0`` are allowed.
   T is the backend's choice.
 - Float64 activations are supported by backends that can (the C++ CPU path); a
-  backend that cannot raises a TypeError naming ``x``.
+  backend that cannot raises a TypeError naming ``x``. With float64 activations every
+  float32 output named below (statistics, partials, sums) is float64 instead.
 
 Operators (schemas as registered)
 ---------------------------------

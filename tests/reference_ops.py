@@ -18,6 +18,11 @@ def _nhwc(x):
     return x.permute(0, 2, 3, 1).contiguous()
 
 
+def stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """Statistics are float32, float64 for float64 activations."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _partials_of(x2d: torch.Tensor, rows_per_tile: int = 7):
     """Partials over tiles of ``rows_per_tile`` rows (an odd size, to exercise merging)."""
     m = x2d.shape[0]
@@ -29,8 +34,8 @@ def _partials_of(x2d: torch.Tensor, rows_per_tile: int = 7):
         means.append(mean)
         m2s.append(((tile - mean) ** 2).sum(0))
         counts.append(float(tile.shape[0]))
-    return (torch.stack(means).float(), torch.stack(m2s).float(),
-            torch.tensor(counts, dtype=torch.float32))
+    dtype = stat_dtype(x2d)
+    return (torch.stack(means).to(dtype), torch.stack(m2s).to(dtype), torch.tensor(counts, dtype=dtype))
 
 
 def channel_stats(x):
@@ -58,7 +63,7 @@ def bn_finalize(pmean, pm2, pcount, weight, bias, running_mean, running_var, num
         unbiased = m2 / (n - 1)
         running_mean.copy_((1 - f) * running_mean.double() + f * mean)
         running_var.copy_((1 - f) * running_var.double() + f * unbiased)
-    return tuple(t.float() for t in (mean, invstd, scale, shift))
+    return tuple(t.to(pmean.dtype) for t in (mean, invstd, scale, shift))
 
 
 def _preact(x, scale, shift):
@@ -93,7 +98,8 @@ def conv_dgrad(dy, weight, h, scale, shift, mean, invstd, add, stride, height, w
     g = t * (scale.double() * h.double() + shift.double() > 0)
     xhat = (h.double() - mean.double()) * invstd.double()
     g_rounded = g.to(dy.dtype)
-    return g_rounded, g.sum((0, 1, 2)).float(), (g * xhat).sum((0, 1, 2)).float()
+    dtype = stat_dtype(dy)
+    return g_rounded, g.sum((0, 1, 2)).to(dtype), (g * xhat).sum((0, 1, 2)).to(dtype)
 
 
 def conv_wgrad(dy, x, scale, shift, weight, stride):

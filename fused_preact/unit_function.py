@@ -1,0 +1,275 @@
+"""Forward and backward of a fused full pre-activation unit, written once for every backend.
+
+A unit is a chain of BN-ReLU-conv triples (basic: 3x3, 3x3; bottleneck: 1x1, 3x3,
+1x1) plus a shortcut: identity, the 1x1 projection of the first pre-activation
+(projection "B"), or the subsampled, zero-padded input (projection "A"). The
+autograd Function below runs it with the six operators of ``unit_ops`` taken from
+a backend's namespace (``torch.ops.fused_preact_triton`` or ``torch.ops.fused_preact``):
+
+forward, per triple i with input h (h_0 = x)::
+
+    partials(h)   from the previous conv's epilogue, the caller (``stats_in``) or channel_stats(x)
+    scale, shift  = bn_finalize(partials, bn_i ...)    # updates running stats like nn.BatchNorm2d
+    h_{i+1}       = conv_bnrelu(h, w_i, scale, shift, residual if last, stats of h_{i+1})
+
+backward, last triple first, with g the gradient reaching the triple's output::
+
+    dw_i              = conv_wgrad(g, h, scale, shift)         # pre-activation recomputed from h
+    g', sum, sum_xhat = conv_dgrad(g, w_i, h, ...)             # ReLU mask recomputed from h
+    g                 = bn_backward_finish(g', h, ...)         # + the identity shortcut's dy on the first
+
+Saved for backward: x, the raw conv outputs that feed a BN (h_1 .. h_{n-1}) and
+per-channel statistics; no BN or ReLU output. Activations are NHWC inside; the
+unit takes and returns ``[N, C, H, W]`` tensors, the output in channels_last
+memory format (an NCHW-contiguous input is converted once).
+
+Synchronized BN (``stats_group``): the forward all-gathers each BN's merged
+statistics over the process group before finalizing; the backward all-reduces the
+two per-channel sums before finishing. BN weight and bias gradients stay local
+(DistributedDataParallel averages them), as in ``nn.SyncBatchNorm``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .unit_ops import conv_output_size
+
+Partials = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BatchNormMode:
+    """How one BN of the unit behaves in this call, as ``nn.BatchNorm2d.forward`` decides it."""
+    batch_stats: bool       # normalize with batch statistics (training, or no running stats)
+    update_running: bool    # update running_mean / running_var
+    momentum: float         # -1.0 for momentum=None (cumulative average)
+    eps: float
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    """The static structure of one call of a fused unit."""
+    kernel_sizes: tuple[int, ...]
+    strides: tuple[int, ...]
+    shortcut: str               # "identity" | "projection" | "pad"
+    shortcut_stride: int
+    pad_channels: int
+    bn: tuple[BatchNormMode, ...]
+
+
+def batchnorm_mode(bn: nn.BatchNorm2d) -> BatchNormMode:
+    batch_stats = bn.training or bn.running_mean is None
+    return BatchNormMode(batch_stats=batch_stats,
+                         update_running=bn.training and bn.running_mean is not None,
+                         momentum=-1.0 if bn.momentum is None else float(bn.momentum),
+                         eps=float(bn.eps))
+
+
+def unit_plan(unit: nn.Module) -> UnitPlan:
+    convs = [getattr(unit, f"conv{i}") for i in range(1, unit.num_convs + 1)]
+    bns = [getattr(unit, f"bn{i}") for i in range(1, unit.num_convs + 1)]
+    if unit.shortcut is not None:
+        shortcut, pad_channels = "projection", 0
+    elif unit.pad_shortcut is not None:
+        shortcut, pad_channels = "pad", unit.pad_shortcut.extra_channels
+    else:
+        shortcut, pad_channels = "identity", 0
+    return UnitPlan(kernel_sizes=tuple(c.kernel_size[0] for c in convs),
+                    strides=tuple(c.stride[0] for c in convs),
+                    shortcut=shortcut, shortcut_stride=unit.stride, pad_channels=pad_channels,
+                    bn=tuple(batchnorm_mode(bn) for bn in bns))
+
+
+# -- synchronized statistics ---------------------------------------------------
+def _world(group) -> int:
+    if group is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return 1
+    return torch.distributed.get_world_size(group)
+
+
+def _gather_partials(partials: Partials, group) -> Partials:
+    """Merge local partials (Chan, float64) and all-gather one row per process."""
+    pmean, pm2, pcount = (t.double() for t in partials)
+    n = pcount.sum()
+    mean = (pmean * pcount[:, None]).sum(0) / n
+    m2 = pm2.sum(0) + (pcount[:, None] * (pmean - mean) ** 2).sum(0)
+    local = torch.cat([mean, m2, n.reshape(1)]).float()
+    rows = [torch.empty_like(local) for _ in range(_world(group))]
+    torch.distributed.all_gather(rows, local, group=group)
+    table = torch.stack(rows)
+    channels = mean.numel()
+    return table[:, :channels].contiguous(), table[:, channels:2 * channels].contiguous(), table[:, -1].contiguous()
+
+
+def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    t = t.clone()
+    torch.distributed.all_reduce(t, group=group)
+    return t
+
+
+# -- the autograd Function -----------------------------------------------------
+class FusedUnitFunction(torch.autograd.Function):
+    """One fused pre-activation unit; see the module docstring.
+
+    ``apply(plan, ops, group, want_stats, x, pmean, pm2, pcount, *triples, shortcut_weight)``
+    with ``x`` NHWC, the input partials possibly None, and per triple
+    ``bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, conv_weight``.
+    Returns ``y`` (NHWC) and the partials of y (empty unless ``want_stats``).
+    """
+
+    @staticmethod
+    def forward(ctx, plan: UnitPlan, ops: Any, group, want_stats: bool, x, in_pmean, in_pm2, in_pcount,
+                *params):
+        n_triples = len(plan.kernel_sizes)
+        triples = [params[6 * i:6 * i + 6] for i in range(n_triples)]
+        shortcut_weight = params[6 * n_triples]
+        world = _world(group)
+
+        h = x
+        partials = (in_pmean, in_pm2, in_pcount) if in_pmean is not None else None
+        inputs, stats, counts = [], [], []
+        residual = None
+        for i, (bn_weight, bn_bias, running_mean, running_var, nbt, conv_weight) in enumerate(triples):
+            mode = plan.bn[i]
+            count = h.shape[0] * h.shape[1] * h.shape[2] * world
+            if mode.batch_stats:
+                if count <= 1:
+                    raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                                     f"{tuple(h.permute(0, 3, 1, 2).shape)}")
+                if partials is None:
+                    partials = ops.channel_stats(h)
+                if world > 1:
+                    partials = _gather_partials(partials, group)
+                update = mode.update_running
+                mean, invstd, scale, shift = ops.bn_finalize(
+                    *partials, bn_weight, bn_bias, running_mean if update else None,
+                    running_var if update else None, nbt if update else None, mode.momentum, mode.eps)
+            else:
+                stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+                mean = running_mean.to(stat_dtype)
+                invstd = torch.rsqrt(running_var.to(stat_dtype) + mode.eps)
+                scale = bn_weight.to(stat_dtype) * invstd
+                shift = bn_bias.to(stat_dtype) - mean * scale
+
+            if i == 0:
+                if plan.shortcut == "projection":
+                    residual = ops.conv_bnrelu(x, shortcut_weight, scale, shift, None, plan.shortcut_stride,
+                                               False)[0]
+                elif plan.shortcut == "pad":
+                    s = plan.shortcut_stride
+                    residual = F.pad(x[:, ::s, ::s, :], (0, plan.pad_channels)).contiguous()
+                else:
+                    residual = x
+            last = i == n_triples - 1
+            emit_stats = want_stats if last else plan.bn[i + 1].batch_stats
+            h_next, pmean, pm2, pcount = ops.conv_bnrelu(h, conv_weight, scale, shift,
+                                                         residual if last else None, plan.strides[i], emit_stats)
+            inputs.append(h)
+            stats.append((mean, invstd, scale, shift))
+            counts.append(count)
+            partials = (pmean, pm2, pcount) if emit_stats else None
+            h = h_next
+
+        y = h
+        out_stats = partials if want_stats else tuple(y.new_empty(0, dtype=torch.float32) for _ in range(3))
+        ctx.plan, ctx.ops, ctx.group, ctx.counts = plan, ops, group, counts
+        ctx.n_params = len(params)
+        flat_stats = [t for s in stats for t in s]
+        conv_weights = [t[5] for t in triples]
+        bn_weights = [t[0] for t in triples]
+        ctx.save_for_backward(*inputs, *flat_stats, *conv_weights, *bn_weights, shortcut_weight)
+        ctx.mark_non_differentiable(*out_stats)
+        return (y, *out_stats)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, _dpmean, _dpm2, _dpcount):
+        plan, ops, group = ctx.plan, ctx.ops, ctx.group
+        n = len(plan.kernel_sizes)
+        saved = ctx.saved_tensors
+        inputs = saved[:n]
+        stats = [saved[n + 4 * i:n + 4 * i + 4] for i in range(n)]
+        conv_weights = saved[5 * n:6 * n]
+        bn_weights = saved[6 * n:7 * n]
+        shortcut_weight = saved[7 * n]
+        world = _world(group)
+        x = inputs[0]
+        dy = dy.contiguous()
+
+        grads: list[Optional[torch.Tensor]] = [None] * ctx.n_params
+        g = dy
+        for i in reversed(range(n)):
+            h, (mean, invstd, scale, shift) = inputs[i], stats[i]
+            mode = plan.bn[i]
+            height, width = h.shape[1], h.shape[2]
+            dweight = ops.conv_wgrad(g, h, scale, shift, conv_weights[i], plan.strides[i])
+            joining, shortcut_grad = None, None
+            if i == 0:
+                if plan.shortcut == "projection":
+                    joining = ops.conv_dgrad(dy, shortcut_weight, None, None, None, None, None, None,
+                                             plan.shortcut_stride, height, width)[0]
+                    grads[6 * n] = ops.conv_wgrad(dy, x, scale, shift, shortcut_weight, plan.shortcut_stride)
+                elif plan.shortcut == "pad":
+                    s = plan.shortcut_stride
+                    shortcut_grad = dy.new_zeros(x.shape)
+                    shortcut_grad[:, ::s, ::s, :] = dy[..., :x.shape[3]]
+                else:
+                    shortcut_grad = dy
+            g_masked, sum_g, sum_g_xhat = ops.conv_dgrad(g, conv_weights[i], h, scale, shift, mean, invstd,
+                                                         joining, plan.strides[i], height, width)
+            bn_weight = bn_weights[i]
+            grads[6 * i + 0] = sum_g_xhat.to(bn_weight.dtype)
+            grads[6 * i + 1] = sum_g.to(bn_weight.dtype)
+            grads[6 * i + 5] = dweight
+            if mode.batch_stats and world > 1:
+                sum_g, sum_g_xhat = _all_reduce_sum(sum_g, group), _all_reduce_sum(sum_g_xhat, group)
+            g = ops.bn_backward_finish(g_masked, h, mean, invstd, bn_weight, sum_g, sum_g_xhat,
+                                       float(ctx.counts[i]), shortcut_grad, mode.batch_stats)
+        return (None, None, None, None, g, None, None, None, *grads)
+
+
+# -- the entry point used by the dispatch layer ----------------------------------
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the convolutions run in: autocast's when it is on, else x's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def run_fused_unit(ops: Any, unit: nn.Module, x: torch.Tensor, stats_in: Optional[Partials] = None,
+                   want_stats: bool = False) -> tuple[torch.Tensor, Optional[Partials]]:
+    """Run full pre-activation ``unit`` on ``x`` with a backend's operators.
+
+    ``stats_in``: partials of x's per-channel statistics (from the previous fused
+    unit's epilogue), so the first BN needs no pass over x. ``want_stats``: also
+    return the partials of the output for the next unit. Returns ``(y, partials)``
+    with y ``[N, C, H, W]`` in channels_last memory format.
+    """
+    dtype = compute_dtype(x)
+    bns = [getattr(unit, f"bn{i}") for i in range(1, unit.num_convs + 1)]
+    convs = [getattr(unit, f"conv{i}") for i in range(1, unit.num_convs + 1)]
+    plan = unit_plan(unit)
+    for bn in bns:  # as nn.BatchNorm2d.forward, before the statistics are used
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+
+    x_nhwc = x.to(dtype).contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    if stats_in is None or not plan.bn[0].batch_stats:
+        stats_in = (None, None, None)
+    params: list[Optional[torch.Tensor]] = []
+    for bn, conv in zip(bns, convs):
+        params += [bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, conv.weight]
+    params.append(unit.shortcut.weight if unit.shortcut is not None else None)
+    group = getattr(unit, "stats_group", None)
+
+    y, pmean, pm2, pcount = FusedUnitFunction.apply(plan, ops, group, want_stats, x_nhwc, *stats_in, *params)
+    out = y.permute(0, 3, 1, 2)
+    if plan.shortcut != "projection" and x.dtype != dtype:
+        out = out.to(torch.promote_types(x.dtype, dtype))   # eager adds the shortcut in x's dtype
+    return out, ((pmean, pm2, pcount) if want_stats else None)
