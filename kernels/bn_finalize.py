@@ -1,0 +1,203 @@
+# bn_finalize: merge per-channel partial statistics into BatchNorm's batch statistics and
+# the scale/shift of the fused BN-ReLU prologue; update the running statistics in place.
+#
+#   pmean [T, C], pm2 [T, C], pcount [T] (float32 partials, rows with count 0 allowed)
+#   -> mean, invstd, scale = weight * invstd, shift = bias - mean * scale   (float32 [C])
+#   running_mean/var <- (1 - f) * running + f * (mean, M2 / (n - 1))        (nn.BatchNorm2d)
+#
+# One program per block of BLOCK_C channels walks the partials BLOCK_T rows at a time: each
+# block is merged exactly in registers (count-weighted mean, then M2 plus the spread of the
+# block's means around it, relative to the mean merged so far), and blocks are folded into
+# the running result with Chan's formula. Means are carried relative to the first block's
+# mean, so that mean 100 / std 0.01 data loses no digits to the large common offset. The averaging factor f is momentum, or
+# 1 / num_batches_tracked read on the device when momentum < 0 (BatchNorm's momentum=None):
+# nothing is read back to the host, so a training step can be captured in a CUDA graph.
+# Saves nothing; mean and invstd are what BN backward needs.
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .runtime import check_device
+
+BLOCK_C = 16
+BLOCK_T = 128
+NUM_WARPS = 4
+
+PARAMETER_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@triton.jit
+def _bn_finalize_kernel(
+    # pointers: partials, affine parameters, outputs, running statistics
+    pmean_ptr, pm2_ptr, pcount_ptr, weight_ptr, bias_ptr,
+    mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
+    running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
+    # sizes and scalars
+    num_partials, channels, momentum, eps,
+    # meta-parameters
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < channels
+
+    # Everything below is relative to `origin`, the count-weighted mean of the first block: for
+    # nearby values `pmean - origin` is exact, and the merged offset is a small, precise number.
+    rows = tl.arange(0, BLOCK_T)
+    count = tl.load(pcount_ptr + rows, mask=rows < num_partials, other=0.0)
+    ok = (count > 0.0)[:, None] & col_ok[None, :]
+    first_means = tl.load(pmean_ptr + rows[:, None] * channels + cols[None, :], mask=ok, other=0.0)
+    origin = tl.sum(count[:, None] * first_means, axis=0) / tl.maximum(tl.sum(count, axis=0), 1.0)
+
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)   # of the partials merged so far, minus origin
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    n = tl.zeros([1], dtype=tl.float32)
+    for start in range(0, num_partials, BLOCK_T):
+        rows = start + tl.arange(0, BLOCK_T)
+        count = tl.load(pcount_ptr + rows, mask=rows < num_partials, other=0.0)
+        has_rows = count > 0.0   # an empty partial's mean and M2 may be anything, even NaN
+        ok = has_rows[:, None] & col_ok[None, :]
+        offsets = rows[:, None] * channels + cols[None, :]
+        block_means = tl.load(pmean_ptr + offsets, mask=ok, other=0.0)
+        block_m2s = tl.load(pm2_ptr + offsets, mask=ok, other=0.0)
+
+        # ---- exact merge of the block, relative to the mean so far ----
+        delta = tl.where(ok, (block_means - origin[None, :]) - mean[None, :], 0.0)
+        block_n = tl.sum(count, axis=0)
+        block_delta = tl.sum(count[:, None] * delta, axis=0) / tl.maximum(block_n, 1.0)
+        spread = delta - block_delta[None, :]
+        block_m2 = tl.sum(block_m2s, axis=0) + tl.sum(count[:, None] * spread * spread, axis=0)
+
+        # ---- Chan's formula: fold the block into the running result ----
+        merged = n + block_n
+        weight = block_n / tl.maximum(merged, 1.0)
+        mean = mean + block_delta * weight
+        m2 = m2 + block_m2 + block_delta * block_delta * (n * weight)
+        n = merged
+
+    mean = tl.where(n > 0.0, origin + mean, float("nan"))
+    var = tl.div_rn(m2, n)
+    invstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    scale = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) * invstd
+    shift = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) - mean * scale
+    tl.store(mean_ptr + cols, mean, mask=col_ok)
+    tl.store(invstd_ptr + cols, invstd, mask=col_ok)
+    tl.store(scale_ptr + cols, scale, mask=col_ok)
+    tl.store(shift_ptr + cols, shift, mask=col_ok)
+
+    if UPDATE_RUNNING:
+        if CUMULATIVE:
+            # the caller has already counted this batch: f = 1 / num_batches_tracked
+            # (in float64 then rounded, as BatchNorm computes 1.0 / float(num_batches_tracked))
+            batches = tl.load(num_batches_tracked_ptr + tl.arange(0, 1)).to(tl.float64)
+            factor = (1.0 / batches).to(tl.float32)
+        else:
+            factor = momentum
+        unbiased_var = tl.div_rn(m2, n - 1.0)
+        running_mean = tl.load(running_mean_ptr + cols, mask=col_ok, other=0.0)
+        running_var = tl.load(running_var_ptr + cols, mask=col_ok, other=0.0)
+        new_mean = (1.0 - factor) * running_mean.to(tl.float32) + factor * mean
+        new_var = (1.0 - factor) * running_var.to(tl.float32) + factor * unbiased_var
+        tl.store(running_mean_ptr + cols, new_mean.to(running_mean.dtype), mask=col_ok)
+        tl.store(running_var_ptr + cols, new_var.to(running_var.dtype), mask=col_ok)
+
+
+def _check_float32(name: str, tensor: torch.Tensor, shape: tuple, device: torch.device) -> None:
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but pmean is on {device}")
+    if tensor.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {tensor.dtype}")
+    if tuple(tensor.shape) != shape or not tensor.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous tensor of shape {list(shape)}, got {list(tensor.shape)}")
+
+
+def _check_parameter(name: str, tensor: torch.Tensor, channels: int, dtype: torch.dtype,
+                     device: torch.device) -> None:
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but pmean is on {device}")
+    if tensor.dtype != dtype:
+        raise TypeError(f"{name} has dtype {tensor.dtype} but weight has {dtype}; "
+                        f"BatchNorm's parameters and buffers share one dtype")
+    if tuple(tensor.shape) != (channels,) or not tensor.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous tensor of shape [{channels}], got {list(tensor.shape)}")
+
+
+def _check_inputs(pmean, pm2, pcount, weight, bias, running_mean, running_var, num_batches_tracked,
+                  momentum):
+    check_device("pmean", pmean)
+    if pmean.dim() != 2:
+        raise ValueError(f"pmean must be [T, C], got shape {list(pmean.shape)}")
+    num_partials, channels = pmean.shape
+    if channels == 0:
+        raise ValueError("pmean has no channels")
+    _check_float32("pmean", pmean, (num_partials, channels), pmean.device)
+    _check_float32("pm2", pm2, (num_partials, channels), pmean.device)
+    _check_float32("pcount", pcount, (num_partials,), pmean.device)
+    if weight.dtype not in PARAMETER_DTYPES:
+        raise TypeError(f"weight has dtype {weight.dtype}; bn_finalize supports {', '.join(map(str, PARAMETER_DTYPES))}")
+    _check_parameter("weight", weight, channels, weight.dtype, pmean.device)
+    _check_parameter("bias", bias, channels, weight.dtype, pmean.device)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    if running_mean is None:
+        return
+    _check_parameter("running_mean", running_mean, channels, weight.dtype, pmean.device)
+    _check_parameter("running_var", running_var, channels, weight.dtype, pmean.device)
+    if momentum < 0:
+        if num_batches_tracked is None:
+            raise ValueError("num_batches_tracked is required when momentum < 0 (cumulative average)")
+        if num_batches_tracked.device != pmean.device or num_batches_tracked.numel() != 1:
+            raise ValueError(f"num_batches_tracked must be a one-element tensor on {pmean.device}, got "
+                             f"{num_batches_tracked.numel()} elements on {num_batches_tracked.device}")
+        if num_batches_tracked.dtype != torch.int64:
+            raise TypeError(f"num_batches_tracked must be int64 (BatchNorm's counter), got {num_batches_tracked.dtype}")
+
+
+def bn_finalize(pmean: torch.Tensor, pm2: torch.Tensor, pcount: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float):
+    """``(mean, invstd, scale, shift)`` (float32 [C]) from partials; updates the running statistics in place."""
+    _check_inputs(pmean, pm2, pcount, weight, bias, running_mean, running_var, num_batches_tracked, momentum)
+    num_partials, channels = pmean.shape
+    mean, invstd, scale, shift = (torch.empty(channels, dtype=torch.float32, device=pmean.device)
+                                  for _ in range(4))
+    update = running_mean is not None
+    cumulative = update and momentum < 0
+    _bn_finalize_kernel[(triton.cdiv(channels, BLOCK_C),)](
+        pmean, pm2, pcount, weight, bias, mean, invstd, scale, shift,
+        running_mean if update else mean, running_var if update else invstd,
+        num_batches_tracked if cumulative else pcount,
+        num_partials, channels, float(momentum), float(eps),
+        BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
+        num_warps=NUM_WARPS)
+    return mean, invstd, scale, shift
+
+
+def aot_variants():
+    """Every configuration ``bn_finalize`` can launch, for the ahead-of-time compile test."""
+    modes = [("no_running", False, False), ("momentum", True, False), ("cumulative", True, True)]
+    for parameter_dtype in PARAMETER_DTYPES.values():
+        for mode, update, cumulative in modes:
+            running = parameter_dtype if update else "fp32"
+            yield {
+                "name": f"bn_finalize_{parameter_dtype}_{mode}",
+                "kernel": _bn_finalize_kernel,
+                "signature": {
+                    "pmean_ptr": "*fp32", "pm2_ptr": "*fp32", "pcount_ptr": "*fp32",
+                    "weight_ptr": f"*{parameter_dtype}", "bias_ptr": f"*{parameter_dtype}",
+                    "mean_ptr": "*fp32", "invstd_ptr": "*fp32", "scale_ptr": "*fp32", "shift_ptr": "*fp32",
+                    "running_mean_ptr": f"*{running}", "running_var_ptr": f"*{running}",
+                    "num_batches_tracked_ptr": "*i64" if cumulative else "*fp32",
+                    "num_partials": "i32", "channels": "i32", "momentum": "fp32", "eps": "fp32",
+                    "BLOCK_T": "constexpr", "BLOCK_C": "constexpr",
+                    "UPDATE_RUNNING": "constexpr", "CUMULATIVE": "constexpr"},
+                "constexprs": {"BLOCK_T": BLOCK_T, "BLOCK_C": BLOCK_C,
+                               "UPDATE_RUNNING": update, "CUMULATIVE": cumulative},
+                "num_warps": NUM_WARPS,
+                "num_stages": 3,
+                "tensor_cores": False,
+            }
