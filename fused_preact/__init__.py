@@ -7,6 +7,7 @@ Modules: ``units`` (eager reference of every unit in the paper), ``models``
 from .convert import convert_to_fused
 from .dispatch import BACKENDS, available_backends
 from .fused import FusedPreActBlock, FusedPreActBottleneck
+from .sync_bn import sync_batch_stats
 from .models import MODELS, ResNet, cifar_resnet, create_model, imagenet_resnet
 from .units import ACTIVATIONS, SHORTCUTS, PreActBlock, PreActBottleneck, ResidualUnit, make_unit
 
@@ -15,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS", "BACKENDS", "MODELS", "SHORTCUTS", "FusedPreActBlock", "FusedPreActBottleneck",
     "PreActBlock", "PreActBottleneck", "ResNet", "ResidualUnit", "available_backends", "cifar_resnet",
-    "convert_to_fused", "create_model", "imagenet_resnet", "make_unit",
+    "convert_to_fused", "create_model", "imagenet_resnet", "make_unit", "sync_batch_stats",
 ]

@@ -1,44 +1,47 @@
 """The one dispatch layer between fused units and their backends.
 
 A fused unit asks ``resolve_backend(requested, x)`` which backend runs it, then
-``run_unit(name, unit, x)``. Kernel backends (Triton in ``kernels/``, the C++/CUDA
-extension in ``csrc/``) plug in with ``register_unit_backend``; nothing outside
-this module and the backends' own wrappers touches a kernel.
+``run_unit(name, unit, x, stats_in, want_stats)``. A backend is a namespace of the
+six operators of ``unit_ops`` (same schemas everywhere) plus a check of what it can
+run; ``unit_function`` computes the unit with whichever namespace it is given.
+Nothing outside this module touches ``kernels/`` or the extension's kernels.
 
-``"auto"`` takes the first registered backend that can run the input, in the
-order of ``AUTO_ORDER``, and otherwise the eager path with a single warning that
-says why no kernel could run.
+- ``"triton"``: ``torch.ops.fused_preact_triton`` (``kernels/ops.py``); CUDA tensors,
+  or CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``).
+- ``"cuda"``: ``torch.ops.fused_preact`` (the C++/CUDA extension ``csrc/``); CUDA
+  tensors when built with CUDA, and CPU tensors through its C++ CPU kernels.
+
+``"auto"`` takes the first backend that can run the input, in the order of
+``AUTO_ORDER``, and otherwise the eager path with a single warning that says why
+no kernel could run.
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from . import _extension
+from .unit_function import Partials, run_fused_unit
+
 BACKENDS = ("auto", "triton", "cuda", "eager")
 AUTO_ORDER = ("cuda", "triton")
-
-# Why a backend cannot run when it has not registered itself.
-_NOT_REGISTERED = {
-    "triton": "the Triton kernels of the pre-activation unit are not part of this version of fused-preact",
-    "cuda": "the C++/CUDA extension provides no fused pre-activation unit in this version of fused-preact",
-}
-
 
 @dataclass(frozen=True)
 class UnitBackend:
     """A backend that runs a whole fused unit.
 
     ``unavailable(x)`` returns why the backend cannot run input ``x`` (wrong
-    device, missing build, ...) or ``None`` when it can; ``forward(unit, x)``
-    computes the unit's output with autograd support.
+    device, missing build, unsupported dtype) or ``None`` when it can; ``ops()``
+    returns the namespace holding its ``unit_ops`` operators.
     """
     name: str
     unavailable: Callable[[torch.Tensor], Optional[str]]
-    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    ops: Callable[[], Any]
 
 
 _registry: dict[str, UnitBackend] = {}
@@ -63,10 +66,7 @@ def unavailable_reason(name: str, x: torch.Tensor) -> Optional[str]:
     check_backend(name)
     if name in ("auto", "eager"):
         return None
-    backend = _registry.get(name)
-    if backend is None:
-        return _NOT_REGISTERED[name]
-    return backend.unavailable(x)
+    return _registry[name].unavailable(x)
 
 
 def available_backends(x: torch.Tensor) -> list[str]:
@@ -102,6 +102,77 @@ def resolve_backend(requested: str, x: torch.Tensor) -> str:
     return requested
 
 
-def run_unit(name: str, unit: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run ``unit`` on ``x`` with the registered kernel backend ``name``."""
-    return _registry[name].forward(unit, x)
+def run_unit(name: str, unit: nn.Module, x: torch.Tensor, stats_in: Optional[Partials] = None,
+             want_stats: bool = False) -> tuple[torch.Tensor, Optional[Partials]]:
+    """Run ``unit`` on ``x`` with kernel backend ``name``; see ``unit_function.run_fused_unit``."""
+    return run_fused_unit(_registry[name].ops(), unit, x, stats_in, want_stats)
+
+
+# -- the two kernel backends ------------------------------------------------------
+_HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.compiler.assume_constant_result   # evaluated once while tracing, never traced into
+def _triton_import_error() -> Optional[str]:
+    try:
+        importlib.import_module("kernels.ops")   # imports triton, registers torch.ops.fused_preact_triton
+    except ImportError as error:
+        return f"the Triton kernels cannot be imported ({error})"
+    return None
+
+
+@torch.compiler.assume_constant_result
+def _triton_interpreting() -> bool:
+    return importlib.import_module("kernels.runtime").interpreting()
+
+
+def _triton_unavailable(x: torch.Tensor) -> Optional[str]:
+    error = _triton_import_error()
+    if error is not None:
+        return error
+    if x.device.type == "cuda":
+        if torch.cuda.get_device_capability(x.device) < (8, 0):
+            return f"the Triton kernels need compute capability 8.0 or newer, {x.device} has less"
+    elif x.device.type != "cpu" or not _triton_interpreting():
+        return (f"x is on {x.device}: the Triton kernels run on CUDA tensors (CPU tensors only in "
+                f"Triton's interpreter, TRITON_INTERPRET=1 set before triton is imported)")
+    if x.dtype not in _HALF_AND_SINGLE:
+        return f"the Triton kernels take float32, float16 and bfloat16, not {x.dtype}"
+    return None
+
+
+def _triton_ops():
+    return torch.ops.fused_preact_triton
+
+
+@torch.compiler.assume_constant_result
+def _extension_error() -> Optional[str]:
+    if not _extension.available():
+        return _extension.unavailable_reason()
+    if not hasattr(torch.ops.fused_preact, "conv_bnrelu"):
+        return "the built extension predates the fused-unit operators; rebuild it (`pip install -e .`)"
+    return None
+
+
+@torch.compiler.assume_constant_result
+def _extension_has_cuda() -> bool:
+    return _extension.built_with_cuda()
+
+
+def _cuda_unavailable(x: torch.Tensor) -> Optional[str]:
+    error = _extension_error()
+    if error is not None:
+        return error
+    if x.device.type == "cuda" and not _extension_has_cuda():
+        return "the extension was built without its CUDA part (no nvcc or a CPU-only torch at build time)"
+    if x.device.type not in ("cpu", "cuda"):
+        return f"the extension has CPU and CUDA kernels, x is on {x.device}"
+    return None
+
+
+def _cuda_ops():
+    return torch.ops.fused_preact
+
+
+register_unit_backend(UnitBackend("triton", _triton_unavailable, _triton_ops))
+register_unit_backend(UnitBackend("cuda", _cuda_unavailable, _cuda_ops))

@@ -26,12 +26,17 @@ class _FusedUnitMixin:
     def _set_backend(self, backend: str) -> None:
         self.backend = dispatch.check_backend(backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stats_in=None, return_stats: bool = False):
+        """``y = unit(x)``. Inside a model of fused units, ``stats_in`` carries the partial
+        statistics of x from the previous unit's epilogue and ``return_stats=True``
+        returns ``(y, partials of y)`` for the next one (``None`` when not computed)."""
         check_unit_input(x, self.in_channels, type(self).__name__)
         name = dispatch.resolve_backend(self.backend, x)
         if name == "eager":
-            return super().forward(x)
-        return dispatch.run_unit(name, self, x)
+            y, stats = super().forward(x), None
+        else:
+            y, stats = dispatch.run_unit(name, self, x, stats_in, return_stats)
+        return (y, stats) if return_stats else y
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend}"

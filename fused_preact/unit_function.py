@@ -94,11 +94,12 @@ def _world(group) -> int:
 
 def _gather_partials(partials: Partials, group) -> Partials:
     """Merge local partials (Chan, float64) and all-gather one row per process."""
+    dtype = partials[0].dtype
     pmean, pm2, pcount = (t.double() for t in partials)
     n = pcount.sum()
     mean = (pmean * pcount[:, None]).sum(0) / n
     m2 = pm2.sum(0) + (pcount[:, None] * (pmean - mean) ** 2).sum(0)
-    local = torch.cat([mean, m2, n.reshape(1)]).float()
+    local = torch.cat([mean, m2, n.reshape(1)]).to(dtype)
     rows = [torch.empty_like(local) for _ in range(_world(group))]
     torch.distributed.all_gather(rows, local, group=group)
     table = torch.stack(rows)

@@ -1,0 +1,70 @@
+"""Synchronized BN statistics of fused units: two gloo processes, each with half the batch,
+match one process with the whole batch (outputs, input and parameter gradients, running stats)."""
+import copy
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import reference_ops
+from fused_preact import sync_batch_stats
+from fused_preact.fused import FusedPreActBottleneck
+from fused_preact.unit_function import run_fused_unit
+
+WORLD = 2
+
+
+def _make_unit():
+    torch.manual_seed(0)
+    unit = FusedPreActBottleneck(8, 16, stride=2, backend="eager").double()
+    with torch.no_grad():
+        for m in unit.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 8, 9, 7, dtype=torch.float64) * 2 + 1
+    dy = torch.randn(4, 16, 5, 4, dtype=torch.float64)
+    return unit, x, dy
+
+
+def _step(unit, x, dy):
+    x = x.clone().requires_grad_(True)
+    y, _ = run_fused_unit(reference_ops, unit, x)
+    (y * dy).sum().backward()
+    return y.detach(), x.grad, {n: p.grad for n, p in unit.named_parameters()}, unit.state_dict()
+
+
+def _worker(rank, init_file, out_file):
+    sys.path.insert(0, os.path.dirname(__file__))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    unit, x, dy = _make_unit()
+    sync_batch_stats(unit)
+    half = slice(2 * rank, 2 * rank + 2)
+    torch.save(_step(unit, x[half], dy[half]), f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=WORLD, join=True)
+    unit, x, dy = _make_unit()
+    y, dx, grads, state = _step(copy.deepcopy(unit), x, dy)
+    parts = [torch.load(tmp_path / f"out.{r}") for r in range(WORLD)]
+    tol = dict(rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(torch.cat([p[0] for p in parts]), y, **tol)
+    torch.testing.assert_close(torch.cat([p[1] for p in parts]), dx, **tol)
+    for name, grad in grads.items():   # local gradients sum to the global one (DDP averages them)
+        torch.testing.assert_close(sum(p[2][name] for p in parts), grad, **tol, msg=lambda m: f"{name}: {m}")
+    for name, value in state.items():
+        for p in parts:
+            torch.testing.assert_close(p[3][name], value, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_needs_an_initialized_process_group():
+    unit, _, _ = _make_unit()
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        sync_batch_stats(unit)
+    with pytest.raises(ValueError, match="no fused units"):
+        sync_batch_stats(torch.nn.Linear(2, 2), process_group=object())
