@@ -1,0 +1,192 @@
+"""The contenders: who computes a case, and the one step that is timed.
+
+- ``eager``: the reference modules, cuDNN, channels_last (bf16/fp16 under autocast).
+- ``compile`` / ``compile-max-autotune``: ``torch.compile`` of the eager module.
+- ``fused-triton`` / ``fused-cuda``: ``convert_to_fused(model, backend)`` for units and
+  models; the ``conv_bnrelu`` operator of ``torch.ops.fused_preact_triton`` /
+  ``torch.ops.fused_preact`` at the conv level.
+- ``cudnn-fe``: cuDNN's fused scale-bias-ReLU-conv-genstats graph (conv level, fp16).
+
+``build_runner`` returns a ``Runner`` or the reason the contender cannot run here.
+Steps: ``train`` = forward + backward + SGD step, ``infer`` = eval-mode forward
+without autograd, ``fwd`` (conv level) = BN-apply, ReLU, conv and output statistics.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fused_preact import dispatch
+from fused_preact.convert import convert_to_fused
+
+from . import cudnn_fused
+from .cases import Case
+
+CONTENDERS = ("eager", "compile", "compile-max-autotune", "fused-triton", "fused-cuda", "cudnn-fe")
+LEVEL_CONTENDERS = {"conv": CONTENDERS, "unit": CONTENDERS[:5], "model": CONTENDERS[:5]}
+FUSED_BACKEND = {"fused-triton": "triton", "fused-cuda": "cuda"}
+OP_NAMESPACE = {"fused-triton": "fused_preact_triton", "fused-cuda": "fused_preact"}
+COMPILE_MODE = {"compile": "default", "compile-max-autotune": "max-autotune"}
+INTERPRETER_MAX_BATCH = 8
+
+
+@dataclass
+class Runner:
+    """A ready contender: ``step()`` runs what is timed and returns the output to compare
+    (NCHW); ``forward()`` runs one autograd-recording forward (for saved-bytes counting);
+    ``state`` holds the tensors that are not activations (parameters, buffers)."""
+    step: Callable[[], torch.Tensor]
+    forward: Optional[Callable[[], object]] = None
+    state: list = field(default_factory=list)
+    profiled: bool = False         # its fused operators are worth profiling
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How the run is set up: device, dtype of the case, step kind, whether this is the CPU smoke run."""
+    device: torch.device
+    dtype: torch.dtype
+    mode: str
+    quick: bool
+    smoke: bool
+
+
+def autocast(setting: Setting):
+    if setting.dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(setting.device.type, dtype=setting.dtype)
+
+
+def static_reason(contender: str, case: Case, setting: Setting) -> Optional[str]:
+    """Why ``contender`` is not run, known before building anything; None when it may run."""
+    on_gpu = setting.device.type == "cuda"
+    if contender in COMPILE_MODE:
+        if not on_gpu:
+            return ("not run without a GPU: the CPU smoke run compares eager with the fused CPU paths "
+                    "(torch.compile for the CPU takes minutes on a small machine)")
+        if contender == "compile-max-autotune" and setting.quick:
+            return "skipped with --quick: max-autotune benchmarks every conv config (minutes per shape)"
+    if contender == "fused-triton" and not on_gpu:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return ("Triton kernels run on a CPU only in Triton's interpreter: set TRITON_INTERPRET=1 "
+                    "before starting (tiny shapes only)")
+        if case.batch > INTERPRETER_MAX_BATCH:
+            return f"the Triton interpreter is kept to tiny shapes (batch <= {INTERPRETER_MAX_BATCH}) on a CPU"
+    if contender == "cudnn-fe":
+        return cudnn_fused.unavailable_reason(setting.device, setting.dtype)
+    return None
+
+
+def build_runner(contender: str, case: Case, setting: Setting, base: Optional[nn.Module],
+                 inputs: dict) -> Union[Runner, str]:
+    """A ready ``Runner``, or the reason ``contender`` cannot run this case."""
+    reason = static_reason(contender, case, setting)
+    if reason is not None:
+        return reason
+    if case.level == "conv":
+        return _conv_runner(contender, case, setting, inputs)
+    return _module_runner(contender, case, setting, base, inputs)
+
+
+# -- units and models ----------------------------------------------------------------
+def _module_runner(contender: str, case: Case, setting: Setting, base: nn.Module, inputs: dict):
+    x = inputs["x"]
+    module = copy.deepcopy(base)
+    if contender in FUSED_BACKEND:
+        backend = FUSED_BACKEND[contender]
+        probe = x if case.level == "unit" else inputs["unit_probe"]
+        reason = dispatch.unavailable_reason(backend, probe)
+        if reason is not None:
+            return reason
+        module = convert_to_fused(module, backend=backend)
+    state = list(module.parameters()) + list(module.buffers())
+    run = module
+    if contender in COMPILE_MODE:
+        torch._dynamo.reset()
+        run = torch.compile(module, mode=COMPILE_MODE[contender])
+
+    if setting.mode == "infer":
+        module.eval()
+
+        def step():
+            with torch.no_grad(), autocast(setting):
+                return run(x)
+        return Runner(step, state=state, profiled=contender in FUSED_BACKEND)
+
+    module.train()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    x_train = x.detach().requires_grad_(case.level == "unit")   # a unit's input gradient is part of its work
+
+    def forward():
+        with autocast(setting):
+            return run(x_train)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        x_train.grad = None
+        out = forward()
+        if case.level == "unit":
+            out.backward(inputs["dy"].to(out.dtype))
+        else:
+            F.cross_entropy(out.float(), inputs["labels"]).backward()
+        optimizer.step()
+        return out.detach()
+    return Runner(step, forward=forward, state=state, profiled=contender in FUSED_BACKEND)
+
+
+# -- conv level ------------------------------------------------------------------------
+def eager_conv_bnrelu(x, weight, scale, shift, stride: int):
+    """BN-apply, ReLU, conv and the batch statistics of its output, as eager PyTorch runs them."""
+    c = x.shape[1]
+    a = torch.relu_(torch.addcmul(shift.view(1, c, 1, 1).to(x.dtype), x, scale.view(1, c, 1, 1).to(x.dtype)))
+    y = F.conv2d(a, weight.to(x.dtype), stride=stride, padding=weight.shape[-1] // 2)
+    var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+    return y, mean, var
+
+
+def _fused_operator(contender: str):
+    """The ``conv_bnrelu`` operator of a fused backend, or why it is not there."""
+    namespace = OP_NAMESPACE[contender]
+    try:
+        if contender == "fused-triton":
+            importlib.import_module("kernels.ops")
+        else:
+            from fused_preact import _extension
+            if not _extension.available():
+                return None, _extension.unavailable_reason()
+    except Exception as error:   # noqa: BLE001 - a backend that fails to load says why
+        return None, f"its operators failed to load: {type(error).__name__}: {error}"
+    try:
+        return getattr(getattr(torch.ops, namespace), "conv_bnrelu"), None
+    except (AttributeError, RuntimeError):
+        return None, f"torch.ops.{namespace}.conv_bnrelu is not registered in this version of fused-preact"
+
+
+def _conv_runner(contender: str, case: Case, setting: Setting, inputs: dict):
+    x, weight, scale, shift = inputs["x"], inputs["weight"], inputs["scale"], inputs["shift"]
+    stride = case.conv.stride
+    if contender == "eager":
+        return Runner(lambda: eager_conv_bnrelu(x, weight, scale, shift, stride)[0])
+    if contender in COMPILE_MODE:
+        torch._dynamo.reset()
+        compiled = torch.compile(eager_conv_bnrelu, mode=COMPILE_MODE[contender])
+        return Runner(lambda: compiled(x, weight, scale, shift, stride)[0])
+    if contender == "cudnn-fe":
+        try:
+            graph = cudnn_fused.ConvGenstats(x, weight, scale, shift, stride)
+        except Exception as error:   # noqa: BLE001 - cuDNN says why it does not support the graph
+            return f"cuDNN cannot build the graph: {type(error).__name__}: {error}"
+        return Runner(lambda: graph()[0])
+    op, reason = _fused_operator(contender)
+    if op is None:
+        return reason
+    x_nhwc = x.permute(0, 2, 3, 1)       # channels_last NCHW is NHWC-contiguous
+    return Runner(lambda: op(x_nhwc, weight, scale, shift, None, stride, True)[0].permute(0, 3, 1, 2))
