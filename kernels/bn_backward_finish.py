@@ -1,6 +1,7 @@
 # bn_backward_finish: the last, elementwise step of BatchNorm's backward, in one pass over NHWC.
 #
-#   g, h, add, dh [N, H, W, C] contiguous (rows [M = N*H*W, C]); per-channel float32 [C]:
+#   g, h, add, dh [N, H, W, C] contiguous (rows [M = N*H*W, C]); per-channel float32 [C]
+#   (float64 for float64 g):
 #   mean, invstd, sum_g = sum(g), sum_g_xhat = sum(g * xhat) (from conv_dgrad's epilogue), weight
 #   batch statistics:  dh = weight * invstd * (g - sum_g / count - xhat * sum_g_xhat / count),
 #                      xhat = (h - mean) * invstd
@@ -19,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .channel_stats import stat_dtype_of
 from .runtime import check_device, interpreting
 
 TILE_ELEMENTS = 4096
@@ -30,7 +32,7 @@ TARGET_PROGRAMS = 2048
 TARGET_PROGRAMS_INTERPRETED = 2
 
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-WEIGHT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @triton.jit
@@ -39,7 +41,7 @@ def _bn_backward_finish_kernel(
     g_ptr, h_ptr, add_ptr, dh_ptr,
     mean_ptr, invstd_ptr, weight_ptr, sum_g_ptr, sum_g_xhat_ptr,
     # sizes and scalars
-    num_rows, channels, tiles_per_program, inv_count,
+    num_rows, channels, tiles_per_program, inv_count: tl.float64,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     BATCH_STATS: tl.constexpr, HAS_ADD: tl.constexpr, FP64: tl.constexpr,
@@ -49,6 +51,8 @@ def _bn_backward_finish_kernel(
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < channels
     acc_dtype = tl.float64 if FP64 else tl.float32
+    if not FP64:   # inv_count comes as float64
+        inv_count = tl.cast(inv_count, tl.float32)
 
     # ---- per-channel coefficients, once per program ----
     invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0).to(acc_dtype)
@@ -117,14 +121,15 @@ def _check_inputs(g, h, mean, invstd, weight, sum_g, sum_g_xhat, count, add, bat
         raise ValueError(f"g must be a contiguous 4-D NHWC tensor [N, H, W, C], got shape {list(g.shape)}")
     if g.shape[-1] == 0:
         raise ValueError("g has no channels")
-    _check_channel_vector("invstd", invstd, g, (torch.float32,))
+    stat_dtype = stat_dtype_of(g.dtype)
+    _check_channel_vector("invstd", invstd, g, (stat_dtype,))
     _check_channel_vector("weight", weight, g, WEIGHT_DTYPES)
     if add is not None:
         _check_activation("add", add, g)
     if batch_stats:
         _check_activation("h", h, g)
         for name, vector in (("mean", mean), ("sum_g", sum_g), ("sum_g_xhat", sum_g_xhat)):
-            _check_channel_vector(name, vector, g, (torch.float32,))
+            _check_channel_vector(name, vector, g, (stat_dtype,))
         if not count > 0:
             raise ValueError(f"count must be positive with batch statistics, got {count}")
 
@@ -139,8 +144,8 @@ def bn_backward_finish(g: torch.Tensor, h: torch.Tensor, mean: torch.Tensor, inv
     dh = torch.empty_like(g)
     if num_rows == 0:
         return dh
-    # a bf16/fp16 BatchNorm weight is widened here (C values) rather than compiled for
-    weight = weight.float()
+    # a BatchNorm weight of another dtype is converted here (C values) rather than compiled for
+    weight = weight.to(invstd.dtype)
     block_m, block_c, tiles_per_program, row_programs = launch_plan(num_rows, channels)
     grid = (row_programs, triton.cdiv(channels, block_c))
     # unused pointers (constexpr-disabled branches) point at g / invstd
@@ -148,7 +153,7 @@ def bn_backward_finish(g: torch.Tensor, h: torch.Tensor, mean: torch.Tensor, inv
         g, h if batch_stats else g, add if add is not None else g, dh,
         mean if batch_stats else invstd, invstd, weight,
         sum_g if batch_stats else invstd, sum_g_xhat if batch_stats else invstd,
-        num_rows, channels, tiles_per_program, 1.0 / count if batch_stats else 1.0,
+        num_rows, channels, tiles_per_program, 1.0 / float(count) if batch_stats else 1.0,
         BLOCK_M=block_m, BLOCK_C=block_c, BATCH_STATS=bool(batch_stats), HAS_ADD=add is not None,
         FP64=g.dtype == torch.float64, num_warps=NUM_WARPS)
     return dh
@@ -159,6 +164,7 @@ def aot_variants():
     block_c = MIN_BLOCK_C
     while block_c <= MAX_BLOCK_C:
         for dtype, name in DTYPES.items():
+            stat = DTYPES[stat_dtype_of(dtype)]
             for batch_stats in (True, False):
                 for has_add in (True, False):
                     yield {
@@ -167,10 +173,10 @@ def aot_variants():
                         "kernel": _bn_backward_finish_kernel,
                         "signature": {
                             "g_ptr": f"*{name}", "h_ptr": f"*{name}", "add_ptr": f"*{name}",
-                            "dh_ptr": f"*{name}", "mean_ptr": "*fp32", "invstd_ptr": "*fp32",
-                            "weight_ptr": "*fp32", "sum_g_ptr": "*fp32", "sum_g_xhat_ptr": "*fp32",
+                            "dh_ptr": f"*{name}", "mean_ptr": f"*{stat}", "invstd_ptr": f"*{stat}",
+                            "weight_ptr": f"*{stat}", "sum_g_ptr": f"*{stat}", "sum_g_xhat_ptr": f"*{stat}",
                             "num_rows": "i32", "channels": "i32", "tiles_per_program": "i32",
-                            "inv_count": "fp32", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr",
+                            "inv_count": "fp64", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr",
                             "BATCH_STATS": "constexpr", "HAS_ADD": "constexpr", "FP64": "constexpr"},
                         "constexprs": {"BLOCK_M": TILE_ELEMENTS // block_c, "BLOCK_C": block_c,
                                        "BATCH_STATS": batch_stats, "HAS_ADD": has_add,

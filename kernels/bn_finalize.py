@@ -3,6 +3,7 @@
 #
 #   pmean [T, C], pm2 [T, C], pcount [T] (float32 partials, rows with count 0 allowed)
 #   -> mean, invstd, scale = weight * invstd, shift = bias - mean * scale   (float32 [C])
+#   (float64 partials, from float64 activations: float64 throughout)
 #   running_mean/var <- (1 - f) * running + f * (mean, M2 / (n - 1))        (nn.BatchNorm2d)
 #
 # One program per block of BLOCK_C channels walks the partials BLOCK_T rows at a time: each
@@ -27,7 +28,28 @@ BLOCK_C = 16
 BLOCK_T = 128
 NUM_WARPS = 4
 
-PARAMETER_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+# dtype of the partials -> dtypes BatchNorm's weight, bias and running statistics may have
+PARAMETER_DTYPES = {torch.float32: (torch.float32, torch.bfloat16, torch.float16),
+                    torch.float64: (torch.float64, torch.float32)}
+
+
+@triton.jit
+def _divide(a, b, FP64: tl.constexpr):
+    """Correctly rounded a / b (fp32 division in Triton is approximate; fp64 is IEEE)."""
+    if FP64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def _sqrt(a, FP64: tl.constexpr):
+    """Correctly rounded square root."""
+    if FP64:
+        return tl.sqrt(a)
+    else:
+        return tl.sqrt_rn(a)
 
 
 @triton.jit
@@ -37,13 +59,17 @@ def _bn_finalize_kernel(
     mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
     running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
     # sizes and scalars
-    num_partials, channels, momentum, eps,
+    num_partials, channels, momentum: tl.float64, eps: tl.float64,
     # meta-parameters
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, FP64: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < channels
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    if not FP64:   # momentum and eps come as float64; BatchNorm's float32 kernels round them
+        momentum = tl.cast(momentum, tl.float32)
+        eps = tl.cast(eps, tl.float32)
 
     # Everything below is relative to `origin`, the count-weighted mean of the first block: for
     # nearby values `pmean - origin` is exact, and the merged offset is a small, precise number.
@@ -53,9 +79,9 @@ def _bn_finalize_kernel(
     first_means = tl.load(pmean_ptr + rows[:, None] * channels + cols[None, :], mask=ok, other=0.0)
     origin = tl.sum(count[:, None] * first_means, axis=0) / tl.maximum(tl.sum(count, axis=0), 1.0)
 
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)   # of the partials merged so far, minus origin
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    n = tl.zeros([1], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C], dtype=acc_dtype)   # of the partials merged so far, minus origin
+    m2 = tl.zeros([BLOCK_C], dtype=acc_dtype)
+    n = tl.zeros([1], dtype=acc_dtype)
     for start in range(0, num_partials, BLOCK_T):
         rows = start + tl.arange(0, BLOCK_T)
         count = tl.load(pcount_ptr + rows, mask=rows < num_partials, other=0.0)
@@ -80,10 +106,10 @@ def _bn_finalize_kernel(
         n = merged
 
     mean = tl.where(n > 0.0, origin + mean, float("nan"))
-    var = tl.div_rn(m2, n)
-    invstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
-    scale = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) * invstd
-    shift = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) - mean * scale
+    var = _divide(m2, n, FP64)
+    invstd = _divide(1.0, _sqrt(var + eps, FP64), FP64)
+    scale = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(acc_dtype) * invstd
+    shift = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(acc_dtype) - mean * scale
     tl.store(mean_ptr + cols, mean, mask=col_ok)
     tl.store(invstd_ptr + cols, invstd, mask=col_ok)
     tl.store(scale_ptr + cols, scale, mask=col_ok)
@@ -94,23 +120,23 @@ def _bn_finalize_kernel(
             # the caller has already counted this batch: f = 1 / num_batches_tracked
             # (in float64 then rounded, as BatchNorm computes 1.0 / float(num_batches_tracked))
             batches = tl.load(num_batches_tracked_ptr + tl.arange(0, 1)).to(tl.float64)
-            factor = (1.0 / batches).to(tl.float32)
+            factor = (1.0 / batches).to(acc_dtype)
         else:
             factor = momentum
-        unbiased_var = tl.div_rn(m2, n - 1.0)
+        unbiased_var = _divide(m2, n - 1.0, FP64)
         running_mean = tl.load(running_mean_ptr + cols, mask=col_ok, other=0.0)
         running_var = tl.load(running_var_ptr + cols, mask=col_ok, other=0.0)
-        new_mean = (1.0 - factor) * running_mean.to(tl.float32) + factor * mean
-        new_var = (1.0 - factor) * running_var.to(tl.float32) + factor * unbiased_var
+        new_mean = (1.0 - factor) * running_mean.to(acc_dtype) + factor * mean
+        new_var = (1.0 - factor) * running_var.to(acc_dtype) + factor * unbiased_var
         tl.store(running_mean_ptr + cols, new_mean.to(running_mean.dtype), mask=col_ok)
         tl.store(running_var_ptr + cols, new_var.to(running_var.dtype), mask=col_ok)
 
 
-def _check_float32(name: str, tensor: torch.Tensor, shape: tuple, device: torch.device) -> None:
-    if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device} but pmean is on {device}")
-    if tensor.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32, got {tensor.dtype}")
+def _check_partial(name: str, tensor: torch.Tensor, shape: tuple, pmean: torch.Tensor) -> None:
+    if tensor.device != pmean.device:
+        raise ValueError(f"{name} is on {tensor.device} but pmean is on {pmean.device}")
+    if tensor.dtype != pmean.dtype:
+        raise TypeError(f"{name} has dtype {tensor.dtype} but pmean has {pmean.dtype}")
     if tuple(tensor.shape) != shape or not tensor.is_contiguous():
         raise ValueError(f"{name} must be a contiguous tensor of shape {list(shape)}, got {list(tensor.shape)}")
 
@@ -134,11 +160,14 @@ def _check_inputs(pmean, pm2, pcount, weight, bias, running_mean, running_var, n
     num_partials, channels = pmean.shape
     if channels == 0:
         raise ValueError("pmean has no channels")
-    _check_float32("pmean", pmean, (num_partials, channels), pmean.device)
-    _check_float32("pm2", pm2, (num_partials, channels), pmean.device)
-    _check_float32("pcount", pcount, (num_partials,), pmean.device)
-    if weight.dtype not in PARAMETER_DTYPES:
-        raise TypeError(f"weight has dtype {weight.dtype}; bn_finalize supports {', '.join(map(str, PARAMETER_DTYPES))}")
+    if pmean.dtype not in PARAMETER_DTYPES:
+        raise TypeError(f"pmean has dtype {pmean.dtype}; partials are float32 (float64 for float64 activations)")
+    _check_partial("pmean", pmean, (num_partials, channels), pmean)
+    _check_partial("pm2", pm2, (num_partials, channels), pmean)
+    _check_partial("pcount", pcount, (num_partials,), pmean)
+    if weight.dtype not in PARAMETER_DTYPES[pmean.dtype]:
+        raise TypeError(f"weight has dtype {weight.dtype}; with {pmean.dtype} partials bn_finalize supports "
+                        f"{', '.join(map(str, PARAMETER_DTYPES[pmean.dtype]))}")
     _check_parameter("weight", weight, channels, weight.dtype, pmean.device)
     _check_parameter("bias", bias, channels, weight.dtype, pmean.device)
     if (running_mean is None) != (running_var is None):
@@ -163,7 +192,7 @@ def bn_finalize(pmean: torch.Tensor, pm2: torch.Tensor, pcount: torch.Tensor, we
     """``(mean, invstd, scale, shift)`` (float32 [C]) from partials; updates the running statistics in place."""
     _check_inputs(pmean, pm2, pcount, weight, bias, running_mean, running_var, num_batches_tracked, momentum)
     num_partials, channels = pmean.shape
-    mean, invstd, scale, shift = (torch.empty(channels, dtype=torch.float32, device=pmean.device)
+    mean, invstd, scale, shift = (torch.empty(channels, dtype=pmean.dtype, device=pmean.device)
                                   for _ in range(4))
     update = running_mean is not None
     cumulative = update and momentum < 0
@@ -173,31 +202,34 @@ def bn_finalize(pmean: torch.Tensor, pm2: torch.Tensor, pcount: torch.Tensor, we
         num_batches_tracked if cumulative else pcount,
         num_partials, channels, float(momentum), float(eps),
         BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
-        num_warps=NUM_WARPS)
+        FP64=pmean.dtype == torch.float64, num_warps=NUM_WARPS)
     return mean, invstd, scale, shift
 
 
 def aot_variants():
     """Every configuration ``bn_finalize`` can launch, for the ahead-of-time compile test."""
     modes = [("no_running", False, False), ("momentum", True, False), ("cumulative", True, True)]
-    for parameter_dtype in PARAMETER_DTYPES.values():
-        for mode, update, cumulative in modes:
-            running = parameter_dtype if update else "fp32"
-            yield {
-                "name": f"bn_finalize_{parameter_dtype}_{mode}",
-                "kernel": _bn_finalize_kernel,
-                "signature": {
-                    "pmean_ptr": "*fp32", "pm2_ptr": "*fp32", "pcount_ptr": "*fp32",
-                    "weight_ptr": f"*{parameter_dtype}", "bias_ptr": f"*{parameter_dtype}",
-                    "mean_ptr": "*fp32", "invstd_ptr": "*fp32", "scale_ptr": "*fp32", "shift_ptr": "*fp32",
-                    "running_mean_ptr": f"*{running}", "running_var_ptr": f"*{running}",
-                    "num_batches_tracked_ptr": "*i64" if cumulative else "*fp32",
-                    "num_partials": "i32", "channels": "i32", "momentum": "fp32", "eps": "fp32",
-                    "BLOCK_T": "constexpr", "BLOCK_C": "constexpr",
-                    "UPDATE_RUNNING": "constexpr", "CUMULATIVE": "constexpr"},
-                "constexprs": {"BLOCK_T": BLOCK_T, "BLOCK_C": BLOCK_C,
-                               "UPDATE_RUNNING": update, "CUMULATIVE": cumulative},
-                "num_warps": NUM_WARPS,
-                "num_stages": 3,
-                "tensor_cores": False,
-            }
+    for stat_dtype, parameter_dtypes in PARAMETER_DTYPES.items():
+        stat = TYPE_NAMES[stat_dtype]
+        for parameter in map(TYPE_NAMES.get, parameter_dtypes):
+            for mode, update, cumulative in modes:
+                running = parameter if update else stat   # without running stats: outputs stand in
+                yield {
+                    "name": f"bn_finalize_{stat}_{parameter}_{mode}",
+                    "kernel": _bn_finalize_kernel,
+                    "signature": {
+                        "pmean_ptr": f"*{stat}", "pm2_ptr": f"*{stat}", "pcount_ptr": f"*{stat}",
+                        "weight_ptr": f"*{parameter}", "bias_ptr": f"*{parameter}",
+                        "mean_ptr": f"*{stat}", "invstd_ptr": f"*{stat}", "scale_ptr": f"*{stat}",
+                        "shift_ptr": f"*{stat}", "running_mean_ptr": f"*{running}",
+                        "running_var_ptr": f"*{running}",
+                        "num_batches_tracked_ptr": "*i64" if cumulative else f"*{stat}",
+                        "num_partials": "i32", "channels": "i32", "momentum": "fp64", "eps": "fp64",
+                        "BLOCK_T": "constexpr", "BLOCK_C": "constexpr",
+                        "UPDATE_RUNNING": "constexpr", "CUMULATIVE": "constexpr", "FP64": "constexpr"},
+                    "constexprs": {"BLOCK_T": BLOCK_T, "BLOCK_C": BLOCK_C, "UPDATE_RUNNING": update,
+                                   "CUMULATIVE": cumulative, "FP64": stat_dtype == torch.float64},
+                    "num_warps": NUM_WARPS,
+                    "num_stages": 3,
+                    "tensor_cores": False,
+                }

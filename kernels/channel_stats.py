@@ -1,7 +1,8 @@
 # channel_stats: per-channel partial statistics of an NHWC activation, in one read pass.
 #
 #   x [N, H, W, C] contiguous, viewed as rows [M = N*H*W, C]
-#   -> pmean [T, C], pm2 [T, C], pcount [T]   (float32; the partials of fused_preact.unit_ops)
+#   -> pmean [T, C], pm2 [T, C], pcount [T]   (the partials of fused_preact.unit_ops: float32,
+#      float64 for float64 x; accumulated in the same precision)
 #
 # Program (t, cb) owns channels cb*BLOCK_C ... and `tiles_per_program` consecutive tiles of
 # BLOCK_M rows. Each tile is reduced two-pass in registers (tile mean, then the sum of squared
@@ -73,10 +74,16 @@ def _channel_stats_kernel(
         m2 = m2 + tile_m2 + delta * delta * (count * weight)
         count = merged
 
-    tl.store(pmean_ptr + pid_t * channels + cols, (origin + mean).to(tl.float32), mask=col_ok)
-    tl.store(pm2_ptr + pid_t * channels + cols, m2.to(tl.float32), mask=col_ok)
+    stat_dtype = pmean_ptr.dtype.element_ty
+    tl.store(pmean_ptr + pid_t * channels + cols, (origin + mean).to(stat_dtype), mask=col_ok)
+    tl.store(pm2_ptr + pid_t * channels + cols, m2.to(stat_dtype), mask=col_ok)
     first = tl.arange(0, 1)
-    tl.store(pcount_ptr + pid_t + first, count.to(tl.float32), mask=(first == 0) & (pid_c == 0))
+    tl.store(pcount_ptr + pid_t + first, count.to(stat_dtype), mask=(first == 0) & (pid_c == 0))
+
+
+def stat_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are float32, float64 for float64 activations."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _block_c(channels: int) -> int:
@@ -122,9 +129,10 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     channels = x.shape[-1]
     num_rows = x.numel() // channels
     block_m, block_c, tiles_per_program, t = launch_plan(num_rows, channels)
-    pmean = torch.empty(t, channels, dtype=torch.float32, device=x.device)
-    pm2 = torch.empty(t, channels, dtype=torch.float32, device=x.device)
-    pcount = torch.empty(t, dtype=torch.float32, device=x.device)
+    stat_dtype = stat_dtype_of(x.dtype)
+    pmean = torch.empty(t, channels, dtype=stat_dtype, device=x.device)
+    pm2 = torch.empty(t, channels, dtype=stat_dtype, device=x.device)
+    pcount = torch.empty(t, dtype=stat_dtype, device=x.device)
     grid = (t, triton.cdiv(channels, block_c))
     _channel_stats_kernel[grid](
         x, pmean, pm2, pcount, num_rows, channels, tiles_per_program,
@@ -137,11 +145,12 @@ def aot_variants():
     block_c = MIN_BLOCK_C
     while block_c <= MAX_BLOCK_C:
         for dtype, name in DTYPES.items():
+            stat = DTYPES[stat_dtype_of(dtype)]
             yield {
                 "name": f"channel_stats_{name}_c{block_c}",
                 "kernel": _channel_stats_kernel,
-                "signature": {"x_ptr": f"*{name}", "pmean_ptr": "*fp32", "pm2_ptr": "*fp32",
-                              "pcount_ptr": "*fp32", "num_rows": "i32", "channels": "i32",
+                "signature": {"x_ptr": f"*{name}", "pmean_ptr": f"*{stat}", "pm2_ptr": f"*{stat}",
+                              "pcount_ptr": f"*{stat}", "num_rows": "i32", "channels": "i32",
                               "tiles_per_program": "i32", "BLOCK_M": "constexpr",
                               "BLOCK_C": "constexpr", "FP64": "constexpr"},
                 "constexprs": {"BLOCK_M": TILE_ELEMENTS // block_c, "BLOCK_C": block_c,
