@@ -54,11 +54,9 @@ class OperatorRecorder(TorchDispatchMode):
 
 def _event_time_us(event) -> float:
     """Device time of a profiled operator and its kernels (CPU time when nothing ran on a device)."""
-    for attribute in ("device_time_total", "cuda_time_total"):
-        value = getattr(event, attribute, 0) or 0
-        if value > 0:
-            return float(value)
-    return float(event.cpu_time_total)
+    attribute = "device_time_total" if hasattr(event, "device_time_total") else "cuda_time_total"  # torch < 2.4
+    value = getattr(event, attribute, 0) or 0
+    return float(value) if value > 0 else float(event.cpu_time_total)
 
 
 def _event_shapes(event) -> tuple:

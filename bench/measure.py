@@ -169,10 +169,10 @@ def device_rates(device: torch.device, dtypes: Iterable[torch.dtype]) -> DeviceR
     """Copy bandwidth and the matrix rate of bf16 and of every dtype in ``dtypes``."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
-    rate, copy = copy_bandwidth(device, (1 << 30) if on_gpu else (64 << 20))
+    rate, copy = copy_bandwidth(device, (1 << 30) if on_gpu else (32 << 20))
     rates = DeviceRates(rate, copy)
     for dtype in dict.fromkeys([torch.bfloat16, *dtypes]):
-        size = 8192 if on_gpu else (256 if dtype != torch.float32 else 1024)   # CPU bf16 products are slow
+        size = 8192 if on_gpu else (256 if dtype != torch.float32 else 512)   # CPU bf16 products are slow
         flops, info = matrix_rate(device, dtype, size, repeats=10 if on_gpu else 3)
         key = str(dtype).replace("torch.", "")
         rates.matrix_flops_per_s[key] = flops
