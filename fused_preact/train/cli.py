@@ -1,0 +1,166 @@
+"""Command line of ``python -m fused_preact.train``: every value of the recipe is a flag.
+
+Defaults follow the paper (He et al. 2016, Sec. 4 and 5): SGD with momentum 0.9
+and weight decay 1e-4; CIFAR: batch 128, lr 0.1 divided by 10 at 32k and 48k
+iterations, 64k iterations, a warm-up at lr 0.01 for the first 400 iterations of
+the deep nets (depth >= 110, as the paper does for ResNet-110 and -1001);
+ImageNet: batch 256, lr 0.1 divided by 10 at epochs 30 and 60, 90 epochs.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from ..dispatch import BACKENDS
+from ..units import ACTIVATIONS, BOTTLENECK_STRIDE_ON, PROJECTIONS, SHORTCUTS
+
+DATASETS = ("cifar10", "cifar100", "imagenet")
+AMP_MODES = ("off", "bf16", "fp16")
+UNIT_OPTIONS = ("activation", "shortcut", "projection", "stride_on", "scale_shortcut", "scale_residual",
+                "gate_bias", "dropout")
+DEFAULTS = {   # dataset kind -> recipe values that depend on it
+    "cifar": {"arch": "cifar_resnet110", "batch_size": 128, "iters": 64000, "milestones": (32000, 48000),
+              "eval_batch_size": 1000, "image_size": 32},
+    "imagenet": {"arch": "imagenet_resnet50", "batch_size": 256, "epochs": 90, "milestone_epochs": (30, 60),
+                 "eval_batch_size": 250, "image_size": 224},
+}
+WARMUP_MIN_DEPTH = 110
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fused_preact.train",
+        description="Train a pre-activation ResNet (He et al., 2016) on CIFAR or ImageNet with eager or "
+                    "fused units. Multi-GPU: torchrun --nproc-per-node=N -m fused_preact.train ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default="cifar10")
+    data.add_argument("--data", help="folder holding cifar-10-batches-py / cifar-100-python, or ImageNet's "
+                                     "train/ and val/ class folders (nothing is downloaded)")
+    data.add_argument("--synthetic", action="store_true", help="random data of the right shapes (speed runs)")
+    data.add_argument("--synthetic-images", type=int, default=None,
+                      help="training images of --synthetic data (default: 4 global batches)")
+    data.add_argument("--image-size", type=int, default=None,
+                      help="side of --synthetic images (default 32 for CIFAR, 224 for ImageNet)")
+    data.add_argument("--no-verify", action="store_true",
+                      help="skip the md5 sums of CIFAR files that hold the official image counts "
+                           "(their structure is always checked)")
+    data.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    data.add_argument("--pad", type=int, default=4, help="CIFAR padding before the random 32x32 crop")
+    data.add_argument("--workers", type=int, default=8, help="ImageNet loader processes per GPU")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--arch", default=None,
+                       help="cifar_resnet20/56/110/164/1001, cifar_resnet<depth>[_bottleneck], "
+                            "imagenet_resnet18/34/50/101/152/200 (default: cifar_resnet110 / imagenet_resnet50)")
+    model.add_argument("--activation", choices=ACTIVATIONS, default=None, help="unit variant, paper Fig. 4")
+    model.add_argument("--shortcut", choices=SHORTCUTS, default=None, help="shortcut variant, paper Fig. 2")
+    model.add_argument("--projection", choices=PROJECTIONS, default=None,
+                       help="shortcut of shape-changing units: B = 1x1 conv, A = subsample + zero-pad")
+    model.add_argument("--stride-on", choices=BOTTLENECK_STRIDE_ON, default=None,
+                       help="bottleneck stride on the first 1x1 or on the 3x3")
+    model.add_argument("--scale-shortcut", type=float, default=None, help="lambda of --shortcut scaling")
+    model.add_argument("--scale-residual", type=float, default=None, help="lambda of --shortcut scaling")
+    model.add_argument("--gate-bias", type=float, default=None, help="initial gate bias of the gating shortcuts")
+    model.add_argument("--dropout", type=float, default=None, help="drop ratio of --shortcut dropout")
+    model.add_argument("--backend", choices=BACKENDS, default="auto",
+                       help="who runs the pre-activation units (convert_to_fused)")
+
+    speed = p.add_argument_group("speed")
+    speed.add_argument("--amp", choices=AMP_MODES, default="off", help="autocast dtype (fp16 uses a GradScaler)")
+    speed.add_argument("--channels-last", action="store_true", help="NHWC activations and weights")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed.add_argument("--sync-bn", action="store_true",
+                       help="batch statistics over all processes (fused units through their statistics hook)")
+    speed.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+    recipe = p.add_argument_group("recipe")
+    recipe.add_argument("--iters", type=int, default=None, help="training iterations (CIFAR default 64000)")
+    recipe.add_argument("--epochs", type=int, default=None, help="training epochs (ImageNet default 90)")
+    recipe.add_argument("--batch-size", type=int, default=None,
+                        help="global batch, split over the processes (default 128 CIFAR, 256 ImageNet)")
+    recipe.add_argument("--lr", type=float, default=0.1)
+    recipe.add_argument("--momentum", type=float, default=0.9)
+    recipe.add_argument("--weight-decay", type=float, default=1e-4)
+    recipe.add_argument("--milestones", type=int, nargs="*", default=None,
+                        help="iterations where the lr is divided (CIFAR default 32000 48000)")
+    recipe.add_argument("--milestone-epochs", type=int, nargs="*", default=None,
+                        help="epochs where the lr is divided (ImageNet default 30 60)")
+    recipe.add_argument("--lr-factor", type=float, default=0.1, help="lr multiplier at each milestone")
+    recipe.add_argument("--warmup-iters", type=int, default=None,
+                        help=f"iterations at --warmup-lr first (default 400 for CIFAR nets of depth >= "
+                             f"{WARMUP_MIN_DEPTH}, else 0)")
+    recipe.add_argument("--warmup-lr", type=float, default=0.01)
+    recipe.add_argument("--seed", type=int, default=0)
+    recipe.add_argument("--deterministic", action="store_true",
+                        help="deterministic kernels only (torch.use_deterministic_algorithms), no cudnn autotuning")
+
+    run = p.add_argument_group("run and outputs")
+    run.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<arch>)")
+    run.add_argument("--resume", nargs="?", const="auto", default=None,
+                     help="continue from a checkpoint (default: <out>/checkpoint.pt)")
+    run.add_argument("--eval-only", action="store_true", help="evaluate the --resume checkpoint and stop")
+    run.add_argument("--eval-batch-size", type=int, default=None)
+    run.add_argument("--eval-every", type=int, default=1, help="epochs between test evaluations")
+    run.add_argument("--print-freq", type=int, default=20,
+                     help="iterations between progress updates, loss records and finiteness checks")
+    run.add_argument("--log-signal", action="store_true",
+                     help="record ||x_l|| and ||dL/dx_l|| at every unit (signal.csv, signal.png)")
+    run.add_argument("--log-signal-every", type=int, default=500, help="iterations between signal records")
+    run.add_argument("--stop-after-iters", type=int, default=None,
+                     help="stop after this iteration as on SIGINT: save a checkpoint and exit")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def dataset_kind(dataset: str) -> str:
+    return "imagenet" if dataset == "imagenet" else "cifar"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parsed flags with the dataset-dependent defaults filled in; bad combinations exit with a message."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    defaults = DEFAULTS[dataset_kind(args.dataset)]
+    args.arch = args.arch or defaults["arch"]
+    args.batch_size = args.batch_size or defaults["batch_size"]
+    args.eval_batch_size = args.eval_batch_size or defaults["eval_batch_size"]
+    args.image_size = args.image_size or defaults["image_size"]
+    if args.iters is None and args.epochs is None:
+        args.iters, args.epochs = defaults.get("iters"), defaults.get("epochs")
+    if args.milestones is None and args.milestone_epochs is None:
+        args.milestones, args.milestone_epochs = defaults.get("milestones"), defaults.get("milestone_epochs")
+    if args.warmup_iters is None:
+        depth = "".join(ch for ch in args.arch.removeprefix("cifar_resnet").split("_")[0] if ch.isdigit())
+        deep = args.arch.startswith("cifar_resnet") and depth and int(depth) >= WARMUP_MIN_DEPTH
+        args.warmup_iters = 400 if deep else 0
+
+    if not args.synthetic and not args.data:
+        parser.error("--data FOLDER is required (or --synthetic)")
+    if args.iters is not None and args.epochs is not None:
+        parser.error("give --iters or --epochs, not both")
+    if args.milestones is not None and args.milestone_epochs is not None:
+        parser.error("give --milestones or --milestone-epochs, not both")
+    for name in ("batch_size", "eval_batch_size", "print_freq", "log_signal_every", "eval_every", "image_size"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("iters", "epochs", "stop_after_iters", "synthetic_images"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.warmup_iters < 0 or args.pad < 0 or args.workers < 0:
+        parser.error("--warmup-iters, --pad and --workers must be >= 0")
+    if args.eval_only and not args.resume:
+        parser.error("--eval-only needs a checkpoint: --resume [PATH]")
+    return args
+
+
+def unit_options(args: argparse.Namespace) -> dict:
+    """The unit variant flags that were given, as keyword arguments of ``create_model``."""
+    return {name: getattr(args, name) for name in UNIT_OPTIONS if getattr(args, name, None) is not None}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Parse ``argv`` and run; returns the final metrics (see ``loop.run``)."""
+    from .loop import run
+    return run(parse_args(argv))

@@ -1,0 +1,71 @@
+"""What a run writes besides checkpoints: the per-epoch CSV (and TensorBoard
+scalars when tensorboard is installed), the signal CSV, the final metrics JSON."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+EPOCH_FIELDS = ("epoch", "iteration", "lr", "train_loss", "train_error", "test_loss", "test_error",
+                "images_per_s", "elapsed_s")
+SIGNAL_FIELDS = ("iteration", "unit", "x_norm", "grad_norm")
+
+
+class EpochLog:
+    """Appends one row per epoch to ``log.csv`` (and to TensorBoard, when installed)."""
+
+    def __init__(self, out: Path):
+        self.path = out / "log.csv"
+        self.tensorboard = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:   # tensorboard is optional
+            SummaryWriter = None
+        if SummaryWriter is not None:
+            self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=EPOCH_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: row.get(k, "") for k in EPOCH_FIELDS})
+        if self.tensorboard is not None:
+            for key in EPOCH_FIELDS[2:]:
+                if isinstance(row.get(key), (int, float)):
+                    self.tensorboard.add_scalar(key, row[key], row["iteration"])
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def write_signal_csv(path: Path, records: list[tuple[int, int, float, float]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(SIGNAL_FIELDS)
+        writer.writerows(records)
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def git_commit() -> Optional[str]:
+    """The commit of the checkout this package runs from (``+dirty`` with local changes), or None."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
