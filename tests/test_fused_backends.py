@@ -1,0 +1,277 @@
+"""Every fused backend, end to end, against the eager units computed in float64.
+
+On this CPU-only machine the Triton backend runs in Triton's interpreter and the
+``cuda`` backend through the extension's C++ CPU kernels; on a GPU the same tests
+run on CUDA tensors (and the GPU-only cases below join in).
+
+Tolerances (relative to the largest magnitude of each compared tensor):
+float32 1e-4 (fp32 accumulation over at most a few hundred products; TF32 is
+turned off for these tests), bfloat16 5e-2 (8-bit mantissa, and the interpreter
+truncates instead of rounding), float64 1e-10.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+
+from fused_preact import dispatch, convert_to_fused
+from fused_preact.fused import FusedPreActBlock, FusedPreActBottleneck
+from fused_preact.models import cifar_resnet
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["triton", "cuda"]
+RELATIVE_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float64: 1e-10}
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _need(backend, x):
+    reason = dispatch.unavailable_reason(backend, x)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_runs_on_this_machine(backend):
+    """The CI machine has no GPU, yet both backends must run here (interpreter / C++ CPU)."""
+    assert dispatch.unavailable_reason(backend, torch.randn(2, 4, 5, 5, device=DEVICE)) is None
+
+
+def _perturb_bn(module):
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+def _close(got, expected, dtype, what):
+    scale = expected.double().abs().max().clamp_min(1e-6)
+    error = (got.double() - expected.double()).abs().max() / scale
+    assert error <= RELATIVE_TOL[dtype], f"{what}: max error {error:.3g} of max |value| {scale:.3g}"
+
+
+def compare_with_float64_eager(fused_unit, x, dtype, autocast=False):
+    """Run ``fused_unit`` (any backend) on x in ``dtype`` and its eager twin in float64."""
+    reference = copy.deepcopy(fused_unit).double()
+    reference.backend = "eager"
+    x64 = x.double().requires_grad_(True)
+    y64 = reference(x64)
+    dy = torch.randn_like(y64)
+    (y64 * dy).sum().backward()
+
+    unit = fused_unit.to(DEVICE)
+    xd = x.to(DEVICE)
+    if autocast:
+        xd = xd.requires_grad_(True)
+        with torch.autocast(DEVICE, dtype=dtype):
+            y = unit(xd)
+    else:
+        unit = unit.to(dtype)
+        xd = xd.to(dtype).requires_grad_(True)
+        y = unit(xd)
+    (y * dy.to(DEVICE, y.dtype)).sum().backward()
+
+    _close(y.cpu(), y64, dtype, "output")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    _close(xd.grad.cpu(), x64.grad, dtype, "input gradient")
+    params = dict(unit.named_parameters())
+    for name, p in reference.named_parameters():
+        _close(params[name].grad.cpu(), p.grad, dtype, f"{name}.grad")
+    buffers = dict(unit.named_buffers())
+    for name, b in reference.named_buffers():
+        _close(buffers[name].cpu(), b, dtype if dtype == torch.float64 else torch.float32, name)
+
+
+UNITS = [
+    ("basic", lambda b: FusedPreActBlock(5, 5, backend=b), (3, 5, 7, 9)),
+    ("basic s2 B", lambda b: FusedPreActBlock(3, 17, stride=2, backend=b), (1, 3, 15, 9)),
+    ("basic s2 A", lambda b: FusedPreActBlock(4, 6, stride=2, projection="A", backend=b), (3, 4, 9, 7)),
+    ("bottleneck", lambda b: FusedPreActBottleneck(12, 12, backend=b), (3, 12, 7, 7)),
+    ("bottleneck s2 1x1", lambda b: FusedPreActBottleneck(5, 20, stride=2, backend=b), (1, 5, 9, 15)),
+    ("bottleneck s2 3x3", lambda b: FusedPreActBottleneck(8, 24, stride=2, stride_on="3x3", backend=b), (3, 8, 7, 9)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,make,shape", UNITS, ids=[u[0] for u in UNITS])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_unit_float32(backend, name, make, shape, train):
+    x = torch.randn(shape) * 1.5 + 0.5
+    _need(backend, x.to(DEVICE))
+    compare_with_float64_eager(_perturb_bn(make(backend)).train(train), x, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,make,shape", UNITS[:2] + UNITS[4:5], ids=[UNITS[i][0] for i in (0, 1, 4)])
+def test_unit_bfloat16_autocast(backend, name, make, shape):
+    x = torch.randn(shape)
+    _need(backend, x.to(DEVICE, torch.bfloat16))
+    compare_with_float64_eager(_perturb_bn(make(backend)), x, torch.bfloat16, autocast=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unit_large_mean_input_statistics(backend):
+    """Mean 100, std 0.01: the running variance must come out right (no cancellation)."""
+    x = 100 + 0.01 * torch.randn(3, 6, 9, 9)
+    _need(backend, x.to(DEVICE))
+    unit = FusedPreActBlock(6, 6, backend=backend)
+    reference = copy.deepcopy(unit).double()
+    reference.backend = "eager"
+    reference(x.double())
+    unit.to(DEVICE)(x.to(DEVICE))
+    torch.testing.assert_close(unit.bn1.running_var.cpu().double(), reference.bn1.running_var,
+                               rtol=1e-3, atol=1e-9)
+    torch.testing.assert_close(unit.bn1.running_mean.cpu().double(), reference.bn1.running_mean,
+                               rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unit_momentum_none_several_steps(backend):
+    unit = FusedPreActBlock(4, 4, backend=backend)
+    for m in unit.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    reference = copy.deepcopy(unit).double()
+    reference.backend = "eager"
+    unit.to(DEVICE)
+    for _ in range(3):
+        x = torch.randn(2, 4, 7, 7) * 2 + 1
+        _need(backend, x.to(DEVICE))
+        reference(x.double())
+        unit(x.to(DEVICE))
+    for (name, b), f in zip(reference.named_buffers(), unit.buffers()):
+        torch.testing.assert_close(f.cpu().double(), b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_whole_cifar_resnet_of_fused_units(backend):
+    """A CIFAR ResNet-8 whose units run fused, chained statistics included, against float64 eager."""
+    x = torch.randn(3, 3, 9, 9)
+    _need(backend, x.to(DEVICE))
+    model = _perturb_bn(cifar_resnet(8, num_classes=7))
+    reference = copy.deepcopy(model).double()
+    fused = convert_to_fused(model, backend=backend).to(DEVICE)
+    x64 = x.double().requires_grad_(True)
+    xd = x.to(DEVICE).requires_grad_(True)
+    out64, out = reference(x64), fused(xd)
+    dy = torch.randn_like(out64)
+    (out64 * dy).sum().backward()
+    (out * dy.to(DEVICE, out.dtype)).sum().backward()
+    _close(out.cpu(), out64, torch.float32, "logits")
+    _close(xd.grad.cpu(), x64.grad, torch.float32, "input gradient")
+    params = dict(fused.named_parameters())
+    for name, p in reference.named_parameters():
+        _close(params[name].grad.cpu(), p.grad, torch.float32, f"{name}.grad")
+    buffers = dict(fused.named_buffers())
+    for name, b in reference.named_buffers():
+        _close(buffers[name].cpu(), b, torch.float32, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_match_float64_finite_differences(backend):
+    """Directional finite differences of the float64 unit against the backend's analytic gradients
+    (float64 where the backend has it, else float32 with float32 tolerance)."""
+    x = torch.randn(2, 3, 5, 5)
+    dtype = torch.float64 if dispatch.unavailable_reason(backend, x.double().to(DEVICE)) is None else torch.float32
+    _need(backend, x.to(DEVICE, dtype))
+    unit = _perturb_bn(FusedPreActBlock(3, 4, stride=2, backend=backend)).to(DEVICE, dtype)
+    reference = copy.deepcopy(unit).cpu().double()
+    reference.backend = "eager"
+    dy = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    xd = x.to(DEVICE, dtype).requires_grad_(True)
+    (unit(xd) * dy.to(DEVICE, dtype)).sum().backward()
+
+    def loss(x_value, params):
+        model = copy.deepcopy(reference)   # fresh running statistics each evaluation
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), params):
+                p.copy_(value)
+            return (model(x_value) * dy).sum()
+
+    base = [p.detach().double().cpu() for p in unit.parameters()]
+    grads = [p.grad.double().cpu() for p in unit.parameters()]
+    x64 = x.double()
+    eps = 1e-6
+    for _ in range(3):
+        vx = torch.randn_like(x64)
+        vp = [torch.randn_like(b) for b in base]
+        plus = loss(x64 + eps * vx, [b + eps * v for b, v in zip(base, vp)])
+        minus = loss(x64 - eps * vx, [b - eps * v for b, v in zip(base, vp)])
+        numeric = (plus - minus) / (2 * eps)
+        analytic = (xd.grad.double().cpu() * vx).sum() + sum((g * v).sum() for g, v in zip(grads, vp))
+        tol = 1e-7 if dtype == torch.float64 else 2e-3
+        assert abs(numeric - analytic) <= tol * max(1.0, abs(numeric)), (numeric, analytic)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_step_compiles_without_graph_breaks(backend):
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    _need(backend, x)
+    model = convert_to_fused(cifar_resnet(8), backend=backend).to(DEVICE)
+    eager_model = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no fallback warning either
+        expected = eager_model(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    for (name, p), q in zip(model.named_parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    for b, c in zip(model.buffers(), eager_model.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_and_backward_never_read_back_to_the_host(backend, monkeypatch):
+    """Nothing in a training step synchronizes with the host (CUDA-graph capturable):
+    no .item(), .tolist(), bool() or .cpu() of a tensor inside the fused path."""
+    x = torch.randn(2, 4, 6, 6, device=DEVICE)
+    _need(backend, x)
+    unit = FusedPreActBlock(4, 8, stride=2, backend=backend).to(DEVICE)
+    for m in unit.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None      # the cumulative average reads num_batches_tracked: on the device
+    unit(x.clone().requires_grad_(True))   # warm-up: imports, autotuning, caches
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronization inside the fused unit")
+    for name in ("item", "tolist", "__bool__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    y = unit(x.clone().requires_grad_(True))
+    y.backward(torch.ones_like(y))
+    monkeypatch.undo()
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_step_captures_in_a_cuda_graph(backend):
+    unit = FusedPreActBlock(16, 16, backend=backend).cuda()
+    x = torch.randn(8, 16, 16, 16, device="cuda", requires_grad=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            unit(x).sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = unit(x)
+        y.sum().backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
