@@ -6,8 +6,10 @@ run on CUDA tensors (and the GPU-only cases below join in).
 
 Tolerances (relative to the largest magnitude of each compared tensor):
 float32 1e-4 (fp32 accumulation over at most a few hundred products; TF32 is
-turned off for these tests), bfloat16 5e-2 (8-bit mantissa, and the interpreter
-truncates instead of rounding), float64 1e-10.
+turned off for these tests), float64 1e-10. Under bfloat16 autocast a gradient can
+be off by 10% even in eager PyTorch (a ReLU mask flips when a bf16 value rounds across
+zero), so the bound is 3x eager's own bf16 error on the same inputs, and at least
+5e-2 (the interpreter truncates instead of rounding).
 """
 import copy
 import warnings
@@ -55,10 +57,14 @@ def _perturb_bn(module):
     return module
 
 
-def _close(got, expected, dtype, what):
+def _error(got, expected):
     scale = expected.double().abs().max().clamp_min(1e-6)
-    error = (got.double() - expected.double()).abs().max() / scale
-    assert error <= RELATIVE_TOL[dtype], f"{what}: max error {error:.3g} of max |value| {scale:.3g}"
+    return ((got.double() - expected.double()).abs().max() / scale).item()
+
+
+def _close(got, expected, dtype, what, eager_error=0.0):
+    error, bound = _error(got, expected), max(RELATIVE_TOL[dtype], 3 * eager_error)
+    assert error <= bound, f"{what}: max error {error:.3g} relative to max |value| (bound {bound:.3g})"
 
 
 def compare_with_float64_eager(fused_unit, x, dtype, autocast=False):
@@ -70,24 +76,36 @@ def compare_with_float64_eager(fused_unit, x, dtype, autocast=False):
     dy = torch.randn_like(y64)
     (y64 * dy).sum().backward()
 
-    unit = fused_unit.to(DEVICE)
-    xd = x.to(DEVICE)
-    if autocast:
-        xd = xd.requires_grad_(True)
-        with torch.autocast(DEVICE, dtype=dtype):
+    def run(unit):
+        xd = x.to(DEVICE).clone()
+        if autocast:
+            xd = xd.requires_grad_(True)
+            with torch.autocast(DEVICE, dtype=dtype):
+                y = unit(xd)
+        else:
+            unit = unit.to(dtype)
+            xd = xd.to(dtype).requires_grad_(True)
             y = unit(xd)
-    else:
-        unit = unit.to(dtype)
-        xd = xd.to(dtype).requires_grad_(True)
-        y = unit(xd)
-    (y * dy.to(DEVICE, y.dtype)).sum().backward()
+        (y * dy.to(DEVICE, y.dtype)).sum().backward()
+        return unit, xd, y
 
-    _close(y.cpu(), y64, dtype, "output")
+    eager_error = {}
+    if autocast:   # eager PyTorch's own error under autocast, on the same inputs
+        eager_unit = copy.deepcopy(fused_unit).to(DEVICE)
+        eager_unit.backend = "eager"
+        eager_unit, xe, ye = run(eager_unit)
+        eager_error = {"output": _error(ye.cpu(), y64), "input gradient": _error(xe.grad.cpu(), x64.grad)}
+        eager_params = dict(eager_unit.named_parameters())
+        for name, p in reference.named_parameters():
+            eager_error[name] = _error(eager_params[name].grad.cpu(), p.grad)
+    unit, xd, y = run(fused_unit.to(DEVICE))
+
+    _close(y.cpu(), y64, dtype, "output", eager_error.get("output", 0.0))
     assert y.is_contiguous(memory_format=torch.channels_last)
-    _close(xd.grad.cpu(), x64.grad, dtype, "input gradient")
+    _close(xd.grad.cpu(), x64.grad, dtype, "input gradient", eager_error.get("input gradient", 0.0))
     params = dict(unit.named_parameters())
     for name, p in reference.named_parameters():
-        _close(params[name].grad.cpu(), p.grad, dtype, f"{name}.grad")
+        _close(params[name].grad.cpu(), p.grad, dtype, f"{name}.grad", eager_error.get(name, 0.0))
     buffers = dict(unit.named_buffers())
     for name, b in reference.named_buffers():
         _close(buffers[name].cpu(), b, dtype if dtype == torch.float64 else torch.float32, name)
@@ -151,7 +169,7 @@ def test_unit_momentum_none_several_steps(backend):
         reference(x.double())
         unit(x.to(DEVICE))
     for (name, b), f in zip(reference.named_buffers(), unit.buffers()):
-        torch.testing.assert_close(f.cpu().double(), b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(f.cpu().double(), b.double(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -163,7 +181,7 @@ def test_whole_cifar_resnet_of_fused_units(backend):
     reference = copy.deepcopy(model).double()
     fused = convert_to_fused(model, backend=backend).to(DEVICE)
     x64 = x.double().requires_grad_(True)
-    xd = x.to(DEVICE).requires_grad_(True)
+    xd = x.to(DEVICE).clone().requires_grad_(True)
     out64, out = reference(x64), fused(xd)
     dy = torch.randn_like(out64)
     (out64 * dy).sum().backward()
