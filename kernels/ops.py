@@ -79,12 +79,10 @@ def _(x, weight, scale, shift, residual, stride, stats):
     n, height, width, _ = x.shape
     k = weight.shape[-1]
     ho, wo = conv_output_size(height, k, stride), conv_output_size(width, k, stride)
-    y = x.new_empty(n, ho, wo, weight.shape[0])
-    dtype = _stat_dtype(x.dtype)
-    if not stats:
-        return (y, *(x.new_empty(0, dtype=dtype) for _ in range(3)))
-    t = stats_rows(n, ho, wo)
     cout = weight.shape[0]
+    y = x.new_empty(n, ho, wo, cout)
+    dtype = _stat_dtype(x.dtype)
+    t = stats_rows(n, ho, wo) if stats else 0   # no statistics: partials with no rows
     return y, x.new_empty(t, cout, dtype=dtype), x.new_empty(t, cout, dtype=dtype), x.new_empty(t, dtype=dtype)
 
 
