@@ -125,6 +125,8 @@ def _conv_dgrad_kernel(
 _conv_dgrad_tuned = triton.autotune(
     configs=cc.autotune_configs(),
     key=["batch", "height", "width", "cin", "cout", "kernel_size", "stride", "HAS_ADD", "HAS_H"],
+    # tiles of different BLOCK_M fill different partial rows: clear them before each trial
+    reset_to_zero=["partial_g_ptr", "partial_g_xhat_ptr"],
 )(_conv_dgrad_kernel)
 
 
