@@ -122,10 +122,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     defaults = DEFAULTS[dataset_kind(args.dataset)]
-    args.arch = args.arch or defaults["arch"]
-    args.batch_size = args.batch_size or defaults["batch_size"]
-    args.eval_batch_size = args.eval_batch_size or defaults["eval_batch_size"]
-    args.image_size = args.image_size or defaults["image_size"]
+    for name in ("arch", "batch_size", "eval_batch_size", "image_size"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
     if args.iters is None and args.epochs is None:
         args.iters, args.epochs = defaults.get("iters"), defaults.get("epochs")
     if args.milestones is None and args.milestone_epochs is None:

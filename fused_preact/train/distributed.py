@@ -8,7 +8,8 @@ batch normalization.
   partial sums in forward, all-reduce of the BN backward sums), so the fused
   kernels keep running;
 - every other BatchNorm (the model's final ``norm``, the units of variants that
-  are not fused) becomes ``nn.SyncBatchNorm`` on CUDA, or, on the CPU where
+  are not fused, the BNs of fused units built with ``backend="eager"``, which run
+  the eager unit's BatchNorm modules) becomes ``nn.SyncBatchNorm`` on CUDA, or, on the CPU where
   SyncBatchNorm does not run, ``ProcessGroupBatchNorm`` below.
 """
 from __future__ import annotations
@@ -148,13 +149,18 @@ class ProcessGroupBatchNorm(nn.BatchNorm2d):
         return y
 
 
+def _runs_kernels(module: nn.Module) -> bool:
+    """A fused unit whose backend may run a kernel (not explicitly ``"eager"``)."""
+    return isinstance(module, FUSED_UNITS) and module.backend != "eager"
+
+
 def _outside_fused_units(model: nn.Module):
-    """(parent, child name, child) for every BatchNorm2d not inside a fused unit."""
+    """(parent, child name, child) for every BatchNorm2d that no kernel-running fused unit owns."""
     found = []
 
     def visit(module: nn.Module) -> None:
         for name, child in module.named_children():
-            if isinstance(child, FUSED_UNITS):
+            if _runs_kernels(child):
                 continue
             if isinstance(child, nn.BatchNorm2d) and not isinstance(child, nn.SyncBatchNorm):
                 found.append((module, name, child))
@@ -167,7 +173,7 @@ def _outside_fused_units(model: nn.Module):
 
 def synchronize_batch_norm(model: nn.Module, device_kind: str, process_group=None) -> nn.Module:
     """Make every BatchNorm of ``model`` use the global batch's statistics (see module docstring)."""
-    if any(isinstance(m, FUSED_UNITS) for m in model.modules()):
+    if any(_runs_kernels(m) for m in model.modules()):
         import fused_preact
         sync_batch_stats = getattr(fused_preact, "sync_batch_stats", None)
         if sync_batch_stats is None:

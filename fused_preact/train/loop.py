@@ -124,6 +124,7 @@ class Trainer:
 
     # -- building -----------------------------------------------------------
     def build_data(self) -> None:
+        """The test set, and (unless evaluating only) the training stream and the schedule."""
         args, p = self.args, self.processes
         flip = not args.no_flip
         if self.kind == "cifar" or args.synthetic:
@@ -138,13 +139,17 @@ class Trainer:
             pad = args.pad if self.kind == "cifar" else 0
             augment = BatchAugment(mean, std, pad=pad, flip=flip)
             self.normalize = BatchAugment(mean, std, pad=0, flip=False)
-            self.train_set, self.test_set = train.to(self.device), test.to(self.device)
-            self.stream = DeviceStream(self.train_set, augment, args.batch_size, seed=args.seed,
+            self.test_set = test.to(self.device)
+            if args.eval_only:
+                return
+            self.stream = DeviceStream(train.to(self.device), augment, args.batch_size, seed=args.seed,
                                        rank=p.rank, world_size=p.world_size)
         else:
-            self.train_set, self.test_set = imagenet_datasets(args.data)
+            train, self.test_set = imagenet_datasets(args.data)
             self.normalize = BatchAugment(IMAGENET_MEAN, IMAGENET_STD, pad=0, flip=False)
-            self.stream = LoaderStream(self.train_set, self.normalize, args.batch_size, self.device,
+            if args.eval_only:
+                return
+            self.stream = LoaderStream(train, self.normalize, args.batch_size, self.device,
                                        seed=args.seed, workers=args.workers, rank=p.rank, world_size=p.world_size)
         self.batches_per_epoch = self.stream.batches_per_epoch
         self.total_iters = args.iters or args.epochs * self.batches_per_epoch
@@ -240,7 +245,7 @@ class Trainer:
     def evaluate(self) -> tuple[float, float]:
         """(mean loss, top-1 error) on the whole test set, over all processes."""
         args, p = self.args, self.processes
-        if isinstance(self.stream, DeviceStream):
+        if not isinstance(self.test_set, torch.utils.data.Dataset):
             batches = device_eval_batches(self.test_set, self.normalize, args.eval_batch_size, p.rank, p.world_size)
         else:
             batches = loader_eval_batches(self.test_set, self.normalize, args.eval_batch_size, self.device,

@@ -1,0 +1,63 @@
+"""Data-parallel training with 2 gloo processes on the CPU equals one process with the
+same global batch (``--sync-bn``: batch statistics over both processes)."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from cifar_folder import random_cifar
+from fused_preact.train import main
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _argv(data, out, backend):
+    return ["--data", str(data), "--arch", "cifar_resnet8", "--batch-size", "16", "--iters", "6",
+            "--warmup-iters", "0", "--lr", "0.05", "--out", str(out), "--no-progress", "--device", "cpu",
+            "--backend", backend, "--sync-bn", "--print-freq", "3"]
+
+
+def _worker(rank, world_size, port, argv):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    main(argv)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return random_cifar(tmp_path_factory.mktemp("cifar"), 64, 24, seed=7).parent
+
+
+# "eager": every BN (inside the units too) is synchronized by the trainer's ProcessGroupBatchNorm;
+# "auto": fused units synchronize through fused_preact.sync_batch_stats (the integrator's hook).
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+def test_two_gloo_processes_match_one_process(data, tmp_path, backend):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = main(_argv(data, tmp_path / "single", backend))
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_worker, args=(2, _free_port(), _argv(data, tmp_path / "ddp", backend)), nprocs=2, join=True)
+
+    one = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=False)
+    two = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
+    assert one["iteration"] == two["iteration"] == 6 and len(two["rng"]) == 2
+    assert one["model"].keys() == two["model"].keys()
+    for key, value in one["model"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(two["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+        else:
+            assert torch.equal(two["model"][key], value), key
+    losses_one = torch.tensor([loss for _, loss in one["history"]["train"]])
+    losses_two = torch.tensor([loss for _, loss in two["history"]["train"]])
+    torch.testing.assert_close(losses_two, losses_one, rtol=1e-4, atol=1e-5)
+    assert single["world_size"] == 1

@@ -1,0 +1,146 @@
+"""Trainer runs on the CPU: learning, outputs, exact resume, interruption by signal,
+non-finite losses, evaluation of a checkpoint and residual-signal logging."""
+import csv
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from cifar_folder import random_cifar
+from fused_preact.train import NonFiniteLoss, main
+from fused_preact.train import loop
+
+ITERS_PER_EPOCH = 6     # 96 training images, batch 16
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The 2 CPU cores are shared: threads only slow small convs down here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return random_cifar(tmp_path_factory.mktemp("cifar"), 96, 40, seed=4).parent
+
+
+def _argv(data, out, *extra):
+    return ["--data", str(data), "--arch", "cifar_resnet8", "--batch-size", "16", "--warmup-iters", "0",
+            "--lr", "0.05", "--out", str(out), "--no-progress", "--device", "cpu", "--backend", "eager",
+            "--print-freq", "2", *extra]
+
+
+def _weights(out):
+    return torch.load(out / "checkpoint.pt", weights_only=False)
+
+
+def test_two_epochs_learn_and_write_every_output(data, tmp_path):
+    metrics = main(_argv(data, tmp_path, "--epochs", "2", "--log-signal", "--log-signal-every", "5"))
+    losses = [loss for _, loss in metrics["train_curve"]]
+    assert len(losses) == 2 * ITERS_PER_EPOCH // 2
+    assert sum(losses[-2:]) / 2 < 0.7 * sum(losses[:2]) / 2, losses
+    assert metrics["iterations"] == 2 * ITERS_PER_EPOCH and 0 <= metrics["test_error"] <= 1
+    for name in ("checkpoint.pt", "log.csv", "curves.png", "metrics.json", "args.json", "signal.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [int(r["iteration"]) for r in rows] == [ITERS_PER_EPOCH, 2 * ITERS_PER_EPOCH]
+    assert all(0 <= float(r["test_error"]) <= 1 and float(r["images_per_s"]) > 0 for r in rows)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["backend"] == "eager" and saved["peak_memory_bytes"] > 0 and saved["wall_time_s"] > 0
+    assert saved["git_commit"] is None or len(saved["git_commit"]) >= 40
+
+    # signal: every unit's input norm and gradient norm at iterations 1, 6 and 11
+    signal_rows = list(csv.DictReader(open(tmp_path / "signal.csv")))
+    units = 3    # cifar_resnet8: one unit per stage
+    assert sorted({int(r["iteration"]) for r in signal_rows}) == [1, 6, 11]
+    assert len(signal_rows) == 3 * units
+    assert all(float(r["x_norm"]) > 0 and 0 < float(r["grad_norm"]) < math.inf for r in signal_rows)
+
+
+def test_log_signal_works_with_other_unit_variants(data, tmp_path):
+    metrics = main(_argv(data, tmp_path, "--iters", "2", "--activation", "original",
+                         "--shortcut", "exclusive_gating", "--log-signal", "--log-signal-every", "1"))
+    rows = list(csv.DictReader(open(tmp_path / "signal.csv")))
+    assert len(rows) == 2 * 3 and all(float(r["grad_norm"]) > 0 for r in rows)
+    assert metrics["iterations"] == 2
+
+
+def _interrupt_by_signal(monkeypatch, at_call):
+    """Make the loss computation send SIGTERM to this process during iteration ``at_call``."""
+    calls = []
+
+    def loss_then_signal(logits, labels):
+        calls.append(1)
+        if len(calls) == at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loop.F.cross_entropy(logits.float(), labels)
+
+    monkeypatch.setattr(loop, "compute_loss", loss_then_signal)
+
+
+@pytest.mark.parametrize("interruption", ["flag", "sigterm"])
+def test_interrupted_and_resumed_run_ends_bit_exact(data, tmp_path, monkeypatch, interruption):
+    args = ("--epochs", "2", "--shortcut", "dropout", "--dropout", "0.3")   # dropout: global RNG matters too
+    main(_argv(data, tmp_path / "whole", *args))
+    if interruption == "flag":
+        stopped = main(_argv(data, tmp_path / "parts", *args, "--stop-after-iters", "7"))
+        assert stopped == {"interrupted": "--stop-after-iters", "iteration": 7, "exit_code": 0}
+    else:
+        with monkeypatch.context() as patch:
+            _interrupt_by_signal(patch, at_call=3)
+            stopped = main(_argv(data, tmp_path / "parts", *args))
+        # the signal is honored at the end of the window (iterations 3-4)
+        assert stopped == {"interrupted": "SIGTERM", "iteration": 4, "exit_code": 128 + signal.SIGTERM}
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert _weights(tmp_path / "parts")["iteration"] == stopped["iteration"]
+    main(_argv(data, tmp_path / "parts", *args, "--resume"))
+    whole, parts = _weights(tmp_path / "whole"), _weights(tmp_path / "parts")
+    assert whole["iteration"] == parts["iteration"] == 2 * ITERS_PER_EPOCH
+    for key, value in whole["model"].items():
+        assert torch.equal(value, parts["model"][key]), key
+    for index, state in whole["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], parts["optimizer"]["state"][index]["momentum_buffer"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    calls = []
+
+    def loss_nan_from_8(logits, labels):
+        calls.append(1)
+        loss = loop.F.cross_entropy(logits.float(), labels)
+        return loss * float("nan") if len(calls) >= 8 else loss
+
+    monkeypatch.setattr(loop, "compute_loss", loss_nan_from_8)
+    with pytest.raises(NonFiniteLoss, match=r"not finite at iteration 8 \(of 18\); stopping, after the "
+                                            r"checkpoint at iteration 6 kept"):
+        main(_argv(data, tmp_path, "--epochs", "3"))
+    kept = _weights(tmp_path)
+    assert kept["iteration"] == ITERS_PER_EPOCH
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_eval_only_reproduces_the_final_test_error(data, tmp_path):
+    trained = main(_argv(data, tmp_path / "run", "--iters", "4"))
+    evaluated = main(["--data", str(data), "--eval-only", "--resume", str(tmp_path / "run" / "checkpoint.pt"),
+                      "--out", str(tmp_path / "eval"), "--device", "cpu", "--backend", "eager"])
+    assert evaluated["arch"] == "cifar_resnet8" and evaluated["iteration"] == 4
+    assert evaluated["test_error"] == trained["test_error"]
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["test_error"] == trained["test_error"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--synthetic", "--iters", "5", "--epochs", "2"], "give --iters or --epochs, not both"),
+    ([], "--data FOLDER is required"),
+    (["--synthetic", "--eval-only"], "--eval-only needs a checkpoint"),
+    (["--synthetic", "--batch-size", "0"], "--batch-size must be positive"),
+])
+def test_bad_flag_combinations_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
