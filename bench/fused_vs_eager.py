@@ -42,7 +42,7 @@ REPEATS = {  # (warm-up, timed calls) per level; --quick and the CPU smoke run t
     "unit": ((10, 50), (5, 20), (1, 3)),
     "model": ((5, 20), (3, 10), (1, 2)),
 }
-PROFILED_STEPS = 3
+PROFILED_STEPS = (3, 1)   # steps under torch.profiler: on a GPU, in the CPU smoke run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -203,7 +203,7 @@ def measure_case(case, mode, dtype, setting_args, rates, log) -> tuple[list, lis
                 if runner.profiled:
                     try:
                         rows = kernel_profile.profile_operators(runner.step, device, rates,
-                                                                repeats=PROFILED_STEPS)
+                                                                repeats=PROFILED_STEPS[smoke])
                         kernels += [{**common, "contender": contender, **row} for row in rows]
                     except Exception as error:   # noqa: BLE001 - the timing above stands without it
                         entry["kernel_profile_error"] = _describe(error)

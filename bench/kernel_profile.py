@@ -64,9 +64,9 @@ def _event_shapes(event) -> tuple:
 
 
 def _same_shapes(recorded: tuple, profiled: tuple) -> bool:
-    """The profiler writes [] for non-tensor arguments; compare the tensor shapes only."""
-    tensors = [s for s in recorded if s is not None]
-    return tensors == [s for s in profiled if s]
+    """The profiler writes [] for non-tensor arguments and for 0-d tensors alike; compare the
+    shapes of the tensors with at least one dimension."""
+    return [s for s in recorded if s] == [s for s in profiled if s]
 
 
 def profile_operators(step: Callable[[], object], device: torch.device, rates, *, repeats: int,

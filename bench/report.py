@@ -119,14 +119,34 @@ def console_table(run: Run) -> str:
         for item in unavailable:
             lines.append(f"  {item['contender']:<21} {item['status']}: {item['reason']}")
     if run.kernels:
-        lines.append("\nfused operators (per call): time, floor, fraction of the floor reached")
-        for k in run.kernels:
-            lines.append(f"  {k['case']:<40} {k['contender']:<13} {k['operator']:<36} "
-                         f"{_fmt(k.get('median_ms'), '.4f'):>9} ms  floor {k['floor_ms']:.4f} ms  "
-                         f"{_fmt(k.get('fraction_of_floor'), '.2f')}")
+        lines.append("\nfused operators per step (summed over their calls): time, floor, fraction of the floor")
+        for (case, mode, dtype, contender, operator), total in operator_totals(run.kernels).items():
+            lines.append(f"  {case:<36} {mode:<6} {dtype:<9} {contender:<13} {operator:<34} "
+                         f"{total['calls']:>3} calls {_fmt(total['ms'], '9.4f')} ms  floor {total['floor_ms']:9.4f} ms"
+                         f"  {_fmt(total['fraction'], '.2f')}")
     for skipped in run.skipped:
         lines.append(f"\nnot run: {skipped['case']} [{skipped['mode']}, {skipped['dtype']}]: {skipped['reason']}")
     return "\n".join(lines)
+
+
+def operator_totals(kernels: list[dict]) -> dict:
+    """Per case, mode, dtype, contender and operator: calls per step, summed median time and floor.
+    The time (and fraction) is left out when any of the operator's calls went untimed."""
+    totals: dict = {}
+    for k in kernels:
+        key = (k["case"], k["mode"], k["dtype"], k["contender"], k["operator"])
+        total = totals.setdefault(key, {"calls": 0, "ms": 0.0, "floor_ms": 0.0, "timed": True})
+        total["calls"] += k["calls_per_step"]
+        total["floor_ms"] += k["floor_ms"] * k["calls_per_step"]
+        if "median_ms" in k:
+            total["ms"] += k["median_ms"] * k["calls_per_step"]
+        else:
+            total["timed"] = False
+    for total in totals.values():
+        if not total["timed"]:
+            total["ms"] = None
+        total["fraction"] = total["floor_ms"] / total["ms"] if total["ms"] else None
+    return totals
 
 
 # -- files -------------------------------------------------------------------------------

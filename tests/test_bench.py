@@ -58,8 +58,9 @@ def test_smoke_run_says_there_is_no_gpu_and_writes_every_output(smoke_run):
 def test_smoke_outputs_carry_device_versions_and_commit(smoke_run):
     out_dir, done, data = smoke_run
     info = data["info"]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    assert info["git_commit"].split("+")[0] == commit
+    commit = info["git_commit"].split("+")[0]       # HEAD when the run started (others may commit since)
+    known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=REPO)
+    assert len(commit) == 40 and known.returncode == 0, info["git_commit"]
     assert info["torch"] == torch.__version__
     for key in ("device", "driver", "cuda", "triton"):
         assert info[key], key
