@@ -186,9 +186,12 @@ def measure_case(case, mode, dtype, setting_args, rates, log) -> tuple[list, lis
                     reference = out.detach()
                 diff = _max_abs_diff(out.detach(), reference)
                 if runner.forward is not None:
-                    saved = measure.saved_activation_bytes(runner.forward, runner.state)
-                    entry["saved_activation_bytes"] = saved.bytes
-                    entry["saved_storages"] = saved.storages
+                    try:
+                        saved = measure.saved_activation_bytes(runner.forward, runner.state)
+                        entry["saved_activation_bytes"] = saved.bytes
+                        entry["saved_storages"] = saved.storages
+                    except Exception as error:   # noqa: BLE001 - e.g. hooks a compiled graph refuses
+                        entry["saved_activation_error"] = _describe(error)
                 timing = measure.time_call(runner.step, device, warmup=warmup, repeats=repeats)
                 entry.update(status="measured", **timing.as_dict())
                 entry["images_per_s"] = case.batch / (timing.median_ms * 1e-3)
