@@ -1,6 +1,11 @@
 // extension.cpp -- the fused_preact operator library: schemas and their CPU / CUDA / Meta kernels.
 //
 // Ops (torch.ops.fused_preact.*):
+//   the six operators of the fused-unit contract (fused_preact/unit_ops.py, exact same schemas):
+//     channel_stats, bn_finalize, conv_bnrelu, conv_dgrad, conv_wgrad, bn_backward_finish
+//   bn_relu_apply(x, scale, shift, residual?) -> out      relu(scale * x + shift) (+ residual), NHWC
+//   bn_relu_backward_reduce(t, h, scale, shift, mean, invstd, add?) -> (g, sum_g, sum_g_xhat)
+//                                                         conv_dgrad's epilogue without the conv
 //   batch_stats(Tensor x) -> (Tensor mean, Tensor var)   per-channel mean and biased variance of a
 //                                                         4-D activation, one read pass
 //   built_with_cuda() -> bool                             whether CUDA kernels were compiled in
@@ -9,6 +14,7 @@
 #include <torch/library.h>
 
 #include "batch_stats.h"
+#include "unit_ops.h"
 
 namespace {
 bool built_with_cuda() {
@@ -21,13 +27,56 @@ bool built_with_cuda() {
 }  // namespace
 
 TORCH_LIBRARY(fused_preact, m) {
+  // Keep in step with fused_preact.unit_ops.SCHEMAS (tests/test_cpp_ops.py compares them).
+  m.def("channel_stats(Tensor x) -> (Tensor pmean, Tensor pm2, Tensor pcount)");
+  m.def("bn_finalize(Tensor pmean, Tensor pm2, Tensor pcount, Tensor weight, Tensor bias, "
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? num_batches_tracked, "
+        "float momentum, float eps) -> (Tensor mean, Tensor invstd, Tensor scale, Tensor shift)");
+  m.def("conv_bnrelu(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, "
+        "int stride, bool stats) -> (Tensor y, Tensor pmean, Tensor pm2, Tensor pcount)");
+  m.def("conv_dgrad(Tensor dy, Tensor weight, Tensor? h, Tensor? scale, Tensor? shift, "
+        "Tensor? mean, Tensor? invstd, Tensor? add, int stride, int height, int width) "
+        "-> (Tensor g, Tensor sum_g, Tensor sum_g_xhat)");
+  m.def("conv_wgrad(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor weight, int stride) "
+        "-> Tensor dweight");
+  m.def("bn_backward_finish(Tensor g, Tensor h, Tensor mean, Tensor invstd, Tensor weight, "
+        "Tensor sum_g, Tensor sum_g_xhat, float count, Tensor? add, bool batch_stats) -> Tensor dh");
+  m.def("bn_relu_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual) -> Tensor");
+  m.def("bn_relu_backward_reduce(Tensor t, Tensor h, Tensor scale, Tensor shift, Tensor mean, "
+        "Tensor invstd, Tensor? add) -> (Tensor g, Tensor sum_g, Tensor sum_g_xhat)");
   m.def("batch_stats(Tensor x) -> (Tensor mean, Tensor var)");
   m.def("built_with_cuda() -> bool", &built_with_cuda);
 }
 
-TORCH_LIBRARY_IMPL(fused_preact, CPU, m) { m.impl("batch_stats", &fused_preact::batch_stats_cpu); }
-TORCH_LIBRARY_IMPL(fused_preact, Meta, m) { m.impl("batch_stats", &fused_preact::batch_stats_meta); }
+TORCH_LIBRARY_IMPL(fused_preact, CPU, m) {
+  using namespace fused_preact;
+  m.impl("channel_stats", &channel_stats_cpu);
+  m.impl("bn_finalize", &bn_finalize_cpu);
+  m.impl("conv_bnrelu", &conv_bnrelu);
+  m.impl("conv_dgrad", &conv_dgrad);
+  m.impl("conv_wgrad", &conv_wgrad);
+  m.impl("bn_backward_finish", &bn_backward_finish_cpu);
+  m.impl("bn_relu_apply", &bn_relu_apply_cpu);
+  m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cpu);
+  m.impl("batch_stats", &batch_stats_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fused_preact, Meta, m) {
+  using namespace fused_preact;
+  m.impl("channel_stats", &channel_stats_meta);
+  m.impl("bn_finalize", &bn_finalize_meta);
+  m.impl("conv_bnrelu", &conv_bnrelu_meta);
+  m.impl("conv_dgrad", &conv_dgrad_meta);
+  m.impl("conv_wgrad", &conv_wgrad_meta);
+  m.impl("bn_backward_finish", &bn_backward_finish_meta);
+  m.impl("bn_relu_apply", &bn_relu_apply_meta);
+  m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_meta);
+  m.impl("batch_stats", &batch_stats_meta);
+}
+
 #ifdef WITH_CUDA
+// Only batch_stats has CUDA kernels so far; the fused-unit operators are CPU-only (see
+// notes/cpp_ops.md) and raise NotImplementedError for CUDA tensors.
 TORCH_LIBRARY_IMPL(fused_preact, CUDA, m) { m.impl("batch_stats", &fused_preact::batch_stats_cuda); }
 #endif
 

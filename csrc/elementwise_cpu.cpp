@@ -1,0 +1,253 @@
+// elementwise_cpu.cpp -- the CPU kernels of the per-element passes of a fused unit, NHWC:
+//   bn_relu_apply            out = relu(scale[c] * x + shift[c]) (+ residual)        forward
+//   bn_relu_prologue_cpu     the same without residual, rounded to x's dtype and stored as
+//                            float32 when the conv runs in fp32 (bfloat16 / float16 on the CPU)
+//   bn_relu_backward_reduce  g = (t + add) * (scale[c] * h + shift[c] > 0), and per channel
+//                            sum_g = sum(g), sum_g_xhat = sum(g * (h - mean) * invstd)  backward
+//   bn_backward_finish       dh = A[c] * g + B[c] * (h - mean[c]) + D[c] (+ add)       backward
+// Layout: contiguous [rows, C] (rows = N*H*W). Arithmetic in acc_t (fp32, fp64 for float64) on
+// at::vec lanes, one row at a time; rows in parallel (at::parallel_for). The reduction runs per
+// block of kRowsPerPartial rows and adds the blocks in double in a fixed order: reproducible
+// whatever the thread count. Fuses each line above into one read of its inputs; saves nothing.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+#include <algorithm>
+
+#include "cpu_vec.h"
+#include "unit_ops.h"
+
+namespace fused_preact {
+
+using cpu::acc_type;
+using cpu::ChannelVector;
+
+namespace {
+
+constexpr int64_t kGrainValues = 32768;  // values per parallel task, at least
+
+int64_t row_grain(int64_t channels) { return std::max<int64_t>(1, kGrainValues / channels); }
+
+// A per-channel tensor (any float dtype, C values) as acc_t values padded for vector loads.
+template <typename acc_t>
+ChannelVector<acc_t> channel_values(const Tensor& t) {
+  const Tensor values = t.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const int64_t channels = values.numel();
+  ChannelVector<acc_t> out(channels);
+  std::copy_n(values.const_data_ptr<acc_t>(), channels, out.ptr());
+  return out;
+}
+
+template <typename T>
+const T* optional_data(const OptionalTensor& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// out = relu(scale * x + shift) (+ residual), rounded to T, stored as O (T, or float holding
+// T-rounded values).
+template <typename T, typename O>
+void apply_kernel(const T* x, const T* residual, O* out, const Tensor& scale_t,
+                  const Tensor& shift_t, int64_t rows, int64_t C) {
+  using acc_t = acc_type<T>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  const ChannelVector<acc_t> scale = channel_values<acc_t>(scale_t);
+  const ChannelVector<acc_t> shift = channel_values<acc_t>(shift_t);
+  at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t row = r * C;
+      for (int64_t c = 0; c < C; c += Vec::size()) {
+        const int64_t n = std::min<int64_t>(Vec::size(), C - c);
+        Vec a = at::vec::maximum(at::vec::fmadd(cpu::load<acc_t>(x + row + c, n),
+                                                Vec::loadu(scale.ptr() + c),
+                                                Vec::loadu(shift.ptr() + c)),
+                                 Vec(acc_t(0)));
+        if (residual != nullptr) a = a + cpu::load<acc_t>(residual + row + c, n);
+        if constexpr (!std::is_same_v<O, T>) a = cpu::round_to<T>(a);
+        cpu::store(out + row + c, a, n);
+      }
+    }
+  });
+}
+
+// dh = A * g + B * (h - mean) + D (+ add): A = weight * invstd, and with batch statistics
+// B = -A * invstd * sum_g_xhat / count, D = -A * sum_g / count (B = D = 0 in eval).
+template <typename T>
+void finish_kernel(const T* g, const T* h, const T* add, T* dh, const Tensor& mean_t,
+                   const Tensor& invstd_t, const Tensor& weight_t, const Tensor& sum_g_t,
+                   const Tensor& sum_g_xhat_t, double count, bool batch_stats, int64_t rows,
+                   int64_t C) {
+  using acc_t = acc_type<T>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  ChannelVector<acc_t> a = channel_values<acc_t>(weight_t), b(C), d(C), mean(C);
+  const ChannelVector<acc_t> invstd = channel_values<acc_t>(invstd_t);
+  for (int64_t c = 0; c < C; ++c) a[c] *= invstd.data[c];
+  if (batch_stats) {
+    mean = channel_values<acc_t>(mean_t);
+    const ChannelVector<acc_t> sum_g = channel_values<acc_t>(sum_g_t);
+    const ChannelVector<acc_t> sum_g_xhat = channel_values<acc_t>(sum_g_xhat_t);
+    const acc_t inv_count = static_cast<acc_t>(1.0 / count);
+    for (int64_t c = 0; c < C; ++c) {
+      b[c] = -a[c] * invstd.data[c] * sum_g_xhat.data[c] * inv_count;
+      d[c] = -a[c] * sum_g.data[c] * inv_count;
+    }
+  }
+  at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t row = r * C;
+      for (int64_t c = 0; c < C; c += Vec::size()) {
+        const int64_t n = std::min<int64_t>(Vec::size(), C - c);
+        Vec out = cpu::load<acc_t>(g + row + c, n) * Vec::loadu(a.ptr() + c);
+        if (batch_stats) {
+          const Vec centered = cpu::load<acc_t>(h + row + c, n) - Vec::loadu(mean.ptr() + c);
+          out = at::vec::fmadd(centered, Vec::loadu(b.ptr() + c), out + Vec::loadu(d.ptr() + c));
+        }
+        if (add != nullptr) out = out + cpu::load<acc_t>(add + row + c, n);
+        cpu::store(dh + row + c, out, n);
+      }
+    }
+  });
+}
+
+// g = (t + add) * (scale * h + shift > 0) stored as T; per channel sum(g) and
+// sum(g * (h - mean) * invstd) (of g before rounding) into sum_g / sum_g_xhat (acc_t).
+template <typename T, typename S>
+void backward_reduce_kernel(const S* t, const T* add, const T* h, T* g, const Tensor& scale_t,
+                            const Tensor& shift_t, const Tensor& mean_t, const Tensor& invstd_t,
+                            int64_t rows, int64_t C, acc_type<T>* sum_g_out,
+                            acc_type<T>* sum_g_xhat_out) {
+  using acc_t = acc_type<T>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  const ChannelVector<acc_t> scale = channel_values<acc_t>(scale_t);
+  const ChannelVector<acc_t> shift = channel_values<acc_t>(shift_t);
+  const ChannelVector<acc_t> mean = channel_values<acc_t>(mean_t);
+  const ChannelVector<acc_t> invstd = channel_values<acc_t>(invstd_t);
+  const int64_t blocks = partial_count(rows);
+  const int64_t stride = C + Vec::size();  // one padded ChannelVector per block
+  std::vector<acc_t> block_sum_g(blocks * stride, acc_t(0)), block_sum_gx(blocks * stride, acc_t(0));
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      acc_t* sum_g = block_sum_g.data() + k * stride;
+      acc_t* sum_gx = block_sum_gx.data() + k * stride;
+      const int64_t r_end = std::min(rows, (k + 1) * kRowsPerPartial);
+      for (int64_t r = k * kRowsPerPartial; r < r_end; ++r) {
+        const int64_t row = r * C;
+        for (int64_t c = 0; c < C; c += Vec::size()) {
+          const int64_t n = std::min<int64_t>(Vec::size(), C - c);
+          Vec grad = cpu::load<acc_t>(t + row + c, n);
+          if (add != nullptr) grad = grad + cpu::load<acc_t>(add + row + c, n);
+          const Vec hv = cpu::load<acc_t>(h + row + c, n);
+          const Vec pre = at::vec::fmadd(hv, Vec::loadu(scale.ptr() + c), Vec::loadu(shift.ptr() + c));
+          grad = Vec::blendv(Vec(acc_t(0)), grad, pre > Vec(acc_t(0)));
+          cpu::store(g + row + c, grad, n);
+          const Vec xhat = (hv - Vec::loadu(mean.ptr() + c)) * Vec::loadu(invstd.ptr() + c);
+          (Vec::loadu(sum_g + c) + grad).store(sum_g + c);
+          at::vec::fmadd(grad, xhat, Vec::loadu(sum_gx + c)).store(sum_gx + c);
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double total_g = 0, total_gx = 0;
+    for (int64_t k = 0; k < blocks; ++k) {
+      total_g += static_cast<double>(block_sum_g[k * stride + c]);
+      total_gx += static_cast<double>(block_sum_gx[k * stride + c]);
+    }
+    sum_g_out[c] = static_cast<acc_t>(total_g);
+    sum_g_xhat_out[c] = static_cast<acc_t>(total_gx);
+  }
+}
+
+void check_cpu(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor here, got ", t.device());
+}
+
+}  // namespace
+
+Tensor bn_relu_apply_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift,
+                         const OptionalTensor& residual) {
+  check_bn_relu_apply_args(x, scale, shift, residual);
+  check_cpu("bn_relu_apply", "x", x);
+  Tensor out = at::empty_like(x);
+  const int64_t C = x.size(3), rows = x.numel() / C;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_apply_cpu", [&] {
+    apply_kernel<scalar_t, scalar_t>(x.const_data_ptr<scalar_t>(), optional_data<scalar_t>(residual),
+                                     out.mutable_data_ptr<scalar_t>(), scale, shift, rows, C);
+  });
+  return out;
+}
+
+Tensor bn_relu_prologue_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift,
+                            at::ScalarType out_dtype) {
+  Tensor out = at::empty(x.sizes(), x.options().dtype(out_dtype));
+  const int64_t C = x.size(3), rows = x.numel() / C;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_prologue_cpu", [&] {
+    const scalar_t* data = x.const_data_ptr<scalar_t>();
+    if (out_dtype == x.scalar_type()) {
+      apply_kernel<scalar_t, scalar_t>(data, nullptr, out.mutable_data_ptr<scalar_t>(), scale, shift,
+                                       rows, C);
+    } else if constexpr (cpu::is_reduced<scalar_t>) {
+      TORCH_CHECK(out_dtype == at::kFloat, "bn_relu_prologue_cpu: out_dtype must be x's or float32");
+      apply_kernel<scalar_t, float>(data, nullptr, out.mutable_data_ptr<float>(), scale, shift, rows, C);
+    } else {
+      TORCH_CHECK(false, "bn_relu_prologue_cpu: out_dtype must be x's dtype for ", x.scalar_type());
+    }
+  });
+  return out;
+}
+
+Tensor bn_backward_finish_cpu(const Tensor& g, const Tensor& h, const Tensor& mean,
+                              const Tensor& invstd, const Tensor& weight, const Tensor& sum_g,
+                              const Tensor& sum_g_xhat, double count, const OptionalTensor& add,
+                              bool batch_stats) {
+  check_bn_backward_finish_args(g, h, mean, invstd, weight, sum_g, sum_g_xhat, add, batch_stats);
+  check_cpu("bn_backward_finish", "g", g);
+  TORCH_CHECK(!batch_stats || count > 0, "bn_backward_finish: count must be positive, got ", count);
+  Tensor dh = at::empty_like(g);
+  const int64_t C = g.size(3), rows = g.numel() / C;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "bn_backward_finish_cpu", [&] {
+    finish_kernel<scalar_t>(g.const_data_ptr<scalar_t>(),
+                            batch_stats ? h.const_data_ptr<scalar_t>() : nullptr,
+                            optional_data<scalar_t>(add), dh.mutable_data_ptr<scalar_t>(), mean,
+                            invstd, weight, sum_g, sum_g_xhat, count, batch_stats, rows, C);
+  });
+  return dh;
+}
+
+Tensor3 dgrad_epilogue_cpu(const Tensor& conv_out, const OptionalTensor& add, const Tensor& h,
+                           const Tensor& scale, const Tensor& shift, const Tensor& mean,
+                           const Tensor& invstd, at::ScalarType dtype) {
+  const int64_t C = h.size(3), rows = h.numel() / C;
+  Tensor g = at::empty_like(h);
+  const auto options = h.options().dtype(stat_dtype(dtype));
+  Tensor sum_g = at::empty({C}, options), sum_g_xhat = at::empty({C}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dgrad_epilogue_cpu", [&] {
+    const auto run = [&](auto* t) {
+      backward_reduce_kernel<scalar_t>(t, optional_data<scalar_t>(add), h.const_data_ptr<scalar_t>(),
+                                       g.mutable_data_ptr<scalar_t>(), scale, shift, mean, invstd,
+                                       rows, C, sum_g.mutable_data_ptr<acc_type<scalar_t>>(),
+                                       sum_g_xhat.mutable_data_ptr<acc_type<scalar_t>>());
+    };
+    if (conv_out.scalar_type() == dtype) {
+      run(conv_out.const_data_ptr<scalar_t>());
+    } else if constexpr (cpu::is_reduced<scalar_t>) {
+      TORCH_CHECK(conv_out.scalar_type() == at::kFloat, "dgrad_epilogue_cpu: conv_out must be ",
+                  "in g's dtype or float32");
+      run(conv_out.const_data_ptr<float>());
+    } else {
+      TORCH_CHECK(false, "dgrad_epilogue_cpu: conv_out must be in g's dtype ", dtype);
+    }
+  });
+  return {g, sum_g, sum_g_xhat};
+}
+
+Tensor3 bn_relu_backward_reduce_cpu(const Tensor& t, const Tensor& h, const Tensor& scale,
+                                    const Tensor& shift, const Tensor& mean, const Tensor& invstd,
+                                    const OptionalTensor& add) {
+  check_bn_relu_backward_reduce_args(t, h, scale, shift, mean, invstd, add);
+  check_cpu("bn_relu_backward_reduce", "t", t);
+  return dgrad_epilogue_cpu(t, add, h, scale, shift, mean, invstd, t.scalar_type());
+}
+
+}  // namespace fused_preact

@@ -1,0 +1,153 @@
+// unit_ops.h -- tensor-level entry points of the fused unit operators (namespace fused_preact).
+//
+// The six operators of the contract in fused_preact/unit_ops.py (its docstring is the spec), plus
+//   bn_relu_apply(x, scale, shift, residual?)          relu(scale * x + shift) (+ residual), NHWC
+//   bn_relu_backward_reduce(t, h, scale, shift, mean, invstd, add?) -> (g, sum_g, sum_g_xhat)
+//       g = (t + add) * (scale * h + shift > 0) and the two per-channel sums of BN backward
+//       (conv_dgrad's epilogue on its own: the backward of a BN-ReLU that feeds no conv)
+// Each has a CPU and a Meta kernel (CUDA kernels: not written yet); the conv operators are
+// composites (our prologue / epilogue kernels around ATen's convolution), device-generic.
+//
+// Statistics partials (float32; float64 for float64 activations): T = ceil(rows / kRowsPerPartial) rows of [C] (rows = N*H*W), on every
+// device, so fake (Meta) shapes match real ones.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fused_preact {
+
+constexpr int64_t kRowsPerPartial = 256;
+
+// Statistics, partials and sums are float32, float64 for float64 activations.
+inline at::ScalarType stat_dtype(at::ScalarType activation) {
+  return activation == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+using Tensor = at::Tensor;
+using OptionalTensor = std::optional<at::Tensor>;
+using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
+using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+// ---- argument checks (unit_checks.cpp); each raises a c10::Error naming op and argument ------
+// x: 4-D NHWC contiguous activation, float32 / float64 / float16 / bfloat16; returns C.
+c10::SymInt check_activation(const char* op, const char* name, const Tensor& x);
+// t: same shape, dtype, device as ref, contiguous.
+void check_like(const char* op, const char* name, const Tensor& t, const char* ref_name,
+                const Tensor& ref);
+// t: 1-D floating tensor of `channels` elements on ref's device.
+void check_channel_vector(const char* op, const char* name, const Tensor& t,
+                          const c10::SymInt& channels, const Tensor& ref);
+// weight: [Cout, Cin, K, K], K in (1, 3), float32 or x's dtype, on x's device; returns K.
+int64_t check_conv_weight(const char* op, const Tensor& weight, const c10::SymInt& cin,
+                          const char* x_name, const Tensor& x);
+// Number of statistics partials for `rows` rows.
+c10::SymInt partial_count(const c10::SymInt& rows);
+int64_t partial_count(int64_t rows);
+
+// Whole-argument-list checks of each operator, shared by its CPU, CUDA and Meta kernels.
+void check_channel_stats_args(const Tensor& x);
+void check_bn_finalize_args(const Tensor& pmean, const Tensor& pm2, const Tensor& pcount,
+                            const Tensor& weight, const Tensor& bias,
+                            const OptionalTensor& running_mean, const OptionalTensor& running_var,
+                            const OptionalTensor& num_batches_tracked, double momentum);
+void check_bn_relu_apply_args(const Tensor& x, const Tensor& scale, const Tensor& shift,
+                              const OptionalTensor& residual);
+void check_bn_backward_finish_args(const Tensor& g, const Tensor& h, const Tensor& mean,
+                                   const Tensor& invstd, const Tensor& weight, const Tensor& sum_g,
+                                   const Tensor& sum_g_xhat, const OptionalTensor& add,
+                                   bool batch_stats);
+void check_bn_relu_backward_reduce_args(const Tensor& t, const Tensor& h, const Tensor& scale,
+                                        const Tensor& shift, const Tensor& mean,
+                                        const Tensor& invstd, const OptionalTensor& add);
+// These three return the conv's kernel size K.
+int64_t check_conv_bnrelu_args(const Tensor& x, const Tensor& weight, const Tensor& scale,
+                               const Tensor& shift, const OptionalTensor& residual, int64_t stride);
+int64_t check_conv_dgrad_args(const Tensor& dy, const Tensor& weight, const OptionalTensor& h,
+                              const OptionalTensor& scale, const OptionalTensor& shift,
+                              const OptionalTensor& mean, const OptionalTensor& invstd,
+                              const OptionalTensor& add, int64_t stride, int64_t height,
+                              int64_t width);
+int64_t check_conv_wgrad_args(const Tensor& dy, const Tensor& x, const Tensor& scale,
+                              const Tensor& shift, const Tensor& weight, int64_t stride);
+// Output height / width of a conv with padding K // 2.
+c10::SymInt conv_output_size(const c10::SymInt& size, int64_t kernel_size, int64_t stride);
+
+// ---- CPU -------------------------------------------------------------------------------------
+Tensor3 channel_stats_cpu(const Tensor& x);
+Tensor4 bn_finalize_cpu(const Tensor& pmean, const Tensor& pm2, const Tensor& pcount,
+                        const Tensor& weight, const Tensor& bias, const OptionalTensor& running_mean,
+                        const OptionalTensor& running_var, const OptionalTensor& num_batches_tracked,
+                        double momentum, double eps);
+Tensor bn_relu_apply_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift,
+                         const OptionalTensor& residual);
+Tensor bn_backward_finish_cpu(const Tensor& g, const Tensor& h, const Tensor& mean,
+                              const Tensor& invstd, const Tensor& weight, const Tensor& sum_g,
+                              const Tensor& sum_g_xhat, double count, const OptionalTensor& add,
+                              bool batch_stats);
+Tensor3 bn_relu_backward_reduce_cpu(const Tensor& t, const Tensor& h, const Tensor& scale,
+                                    const Tensor& shift, const Tensor& mean, const Tensor& invstd,
+                                    const OptionalTensor& add);
+
+// Device-specific halves of the building blocks below (CPU: elementwise_cpu.cpp,
+// statistics_cpu.cpp).
+Tensor bn_relu_prologue_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift,
+                            at::ScalarType out_dtype);
+Tensor4 conv_epilogue_cpu(const Tensor& conv_out, const OptionalTensor& residual,
+                          at::ScalarType dtype, bool stats);
+Tensor3 dgrad_epilogue_cpu(const Tensor& conv_out, const OptionalTensor& add, const Tensor& h,
+                           const Tensor& scale, const Tensor& shift, const Tensor& mean,
+                           const Tensor& invstd, at::ScalarType dtype);
+
+// ---- device-generic building blocks of the conv composites -------------------------------------
+// relu(scale * x + shift), rounded to x's dtype, stored as `out_dtype` (x's dtype, or float32 for
+// the CPU's fp32 convolution of bfloat16 / float16 data). Dispatches on x's device.
+Tensor bn_relu_prologue(const Tensor& x, const Tensor& scale, const Tensor& shift,
+                        at::ScalarType out_dtype);
+// y = round(conv_out (+ residual)) in `dtype`, and (stats) its partials, in one pass.
+Tensor4 conv_epilogue(const Tensor& conv_out, const OptionalTensor& residual, at::ScalarType dtype,
+                      bool stats);
+// conv_dgrad's epilogue on conv_out = conv_input_grad(dy): add, ReLU mask, sums; g in `dtype`.
+Tensor3 dgrad_epilogue(const Tensor& conv_out, const OptionalTensor& add, const OptionalTensor& h,
+                       const OptionalTensor& scale, const OptionalTensor& shift,
+                       const OptionalTensor& mean, const OptionalTensor& invstd,
+                       at::ScalarType dtype);
+
+// ---- conv composites (conv_ops.cpp), registered for CPU -------------------------------
+Tensor4 conv_bnrelu(const Tensor& x, const Tensor& weight, const Tensor& scale, const Tensor& shift,
+                    const OptionalTensor& residual, int64_t stride, bool stats);
+Tensor3 conv_dgrad(const Tensor& dy, const Tensor& weight, const OptionalTensor& h,
+                   const OptionalTensor& scale, const OptionalTensor& shift,
+                   const OptionalTensor& mean, const OptionalTensor& invstd,
+                   const OptionalTensor& add, int64_t stride, int64_t height, int64_t width);
+Tensor conv_wgrad(const Tensor& dy, const Tensor& x, const Tensor& scale, const Tensor& shift,
+                  const Tensor& weight, int64_t stride);
+
+// ---- Meta (unit_checks.cpp): checks and output shapes only -------------------------------------
+Tensor3 channel_stats_meta(const Tensor& x);
+Tensor4 bn_finalize_meta(const Tensor& pmean, const Tensor& pm2, const Tensor& pcount,
+                         const Tensor& weight, const Tensor& bias, const OptionalTensor& running_mean,
+                         const OptionalTensor& running_var, const OptionalTensor& num_batches_tracked,
+                         double momentum, double eps);
+Tensor bn_relu_apply_meta(const Tensor& x, const Tensor& scale, const Tensor& shift,
+                          const OptionalTensor& residual);
+Tensor bn_backward_finish_meta(const Tensor& g, const Tensor& h, const Tensor& mean,
+                               const Tensor& invstd, const Tensor& weight, const Tensor& sum_g,
+                               const Tensor& sum_g_xhat, double count, const OptionalTensor& add,
+                               bool batch_stats);
+Tensor3 bn_relu_backward_reduce_meta(const Tensor& t, const Tensor& h, const Tensor& scale,
+                                     const Tensor& shift, const Tensor& mean, const Tensor& invstd,
+                                     const OptionalTensor& add);
+Tensor4 conv_bnrelu_meta(const Tensor& x, const Tensor& weight, const Tensor& scale,
+                         const Tensor& shift, const OptionalTensor& residual, int64_t stride,
+                         bool stats);
+Tensor3 conv_dgrad_meta(const Tensor& dy, const Tensor& weight, const OptionalTensor& h,
+                        const OptionalTensor& scale, const OptionalTensor& shift,
+                        const OptionalTensor& mean, const OptionalTensor& invstd,
+                        const OptionalTensor& add, int64_t stride, int64_t height, int64_t width);
+Tensor conv_wgrad_meta(const Tensor& dy, const Tensor& x, const Tensor& scale, const Tensor& shift,
+                       const Tensor& weight, int64_t stride);
+
+}  // namespace fused_preact
