@@ -183,7 +183,7 @@ class Trainer:
         wrapped: nn.Module = model
         if self.processes.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            wrapped = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+            wrapped = DistributedDataParallel(model, device_ids=ids)
         self.forward_model = torch.compile(wrapped) if args.compile else wrapped
 
     def build_optimizer(self) -> None:
@@ -336,6 +336,10 @@ class Trainer:
                     # -- window end: read back, check, agree on stopping -----------
                     window_losses = torch.stack(losses).float().cpu()
                     window_wrong = torch.stack(wrongs).sum().item()
+                    if p.distributed:   # the global batch's mean loss and wrong count
+                        summed = distributed.all_sum(window_losses.tolist() + [window_wrong], self.device, p)
+                        window_losses = torch.tensor(summed[:-1]) / p.world_size
+                        window_wrong = summed[-1]
                     bad = (~torch.isfinite(window_losses)).nonzero()
                     first_bad = window_first + int(bad[0]) + 1 if len(bad) else NO_ITERATION
                     first_bad, last_signal = distributed.all_min([first_bad, -(requests.signal or 0)],
@@ -351,9 +355,9 @@ class Trainer:
                     self.train_seconds += seconds
                     self.train_images += n * args.batch_size
                     mean_loss = window_losses.mean().item()
-                    window_error = window_wrong * p.world_size / (n * args.batch_size)
+                    window_error = window_wrong / (n * args.batch_size)
                     epoch_loss += window_losses.sum().item()
-                    epoch_wrong += window_wrong * p.world_size
+                    epoch_wrong += window_wrong
                     epoch_count += n
                     self.history["train"].append((it, mean_loss))
                     if progress is not None:
