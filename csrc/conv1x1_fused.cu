@@ -855,7 +855,9 @@ void sum_rows(const at::Tensor& part, const at::Tensor& out, cudaStream_t stream
 bool conv1x1_fused_supported(const at::Tensor& x, const at::Tensor& weight) {
   if (!x.defined() || !weight.defined()) return false;
   if (!weight_problem(weight, x, "x").empty()) return false;
-  return activation_problem(x, "x", weight.size(1)).empty();
+  // x is the conv's input (Cin channels) or, for conv_dgrad, dy (Cout channels)
+  const int64_t channels = x.dim() == 4 && x.size(3) == weight.size(0) ? weight.size(0) : weight.size(1);
+  return activation_problem(x, "x", channels).empty();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv1x1_bnrelu_cuda(

@@ -17,9 +17,10 @@
 
 namespace fused_preact {
 
-// Whether the kernels handle this conv: x a CUDA bf16/fp16 contiguous NHWC [N, H, W, Cin] tensor,
-// weight [Cout, Cin, 1, 1] (float32 or x's dtype) on the same device, Cin and Cout multiples of 8,
-// 16-byte aligned data. (x is the conv's input: dy's role for conv_dgrad is checked by the call.)
+// Whether the kernels handle this conv: x a CUDA bf16/fp16 contiguous NHWC [N, H, W, C] tensor with
+// C = Cin (the conv's input: conv_bnrelu, conv_wgrad) or C = Cout (dy: conv_dgrad), weight
+// [Cout, Cin, 1, 1] (float32 or x's dtype) on the same device, Cin and Cout multiples of 8, 16-byte
+// aligned data, fewer than 2^31 pixels. The other tensors are checked by each call.
 bool conv1x1_fused_supported(const at::Tensor& x, const at::Tensor& weight);
 
 // conv_bnrelu: y = conv1x1(relu(scale * x + shift), weight, stride) (+ residual) in x's dtype and,
