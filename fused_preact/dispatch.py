@@ -27,6 +27,7 @@ from torch import nn
 
 from . import _extension
 from .unit_function import Partials, run_fused_unit
+from .unit_ops import OPERATORS
 
 BACKENDS = ("auto", "triton", "cuda", "eager")
 AUTO_ORDER = ("cuda", "triton")
@@ -109,7 +110,7 @@ def run_unit(name: str, unit: nn.Module, x: torch.Tensor, stats_in: Optional[Par
 
 
 # -- the two kernel backends ------------------------------------------------------
-_HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 @torch.compiler.assume_constant_result   # evaluated once while tracing, never traced into
@@ -136,8 +137,8 @@ def _triton_unavailable(x: torch.Tensor) -> Optional[str]:
     elif x.device.type != "cpu" or not _triton_interpreting():
         return (f"x is on {x.device}: the Triton kernels run on CUDA tensors (CPU tensors only in "
                 f"Triton's interpreter, TRITON_INTERPRET=1 set before triton is imported)")
-    if x.dtype not in _HALF_AND_SINGLE:
-        return f"the Triton kernels take float32, float16 and bfloat16, not {x.dtype}"
+    if x.dtype not in _FLOAT_DTYPES:
+        return f"the Triton kernels take float32, float64, float16 and bfloat16, not {x.dtype}"
     return None
 
 
@@ -156,7 +157,9 @@ def _extension_error() -> Optional[str]:
 
 @torch.compiler.assume_constant_result
 def _extension_has_cuda() -> bool:
-    return _extension.built_with_cuda()
+    """Built with CUDA *and* the fused-unit operators have CUDA kernels registered."""
+    return _extension.built_with_cuda() and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_preact::{name}", "CUDA") for name in OPERATORS)
 
 
 def _cuda_unavailable(x: torch.Tensor) -> Optional[str]:
@@ -164,7 +167,8 @@ def _cuda_unavailable(x: torch.Tensor) -> Optional[str]:
     if error is not None:
         return error
     if x.device.type == "cuda" and not _extension_has_cuda():
-        return "the extension was built without its CUDA part (no nvcc or a CPU-only torch at build time)"
+        return ("the extension has no CUDA kernels for the fused-unit operators (built without its CUDA "
+                "part, or a version whose CUDA operators are not written yet)")
     if x.device.type not in ("cpu", "cuda"):
         return f"the extension has CPU and CUDA kernels, x is on {x.device}"
     return None

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .channel_stats import stat_dtype_of
+from .rounding import cast_rounded
 from .runtime import check_device, interpreting
 
 TILE_ELEMENTS = 4096
@@ -44,7 +45,7 @@ def _bn_backward_finish_kernel(
     num_rows, channels, tiles_per_program, inv_count: tl.float64,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-    BATCH_STATS: tl.constexpr, HAS_ADD: tl.constexpr, FP64: tl.constexpr,
+    BATCH_STATS: tl.constexpr, HAS_ADD: tl.constexpr, FP64: tl.constexpr, EMULATE_ROUNDING: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -77,7 +78,7 @@ def _bn_backward_finish_kernel(
             dh = gain[None, :] * g
         if HAS_ADD:
             dh += tl.load(add_ptr + offsets, mask=ok, other=0.0).to(acc_dtype)
-        tl.store(dh_ptr + offsets, dh.to(dh_ptr.dtype.element_ty), mask=ok)
+        tl.store(dh_ptr + offsets, cast_rounded(dh, dh_ptr.dtype.element_ty, EMULATE_ROUNDING), mask=ok)
 
 
 def launch_plan(num_rows: int, channels: int) -> tuple[int, int, int, int]:
@@ -155,7 +156,7 @@ def bn_backward_finish(g: torch.Tensor, h: torch.Tensor, mean: torch.Tensor, inv
         sum_g if batch_stats else invstd, sum_g_xhat if batch_stats else invstd,
         num_rows, channels, tiles_per_program, 1.0 / float(count) if batch_stats else 1.0,
         BLOCK_M=block_m, BLOCK_C=block_c, BATCH_STATS=bool(batch_stats), HAS_ADD=add is not None,
-        FP64=g.dtype == torch.float64, num_warps=NUM_WARPS)
+        FP64=g.dtype == torch.float64, EMULATE_ROUNDING=interpreting(), num_warps=NUM_WARPS)
     return dh
 
 
@@ -177,10 +178,11 @@ def aot_variants():
                             "weight_ptr": f"*{stat}", "sum_g_ptr": f"*{stat}", "sum_g_xhat_ptr": f"*{stat}",
                             "num_rows": "i32", "channels": "i32", "tiles_per_program": "i32",
                             "inv_count": "fp64", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr",
-                            "BATCH_STATS": "constexpr", "HAS_ADD": "constexpr", "FP64": "constexpr"},
+                            "BATCH_STATS": "constexpr", "HAS_ADD": "constexpr", "FP64": "constexpr",
+                            "EMULATE_ROUNDING": "constexpr"},
                         "constexprs": {"BLOCK_M": TILE_ELEMENTS // block_c, "BLOCK_C": block_c,
                                        "BATCH_STATS": batch_stats, "HAS_ADD": has_add,
-                                       "FP64": dtype == torch.float64},
+                                       "FP64": dtype == torch.float64, "EMULATE_ROUNDING": False},
                         "num_warps": NUM_WARPS,
                         "num_stages": 3,
                         "tensor_cores": False,

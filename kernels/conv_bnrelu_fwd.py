@@ -71,10 +71,11 @@ def _conv_bnrelu_fwd_kernel(
         hi = hi_origin + kh
         wi = wi_origin + kw
         pixel_ok = row_ok & (hi >= 0) & (hi < height) & (wi >= 0) & (wi < width)
-        a = cc.load_preact(x_ptr, scale_ptr, shift_ptr, (image_base + hi) * width + wi, pixel_ok, ci, cin)
+        a = cc.load_preact(x_ptr, scale_ptr, shift_ptr, (image_base + hi) * width + wi, pixel_ok, ci, cin, UPCAST_DOT)
         w = tl.load(w_ptr + ci[:, None] * w_stride_ci + cols[None, :] * w_stride_co
                     + kh * w_stride_kh + kw * w_stride_kw,
-                    mask=(ci[:, None] < cin) & col_ok[None, :], other=0.0).to(io_dtype)
+                    mask=(ci[:, None] < cin) & col_ok[None, :], other=0.0)
+        w = cc.cast_rounded(w, io_dtype, UPCAST_DOT)
         acc = tl.dot(cc.dot_operand(a, UPCAST_DOT), cc.dot_operand(w, UPCAST_DOT), acc,
                      input_precision=DOT_PRECISION, out_dtype=acc_dtype)
 
@@ -83,7 +84,7 @@ def _conv_bnrelu_fwd_kernel(
     offsets = rows[:, None].to(tl.int64) * cout + cols[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(residual_ptr + offsets, mask=ok, other=0.0).to(acc_dtype)
-    y = acc.to(io_dtype)
+    y = cc.cast_rounded(acc, io_dtype, UPCAST_DOT)
     tl.store(y_ptr + offsets, y, mask=ok)
 
     # ---- epilogue: partial statistics of the stored y, per STATS_ROWS-row block ----

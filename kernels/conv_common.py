@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .rounding import cast_rounded
 from .runtime import check_device, dot_precision, interpreting
 
 # Activation dtypes the conv kernels take, with their Triton pointer type names.
@@ -35,7 +36,7 @@ GPU_CONFIGS = (
     {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 4},
 )
 # float64 runs for gradient checks, not speed: one small tile (fp64 registers are twice as wide).
-FP64_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
+FP64_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 8, "num_stages": 2}  # 4 warps: 16 B of stack on sm_80
 # The interpreter pays per program, not per element: one large tile, few programs.
 INTERPRETER_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
 # The smallest BLOCK_M any configuration uses (sizes per-tile partial buffers from shapes alone).
@@ -95,7 +96,7 @@ def dot_operand(tile, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
-def load_preact(x_ptr, scale_ptr, shift_ptr, pixel, pixel_ok, channel, channels):
+def load_preact(x_ptr, scale_ptr, shift_ptr, pixel, pixel_ok, channel, channels, EMULATE_ROUNDING: tl.constexpr):
     """relu(scale * x + shift) at ``pixel`` [BLOCK_M] x ``channel`` [BLOCK_K], in x's dtype.
 
     Computed in scale's dtype (fp32, fp64 for fp64 x); zero where ``pixel_ok`` is false (the
@@ -107,7 +108,7 @@ def load_preact(x_ptr, scale_ptr, shift_ptr, pixel, pixel_ok, channel, channels)
     scale = tl.load(scale_ptr + channel, mask=channel_ok, other=0.0)
     shift = tl.load(shift_ptr + channel, mask=channel_ok, other=0.0)
     a = tl.maximum(x.to(scale.dtype) * scale[None, :] + shift[None, :], 0.0)
-    return tl.where(ok, a, 0.0).to(x_ptr.dtype.element_ty)
+    return cast_rounded(tl.where(ok, a, 0.0), x_ptr.dtype.element_ty, EMULATE_ROUNDING)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -98,7 +98,8 @@ def _conv_dgrad_kernel(
         kw = first_kw + stride * jw
         w = tl.load(w_ptr + co[:, None] * w_stride_co + cols[None, :] * w_stride_ci
                     + kh * w_stride_kh + kw * w_stride_kw,
-                    mask=co_ok[:, None] & col_ok[None, :], other=0.0).to(io_dtype)
+                    mask=co_ok[:, None] & col_ok[None, :], other=0.0)
+        w = cc.cast_rounded(w, io_dtype, UPCAST_DOT)
         acc = tl.dot(cc.dot_operand(d, UPCAST_DOT), cc.dot_operand(w, UPCAST_DOT), acc,
                      input_precision=DOT_PRECISION, out_dtype=acc_dtype)
 
@@ -119,7 +120,7 @@ def _conv_dgrad_kernel(
         partial_row = (parity_class * row_blocks + pid_m) * cin
         tl.store(partial_g_ptr + partial_row + cols, tl.sum(acc, axis=0), mask=col_ok)
         tl.store(partial_g_xhat_ptr + partial_row + cols, tl.sum(acc * xhat, axis=0), mask=col_ok)
-    tl.store(g_ptr + offsets, acc.to(io_dtype), mask=ok)
+    tl.store(g_ptr + offsets, cc.cast_rounded(acc, io_dtype, UPCAST_DOT), mask=ok)
 
 
 _conv_dgrad_tuned = triton.autotune(

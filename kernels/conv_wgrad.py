@@ -75,7 +75,7 @@ def _conv_wgrad_kernel(
         hi = ho * stride + kh - pad
         wi = wo * stride + kw - pad
         pixel_ok = row_ok & (hi >= 0) & (hi < height) & (wi >= 0) & (wi < width)
-        a = cc.load_preact(x_ptr, scale_ptr, shift_ptr, (image * height + hi) * width + wi, pixel_ok, ci, cin)
+        a = cc.load_preact(x_ptr, scale_ptr, shift_ptr, (image * height + hi) * width + wi, pixel_ok, ci, cin, UPCAST_DOT)
         acc = tl.dot(cc.dot_operand(d, UPCAST_DOT), cc.dot_operand(a, UPCAST_DOT), acc,
                      input_precision=DOT_PRECISION, out_dtype=acc_dtype)
 

@@ -1,0 +1,120 @@
+"""Ahead-of-time compile of every Triton conv configuration for sm_80 and sm_90.
+
+Every entry of ``aot_variants()`` of the three conv kernels (each dtype, weight dtype, product
+precision, epilogue switch and tile configuration; kernel size and stride are runtime sizes)
+must compile without spilling to local memory, and the entries marked ``tensor_cores`` must
+contain HMMA/HGMMA (float64 entries DMMA). The compile runs in a subprocess without
+TRITON_INTERPRET (under the interpreter the kernels are not JIT functions), two workers at a
+time; Triton's cache makes a rerun of unchanged kernels quick, the first run takes minutes.
+Deselect with ``-m "not slow"``.
+
+All 112 variants x 2 archs take about 15 minutes on the 2-core CI machine with a cold cache,
+too long for CI's 20-minute budget beside the rest of the suite. By default the test compiles
+the training path in full (bf16 activations with fp32 weights: every epilogue switch and tile,
+all three kernels) plus one variant of every other (kernel, dtype, weight dtype, precision);
+``FUSED_PREACT_AOT_ALL=1`` compiles every variant (``bench/device_run.sh`` sets it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+from tests.gpu_code import ARCHS, assert_no_spills, assert_tensor_cores, sass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODULES = ("kernels.conv_bnrelu_fwd", "kernels.conv_dgrad", "kernels.conv_wgrad")
+
+
+def _all_variants():
+    import importlib
+    for module in MODULES:
+        yield from importlib.import_module(module).aot_variants()
+
+
+def _family(name: str) -> str:
+    """kernel, dtype, weight dtype and precision of a variant: its name without switches and tile."""
+    return "_".join(p for p in name.split("_")
+                    if p not in ("residual", "stats", "add", "h") and not p.startswith("m"))
+
+
+def _variants():
+    if os.environ.get("FUSED_PREACT_AOT_ALL") == "1":
+        yield from _all_variants()
+        return
+    seen = set()
+    for v in _all_variants():
+        name = v["name"]
+        training_path = "_bf16_wfp32_" in name or name.startswith("conv_wgrad_bf16_")
+        if training_path or _family(name) not in seen:
+            seen.add(_family(name))
+            yield v
+
+
+def _compile_one(job):
+    name, arch, folder = job
+    from tests.gpu_code import compile_triton
+    variant = next(v for v in _variants() if v["name"] == name)
+    cubin = compile_triton(variant["kernel"], variant["signature"], variant["constexprs"], arch,
+                           variant["num_warps"], variant["num_stages"])
+    path = os.path.join(folder, f"{name}.sm{arch}.cubin")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    return path
+
+
+def compile_all(folder: str) -> None:
+    """Entry point of the subprocess: write ``<name>.sm<arch>.cubin`` for every variant and arch."""
+    jobs = [(v["name"], arch, folder) for v in _variants() for arch in ARCHS]
+    with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        list(pool.map(_compile_one, jobs))
+
+
+VARIANTS = {v["name"]: v for v in _variants()}
+
+
+@pytest.fixture(scope="module")
+def cubins(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("conv_cubins"))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import sys; sys.path.insert(0, {ROOT!r}); from tests.test_triton_conv_compile import compile_all; " \
+           f"compile_all({folder!r})"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_conv_variant_compiles_without_spills(cubins, name, arch):
+    with open(os.path.join(cubins, f"{name}.sm{arch}.cubin"), "rb") as f:
+        cubin = f.read()
+    what = f"{name} sm_{arch}"
+    assert_no_spills(cubin, what)
+    if VARIANTS[name]["tensor_cores"]:
+        assert_tensor_cores(cubin, what)
+    if "_fp64_" in name:
+        assert "DMMA" in sass(cubin), f"{what}: float64 product without DMMA"
+
+
+def test_variants_cover_every_switch():
+    """The variant list spans every dtype, weight dtype, product precision and epilogue switch."""
+    names = {v["name"] for v in _all_variants()}
+    for io in ("fp32", "bf16", "fp16", "fp64"):
+        assert any(n.startswith(f"conv_bnrelu_fwd_{io}_") for n in names)
+        assert any(n.startswith(f"conv_dgrad_{io}_") for n in names)
+        assert any(n.startswith(f"conv_wgrad_{io}_") for n in names)
+    for io in ("bf16", "fp16"):
+        assert any(n.startswith(f"conv_bnrelu_fwd_{io}_wfp32") for n in names)
+        assert any(n.startswith(f"conv_dgrad_{io}_wfp32") for n in names)
+    assert any("_tf32" in n for n in names) and any("fp32_wfp32_ieee" in n for n in names)
+    for switch in ("_residual_stats_", "_residual_m", "_stats_m"):
+        assert any(switch in n for n in names if n.startswith("conv_bnrelu_fwd_"))
+    for switch in ("_add_h_", "_add_m", "_h_m"):
+        assert any(switch in n for n in names if n.startswith("conv_dgrad_"))
+    assert all(v["tensor_cores"] for v in _all_variants() if "bf16" in v["name"] or "fp16" in v["name"])
