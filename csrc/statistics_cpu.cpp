@@ -98,7 +98,9 @@ Tensor4 conv_epilogue_cpu(const Tensor& conv_out, const OptionalTensor& residual
   if (stats) {
     std::tie(pmean, pm2, pcount) = empty_partials(rows, C, y);
   } else {
-    pmean = pm2 = pcount = at::empty({0}, conv_out.options().dtype(stat_dtype(dtype)));
+    // three distinct empty tensors: an operator's outputs must not alias each other
+    const auto options = conv_out.options().dtype(stat_dtype(dtype));
+    pmean = at::empty({0}, options), pm2 = at::empty({0}, options), pcount = at::empty({0}, options);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "conv_epilogue_cpu", [&] {
     const scalar_t* res = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
