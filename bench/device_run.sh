@@ -38,7 +38,7 @@ else
 fi
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    step tests python -m pytest tests -q -ra --junitxml="$OUT/tests.xml"
+    FUSED_PREACT_AOT_ALL=1 step tests python -m pytest tests -q -ra --junitxml="$OUT/tests.xml"
 fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
