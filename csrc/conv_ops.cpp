@@ -1,13 +1,15 @@
-// conv_ops.cpp -- conv_bnrelu, conv_dgrad and conv_wgrad (the convolutions of a fused unit) as
-// composites (registered for the CPU key; written device-generic, waiting for CUDA prologue /
-// epilogue kernels):
+// conv_ops.cpp -- conv_bnrelu, conv_dgrad and conv_wgrad (the convolutions of a fused unit), one
+// device-generic implementation registered for the CPU and CUDA keys:
 //   conv_bnrelu  y = conv(relu(scale * x + shift), W, stride) (+ residual), stats partials of y
 //   conv_dgrad   g = (conv_input_grad(dy, W) + add) * (scale * h + shift > 0), sum_g, sum_g_xhat
 //   conv_wgrad   dW = conv_weight_grad(relu(scale * x + shift), dy)
-// Each is prologue -> ATen convolution -> epilogue: the BN-ReLU prologue is our apply kernel into
-// a temporary, the convolution is at::convolution / at::convolution_backward on channels_last
-// views of the NHWC data (cuDNN on CUDA; oneDNN or native on the CPU), and the epilogue is one
-// fused pass of ours (residual add + statistics partials; add + ReLU mask + the two sums).
+// On CUDA, 1x1 convs of bf16/fp16 data that conv1x1_fused_supported() accepts run the fused
+// tensor-core kernels of conv1x1_fused.cu (prologue and epilogues inside the GEMM). Every other
+// conv is a composite: prologue -> ATen convolution -> epilogue. The BN-ReLU prologue is our apply
+// kernel into a temporary, the convolution is at::convolution / at::convolution_backward on
+// channels_last views of the NHWC data (cuDNN on CUDA; oneDNN or native on the CPU), and the
+// epilogue is one fused pass of ours (residual add + statistics partials; add + ReLU mask + the
+// two sums), each a CPU or CUDA kernel by the data's device.
 // Precision: the weight is rounded to the activation dtype; on CUDA the convolution runs in that
 // dtype (fp32 accumulation), on the CPU bfloat16 / float16 data are convolved in fp32 (the
 // operands hold exactly the rounded values), so y is rounded once, after the residual add.
@@ -18,11 +20,10 @@
 #include <ATen/ops/empty.h>
 
 #include "unit_ops.h"
-
-// Tensor-core 1x1 kernels (csrc/conv1x1_fused.h / conv1x1_fused.cu, another engineer's, committed
-// in 9ae6675 / e64c4cf). HOOK(conv1x1): when these composites get their CUDA registration, each
-// dispatches there first when x.is_cuda() && weight.size(-1) == 1 &&
-// conv1x1_fused_supported(x, weight) (marked below).
+#ifdef WITH_CUDA
+#include "conv1x1_fused.h"
+#include "unit_ops_cuda.h"
+#endif
 
 namespace fused_preact {
 
@@ -55,11 +56,17 @@ Tensor empty_float(const Tensor& like) {
 
 Tensor bn_relu_prologue(const Tensor& x, const Tensor& scale, const Tensor& shift,
                         at::ScalarType out_dtype) {
+#ifdef WITH_CUDA
+  if (x.is_cuda()) return bn_relu_prologue_cuda(x, scale, shift, out_dtype);
+#endif
   return bn_relu_prologue_cpu(x, scale, shift, out_dtype);
 }
 
 Tensor4 conv_epilogue(const Tensor& conv_out, const OptionalTensor& residual, at::ScalarType dtype,
                       bool stats) {
+#ifdef WITH_CUDA
+  if (conv_out.is_cuda()) return conv_epilogue_cuda(conv_out, residual, dtype, stats);
+#endif
   return conv_epilogue_cpu(conv_out, residual, dtype, stats);
 }
 
@@ -71,15 +78,36 @@ Tensor3 dgrad_epilogue(const Tensor& conv_out, const OptionalTensor& add, const 
     Tensor g = add.has_value() ? at::add(conv_out, *add) : conv_out;
     return {g.to(dtype), empty_float(conv_out), empty_float(conv_out)};
   }
+#ifdef WITH_CUDA
+  if (conv_out.is_cuda()) {
+    return dgrad_epilogue_cuda(conv_out, add, *h, *scale, *shift, *mean, *invstd, dtype);
+  }
+#endif
   return dgrad_epilogue_cpu(conv_out, add, *h, *scale, *shift, *mean, *invstd, dtype);
 }
+
+namespace {
+
+// Whether the tensor-core 1x1 kernels run this conv (data: the tensor with the conv's channels).
+bool fused_conv1x1(const Tensor& data, const Tensor& weight, int64_t k) {
+#ifdef WITH_CUDA
+  return k == 1 && data.is_cuda() && conv1x1_fused_supported(data, weight);
+#else
+  (void)data, (void)weight, (void)k;
+  return false;
+#endif
+}
+
+}  // namespace
 
 // ---- the composites ----------------------------------------------------------------------------
 
 Tensor4 conv_bnrelu(const Tensor& x, const Tensor& weight, const Tensor& scale, const Tensor& shift,
                     const OptionalTensor& residual, int64_t stride, bool stats) {
   const int64_t k = check_conv_bnrelu_args(x, weight, scale, shift, residual, stride);
-  // HOOK(conv1x1): conv1x1_bnrelu_cuda(x, weight, scale, shift, residual, stride, stats)
+#ifdef WITH_CUDA
+  if (fused_conv1x1(x, weight, k)) return conv1x1_bnrelu_cuda(x, weight, scale, shift, residual, stride, stats);
+#endif
   const at::ScalarType dtype = x.scalar_type(), compute = conv_dtype(x, dtype);
   Tensor conv_out;
   {
@@ -100,8 +128,11 @@ Tensor3 conv_dgrad(const Tensor& dy, const Tensor& weight, const OptionalTensor&
                    const OptionalTensor& add, int64_t stride, int64_t height, int64_t width) {
   const int64_t k = check_conv_dgrad_args(dy, weight, h, scale, shift, mean, invstd, add, stride,
                                           height, width);
-  // HOOK(conv1x1): conv1x1_dgrad_cuda(dy, weight, h, scale, shift, mean, invstd, add, stride,
-  //                                   height, width)
+#ifdef WITH_CUDA
+  if (fused_conv1x1(dy, weight, k)) {
+    return conv1x1_dgrad_cuda(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width);
+  }
+#endif
   const at::ScalarType dtype = dy.scalar_type(), compute = conv_dtype(dy, dtype);
   const int64_t pad = k / 2;
   // conv_input_grad as a transposed convolution; output_padding picks the input size among the
@@ -118,7 +149,9 @@ Tensor3 conv_dgrad(const Tensor& dy, const Tensor& weight, const OptionalTensor&
 Tensor conv_wgrad(const Tensor& dy, const Tensor& x, const Tensor& scale, const Tensor& shift,
                   const Tensor& weight, int64_t stride) {
   const int64_t k = check_conv_wgrad_args(dy, x, scale, shift, weight, stride);
-  // HOOK(conv1x1): conv1x1_wgrad_cuda(dy, x, scale, shift, weight, stride)
+#ifdef WITH_CUDA
+  if (fused_conv1x1(x, weight, k)) return conv1x1_wgrad_cuda(dy, x, scale, shift, weight, stride);
+#endif
   const at::ScalarType dtype = x.scalar_type(), compute = conv_dtype(x, dtype);
   const Tensor activated = bn_relu_prologue(x, scale, shift, compute);
   const Tensor dweight = std::get<1>(at::convolution_backward(

@@ -15,6 +15,7 @@
 
 #include "batch_stats.h"
 #include "unit_ops.h"
+#include "unit_ops_cuda.h"
 
 namespace {
 bool built_with_cuda() {
@@ -75,9 +76,20 @@ TORCH_LIBRARY_IMPL(fused_preact, Meta, m) {
 }
 
 #ifdef WITH_CUDA
-// Only batch_stats has CUDA kernels so far; the fused-unit operators are CPU-only (see
-// notes/cpp_ops.md) and raise NotImplementedError for CUDA tensors.
-TORCH_LIBRARY_IMPL(fused_preact, CUDA, m) { m.impl("batch_stats", &fused_preact::batch_stats_cuda); }
+// CUDA kernels of every operator (never run on a GPU yet: see notes/cpp_ops.md); the conv
+// composites are the same device-generic functions as on the CPU.
+TORCH_LIBRARY_IMPL(fused_preact, CUDA, m) {
+  using namespace fused_preact;
+  m.impl("channel_stats", &channel_stats_cuda);
+  m.impl("bn_finalize", &bn_finalize_cuda);
+  m.impl("conv_bnrelu", &conv_bnrelu);
+  m.impl("conv_dgrad", &conv_dgrad);
+  m.impl("conv_wgrad", &conv_wgrad);
+  m.impl("bn_backward_finish", &bn_backward_finish_cuda);
+  m.impl("bn_relu_apply", &bn_relu_apply_cuda);
+  m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cuda);
+  m.impl("batch_stats", &batch_stats_cuda);
+}
 #endif
 
 // An empty Python module named fused_preact._C, so `import fused_preact._C` loads the library.

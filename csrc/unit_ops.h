@@ -5,7 +5,7 @@
 //   bn_relu_backward_reduce(t, h, scale, shift, mean, invstd, add?) -> (g, sum_g, sum_g_xhat)
 //       g = (t + add) * (scale * h + shift > 0) and the two per-channel sums of BN backward
 //       (conv_dgrad's epilogue on its own: the backward of a BN-ReLU that feeds no conv)
-// Each has a CPU and a Meta kernel (CUDA kernels: not written yet); the conv operators are
+// Each has a CPU, a CUDA (unit_ops_cuda.h) and a Meta kernel; the conv operators are
 // composites (our prologue / epilogue kernels around ATen's convolution), device-generic.
 //
 // Statistics partials (float32; float64 for float64 activations): T = ceil(rows / kRowsPerPartial) rows of [C] (rows = N*H*W), on every
@@ -115,7 +115,7 @@ Tensor3 dgrad_epilogue(const Tensor& conv_out, const OptionalTensor& add, const 
                        const OptionalTensor& mean, const OptionalTensor& invstd,
                        at::ScalarType dtype);
 
-// ---- conv composites (conv_ops.cpp), registered for CPU -------------------------------
+// ---- conv composites (conv_ops.cpp), registered for CPU and CUDA -----------------------
 Tensor4 conv_bnrelu(const Tensor& x, const Tensor& weight, const Tensor& scale, const Tensor& shift,
                     const OptionalTensor& residual, int64_t stride, bool stats);
 Tensor3 conv_dgrad(const Tensor& dy, const Tensor& weight, const OptionalTensor& h,

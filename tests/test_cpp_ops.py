@@ -81,6 +81,13 @@ def test_schemas_match_the_contract():
         assert getattr(ops, name).default._schema == expected, name
 
 
+@pytest.mark.skipif(not _extension.built_with_cuda(), reason="extension built without its CUDA part")
+def test_built_with_cuda_registers_a_cuda_kernel_for_every_operator():
+    """A CUDA build gives backend="cuda" every operator on CUDA tensors (none falls back)."""
+    for name in OPERATORS + ("bn_relu_apply", "bn_relu_backward_reduce", "batch_stats"):
+        assert _has_cuda_kernel(name), name
+
+
 # -- statistics ----------------------------------------------------------------
 @pytest.mark.parametrize("device", devices("channel_stats"))
 @pytest.mark.parametrize("dtype", DTYPES)
