@@ -20,6 +20,25 @@
 namespace fused_preact {
 namespace cpu {
 
+#if defined(CPU_CAPABILITY_AVX2)
+// 8 bfloat16 / float16 values <-> one __m256 of floats, without going through a 16-lane vector
+// (at::vec's Vectorized<BFloat16> converts 16 lanes and stores 8 through a buffer).
+template <typename S>
+inline __m256 load8_to_float(const S* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m256 out;
+  if constexpr (std::is_same_v<S, c10::BFloat16>) at::vec::cvtbf16_fp32(raw, out);
+  else at::vec::cvtfp16_fp32(raw, out);
+  return out;
+}
+
+template <typename S>
+inline __m128i float8_to(const __m256& v) {
+  if constexpr (std::is_same_v<S, c10::BFloat16>) return at::vec::cvtfp32_bf16(v);
+  else return at::vec::cvtfp32_fp16(v);
+}
+#endif
+
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;  // float for float / half / bfloat16, double for double
 
@@ -34,6 +53,9 @@ inline at::vec::Vectorized<acc_t> load(const S* p, int64_t n) {
     return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
   } else {
     if constexpr (is_reduced<S> && std::is_same_v<acc_t, float>) {
+#if defined(CPU_CAPABILITY_AVX2)
+      if (n == Vec::size()) return Vec(load8_to_float(p));
+#endif
       if (n == Vec::size()) {
         Vec out;
         at::vec::load_to_float<S>(p, out);
@@ -53,6 +75,12 @@ inline void store(S* p, const at::vec::Vectorized<acc_t>& v, int64_t n) {
   if constexpr (std::is_same_v<S, acc_t>) {
     v.store(p, static_cast<int>(n));
   } else if constexpr (is_reduced<S> && std::is_same_v<acc_t, float>) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if (n == Vec::size()) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), float8_to<S>(v));
+      return;
+    }
+#endif
     at::vec::convert_from_float<S>(v, v).store(p, static_cast<int>(n));
   } else {
     acc_t buffer[Vec::size()];
@@ -68,7 +96,15 @@ inline at::vec::Vectorized<acc_t> round_to(const at::vec::Vectorized<acc_t>& v) 
   if constexpr (std::is_same_v<T, acc_t>) {
     return v;
   } else if constexpr (is_reduced<T> && std::is_same_v<acc_t, float>) {
+#if defined(CPU_CAPABILITY_AVX2)
+    const __m128i rounded = float8_to<T>(v);
+    __m256 out;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) at::vec::cvtbf16_fp32(rounded, out);
+    else at::vec::cvtfp16_fp32(rounded, out);
+    return Vec(out);
+#else
     return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
+#endif
   } else {
     acc_t buffer[Vec::size()];
     v.store(buffer);
