@@ -28,6 +28,7 @@
 #ifdef WITH_CUDA
 
 #include "unit_ops_cuda.h"
+#include "cuda_common.cuh"
 
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
@@ -45,6 +46,8 @@
 namespace fused_preact {
 namespace {
 
+using namespace cuda;
+
 // ---- launch configuration -------------------------------------------------------------------
 constexpr int kThreads = 256;         // threads per block at most
 constexpr int kMaxTileX = 32;         // channel vectors per block at most
@@ -57,27 +60,7 @@ constexpr int kSumThreads = 512;      // sum_partials_kernel: threads per block
 constexpr int64_t kMaxRowBlocks = 16384;  // elementwise grids: blocks at most (grid-stride)
 constexpr int64_t kMaxGridY = 65535;
 
-template <typename T>
-using acc_type = at::opmath_type<T>;  // float for float / half / bfloat16, double for double
-
-template <typename T>
-constexpr bool is_reduced = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
-
 // ---- device helpers -------------------------------------------------------------------------
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <int V, typename T>
-__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, V>*>(p);
-}
-
-template <int V, typename T>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& v) {
-  *reinterpret_cast<Pack<T, V>*>(p) = v;
-}
 
 // Operations rounded as written: nvcc would otherwise contract a * b + c into one FMA where the
 // CPU kernel rounds the product.
@@ -376,15 +359,6 @@ __global__ void __launch_bounds__(kSumThreads)
 }
 
 // ---- host -----------------------------------------------------------------------------------
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-bool aligned(const void* p, size_t bytes) {
-  return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
-
-void check_cuda(const char* op, const char* name, const Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor here, got ", t.device());
-}
 
 // t: a contiguous tensor of ref's shape on ref's device, in `dtype`.
 void check_operand(const char* op, const char* name, const Tensor& t, const Tensor& ref,
@@ -401,20 +375,6 @@ void check_vector(const char* op, const char* name, const Tensor& t, int64_t C, 
   TORCH_CHECK(t.dim() == 1 && t.numel() == C && t.device() == ref.device(), op, ": ", name,
               " must be a 1-D tensor of ", C, " values on ", ref.device(), ", got shape ",
               t.sizes(), " on ", t.device());
-}
-
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-template <typename F>
-void dispatch_activation(at::ScalarType dtype, const char* op, const F& f) {
-  switch (dtype) {
-    case at::kFloat: return f(float{});
-    case at::kDouble: return f(double{});
-    case at::kHalf: return f(c10::Half{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    default:
-      TORCH_CHECK_TYPE(false, op, ": unsupported dtype ", c10::toString(dtype));
-  }
 }
 
 // A per-channel vector (any float dtype) as contiguous acc_t values on its device.

@@ -27,6 +27,7 @@
 #ifdef WITH_CUDA
 
 #include "unit_ops_cuda.h"
+#include "cuda_common.cuh"
 
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
@@ -45,6 +46,8 @@
 namespace fused_preact {
 namespace {
 
+using namespace cuda;
+
 // ---- launch configuration -------------------------------------------------------------------
 constexpr int kThreads = 256;          // partials_kernel: threads per block at most
 constexpr int kMaxTileX = 32;          // partials_kernel: channel vectors per block at most
@@ -54,28 +57,7 @@ constexpr int kFinalizeTileC = 8;      // finalize_kernel: channels per block at
 constexpr int kFinalizeThreads = 512;  // finalize_kernel: threads per block
 constexpr int64_t kMaxGridY = 65535;
 
-template <typename T>
-using acc_type = at::opmath_type<T>;  // float for float / half / bfloat16, double for double
-
-template <typename T>
-constexpr bool is_reduced = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
-
 // ---- device helpers -------------------------------------------------------------------------
-// V values of one row, loaded / stored as one 16-byte (or V-element) access.
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <int V, typename T>
-__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, V>*>(p);
-}
-
-template <int V, typename T>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& v) {
-  *reinterpret_cast<Pack<T, V>*>(p) = v;
-}
 
 // 1 / v, correctly rounded and inline: a division calls a slow-path routine whose call frame
 // spills registers to local memory (as in batch_stats_cuda.cu).
@@ -373,30 +355,6 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const Finali
 }
 
 // ---- host -----------------------------------------------------------------------------------
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-bool aligned(const void* p, size_t bytes) {
-  return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
-
-void check_cuda(const char* op, const char* name, const Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor here, got ", t.device());
-}
-
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-// Calls f(T{}) for activation dtype T.
-template <typename F>
-void dispatch_activation(at::ScalarType dtype, const char* op, const F& f) {
-  switch (dtype) {
-    case at::kFloat: return f(float{});
-    case at::kDouble: return f(double{});
-    case at::kHalf: return f(c10::Half{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    default:
-      TORCH_CHECK_TYPE(false, op, ": unsupported dtype ", c10::toString(dtype));
-  }
-}
 
 Tensor3 empty_partials(int64_t rows, int64_t C, const Tensor& like) {
   const auto options = like.options().dtype(stat_dtype(like.scalar_type()));
