@@ -51,7 +51,7 @@ def nvidia_wheel_includes(cuda_home: str) -> list:
 
 # ATen's own AVX2 kernels are built with these flags; CPU_CAPABILITY selects at::vec's AVX2
 # Vectorized<T> (in its own inline namespace, so no clash with torch's copies). Measured on the
-# 2-core AMD EPYC dev machine: the generic at::vec loops made the fused CPU passes 3-14x slower.
+# 2-core AMD EPYC dev machine: the generic at::vec loops made the fused CPU passes 2-14x slower.
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
 
 
@@ -67,7 +67,7 @@ def cpu_simd_flags() -> list:
             flags = []
         choice = "avx2" if {"avx2", "fma", "f16c"} <= set(flags) else "generic"
         if choice == "generic":
-            notice("this CPU has no AVX2/FMA/F16C: the CPU kernels use generic vector code")
+            notice("AVX2/FMA/F16C not found in /proc/cpuinfo: the CPU kernels use generic vector code")
     return AVX2_FLAGS if choice == "avx2" else []
 
 

@@ -24,8 +24,7 @@ namespace cpu {
 // 8 bfloat16 / float16 values <-> one __m256 of floats, without going through a 16-lane vector
 // (at::vec's Vectorized<BFloat16> converts 16 lanes and stores 8 through a buffer).
 template <typename S>
-inline __m256 load8_to_float(const S* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+inline __m256 float8_from(const __m128i& raw) {
   __m256 out;
   if constexpr (std::is_same_v<S, c10::BFloat16>) at::vec::cvtbf16_fp32(raw, out);
   else at::vec::cvtfp16_fp32(raw, out);
@@ -53,13 +52,14 @@ inline at::vec::Vectorized<acc_t> load(const S* p, int64_t n) {
     return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
   } else {
     if constexpr (is_reduced<S> && std::is_same_v<acc_t, float>) {
-#if defined(CPU_CAPABILITY_AVX2)
-      if (n == Vec::size()) return Vec(load8_to_float(p));
-#endif
       if (n == Vec::size()) {
+#if defined(CPU_CAPABILITY_AVX2)
+        return Vec(float8_from<S>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
         Vec out;
         at::vec::load_to_float<S>(p, out);
         return out;
+#endif
       }
     }
     acc_t buffer[Vec::size()] = {};
@@ -97,11 +97,7 @@ inline at::vec::Vectorized<acc_t> round_to(const at::vec::Vectorized<acc_t>& v) 
     return v;
   } else if constexpr (is_reduced<T> && std::is_same_v<acc_t, float>) {
 #if defined(CPU_CAPABILITY_AVX2)
-    const __m128i rounded = float8_to<T>(v);
-    __m256 out;
-    if constexpr (std::is_same_v<T, c10::BFloat16>) at::vec::cvtbf16_fp32(rounded, out);
-    else at::vec::cvtfp16_fp32(rounded, out);
-    return Vec(out);
+    return Vec(float8_from<T>(float8_to<T>(v)));
 #else
     return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
 #endif
