@@ -8,9 +8,9 @@ when nvcc and a CUDA build of torch are there. Environment:
     CUDA_HOME                  defaults to /usr/local/cuda when unset and present
     TORCH_CUDA_ARCH_LIST       defaults to "8.0;9.0"
     FUSED_PREACT_PTXAS_VERBOSE=1  report registers and spills of every CUDA kernel
-    FUSED_PREACT_CPU_SIMD=avx2|generic  the vector code of the CPU kernels (unset: avx2 when the
-                               building machine's CPU has AVX2, FMA and F16C, as an editable
-                               install runs where it is built; generic otherwise)
+    FUSED_PREACT_CPU_SIMD=avx512|avx2|generic  the vector code of the CPU kernels (unset: the
+                               widest the building machine's CPU has, as an editable install runs
+                               where it is built; the extension refuses to load on a CPU without it)
 """
 import glob
 import os
@@ -49,26 +49,46 @@ def nvidia_wheel_includes(cuda_home: str) -> list:
     return [d for d in found if os.path.isdir(d)]
 
 
-# ATen's own AVX2 kernels are built with these flags; CPU_CAPABILITY selects at::vec's AVX2
-# Vectorized<T> (in its own inline namespace, so no clash with torch's copies). Measured on the
-# 2-core AMD EPYC dev machine: the generic at::vec loops made the fused CPU passes 2-14x slower.
-AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+# ATen builds its own vectorized kernels with these flags; CPU_CAPABILITY selects at::vec's
+# Vectorized<T> for that instruction set (in its own inline namespace, so no clash with torch's
+# copies). The needed /proc/cpuinfo flags come first. Measured on the 2-core dev machines: the
+# generic at::vec loops made the fused CPU passes 2-14x slower than AVX2 (notes/cpp_ops.md).
+CPU_SIMD = {
+    "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512",
+                "-Wno-maybe-uninitialized"]),  # GCC 12's avx512fintrin.h `__Y = __Y` (GCC bug 105593)
+    "avx2": ({"avx2", "fma", "f16c"}, ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]),
+    "generic": (set(), []),
+}
 
 
 def cpu_simd_flags() -> list:
+    """The compiler flags of the CPU kernels' vector code (the extension reports the choice, and
+    refuses to load on a CPU that lacks the instructions: fused_preact/_extension.py)."""
     choice = os.environ.get("FUSED_PREACT_CPU_SIMD", "").strip().lower()
-    if choice not in ("", "avx2", "generic"):
-        raise SystemExit(f"fused-preact: FUSED_PREACT_CPU_SIMD must be avx2, generic or unset, got {choice!r}")
+    if choice not in ("", *CPU_SIMD):
+        raise SystemExit(f"fused-preact: FUSED_PREACT_CPU_SIMD must be avx512, avx2, generic or unset, got {choice!r}")
     if choice == "":
         try:
             with open("/proc/cpuinfo", encoding="utf-8") as f:
                 flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
         except OSError:
             flags = []
-        choice = "avx2" if {"avx2", "fma", "f16c"} <= set(flags) else "generic"
+        choice = next(name for name, (needed, _) in CPU_SIMD.items() if needed <= set(flags))
         if choice == "generic":
-            notice("AVX2/FMA/F16C not found in /proc/cpuinfo: the CPU kernels use generic vector code")
-    return AVX2_FLAGS if choice == "avx2" else []
+            notice("neither AVX-512 nor AVX2/FMA/F16C found in /proc/cpuinfo: the CPU kernels use generic vector code")
+    return CPU_SIMD[choice][1]
+
+
+def openmp_flags() -> list:
+    """-fopenmp when torch runs its intra-op threads on OpenMP (its Linux wheels do): at::parallel_for
+    is inline, and without _OPENMP defined it runs every CPU kernel on one thread (measured: the
+    2-thread dev machine then took the same time with 1 and 2 threads). The process keeps one
+    OpenMP runtime: torch's libgomp.so.1 is loaded first and has the same soname."""
+    import torch
+
+    return ["-fopenmp"] if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info() else []
 
 
 def want_cuda(cpp_extension) -> bool:
@@ -103,10 +123,11 @@ def extension_modules():
         return [], {}
     cuda = want_cuda(cpp_extension)
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx = ["-O3", "-g0"] + cpu_simd_flags()   # the C++ standard is the one torch asks for
+    openmp = openmp_flags()
+    cxx = ["-O3", "-g0"] + openmp + cpu_simd_flags()   # the C++ standard is the one torch asks for
     macros = []
     kwargs = dict(name="fused_preact._C", sources=sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                  extra_link_args=["-s"], py_limited_api=False)
+                  extra_link_args=["-s"] + openmp, py_limited_api=False)
     if cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
         macros.append(("WITH_CUDA", None))

@@ -9,9 +9,19 @@
 //   batch_stats(Tensor x) -> (Tensor mean, Tensor var)   per-channel mean and biased variance of a
 //                                                         4-D activation, one read pass
 //   built_with_cuda() -> bool                             whether CUDA kernels were compiled in
+//   cpu_threads() -> int                                  how many threads at::parallel_for runs the CPU
+//                                                         kernels on (torch's intra-op threads, or 1
+//                                                         when built without OpenMP)
+//   cpu_simd() -> str                                     the CPU kernels' instruction set: "avx512",
+//                                                         "avx2" or "generic" (setup.py's choice)
 // The module defines no Python functions: importing it registers the ops with the dispatcher.
 #include <Python.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <set>
+#include <string>
+#include <vector>
 
 #include "batch_stats.h"
 #include "unit_ops.h"
@@ -23,6 +33,25 @@ bool built_with_cuda() {
   return true;
 #else
   return false;
+#endif
+}
+
+int64_t cpu_threads() {
+  const int64_t tasks = 4 * at::get_num_threads();
+  std::vector<int64_t> thread_of_task(static_cast<size_t>(tasks), -1);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) thread_of_task[static_cast<size_t>(i)] = at::get_thread_num();
+  });
+  return static_cast<int64_t>(std::set<int64_t>(thread_of_task.begin(), thread_of_task.end()).size());
+}
+
+std::string cpu_simd() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "avx2";
+#else
+  return "generic";
 #endif
 }
 }  // namespace
@@ -47,6 +76,8 @@ TORCH_LIBRARY(fused_preact, m) {
         "Tensor invstd, Tensor? add) -> (Tensor g, Tensor sum_g, Tensor sum_g_xhat)");
   m.def("batch_stats(Tensor x) -> (Tensor mean, Tensor var)");
   m.def("built_with_cuda() -> bool", &built_with_cuda);
+  m.def("cpu_threads() -> int", &cpu_threads);
+  m.def("cpu_simd() -> str", &cpu_simd);
 }
 
 TORCH_LIBRARY_IMPL(fused_preact, CPU, m) {

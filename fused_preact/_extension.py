@@ -22,11 +22,35 @@ def load():
     if not _tried:
         _tried = True
         try:
-            _module = importlib.import_module("fused_preact._C")
+            module = importlib.import_module("fused_preact._C")
         except ImportError as error:
             _reason = (f"the C++ extension fused_preact._C is not built ({error}); "
                        "run `pip install --no-build-isolation -e .`")
+        else:
+            missing = _missing_cpu_flags(str(torch.ops.fused_preact.cpu_simd()))
+            if missing:
+                _reason = (f"the C++ extension fused_preact._C was built for "
+                           f"{torch.ops.fused_preact.cpu_simd()} CPU code on another machine and this "
+                           f"CPU lacks {', '.join(sorted(missing))}; rebuild it here (or build with "
+                           "FUSED_PREACT_CPU_SIMD=avx2 or generic for other machines)")
+            else:
+                _module = module
     return _module
+
+
+# The /proc/cpuinfo flags each instruction set of setup.py's FUSED_PREACT_CPU_SIMD needs.
+_SIMD_CPU_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
+                   "avx2": {"avx2", "fma", "f16c"}, "generic": set()}
+
+
+def _missing_cpu_flags(simd: str) -> set:
+    """The CPU flags the extension's vector code needs and this CPU lacks (none known off Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        flags = None
+    return set() if flags is None else _SIMD_CPU_FLAGS.get(simd, set()) - set(flags)
 
 
 def available() -> bool:
@@ -41,6 +65,11 @@ def unavailable_reason() -> Optional[str]:
 def built_with_cuda() -> bool:
     """Whether the extension was compiled with its CUDA kernels."""
     return available() and bool(torch.ops.fused_preact.built_with_cuda())
+
+
+def cpu_simd() -> Optional[str]:
+    """The instruction set of the extension's CPU kernels ("avx512", "avx2", "generic"), or None."""
+    return str(torch.ops.fused_preact.cpu_simd()) if available() else None
 
 
 def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

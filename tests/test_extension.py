@@ -34,6 +34,32 @@ def check(x):
     torch.testing.assert_close(var.double(), expected_var, rtol=tol * 10, atol=tol * scale.max().item() ** 2)
 
 
+def test_cpu_kernels_run_on_every_intra_op_thread():
+    """at::parallel_for is inline: built without OpenMP it would run every CPU kernel on one thread."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.fused_preact.cpu_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_kernels_use_instructions_this_cpu_has():
+    simd = _extension.cpu_simd()
+    assert simd in ("avx512", "avx2", "generic")
+    assert not _extension._missing_cpu_flags(simd)
+
+
+def test_extension_built_for_another_cpu_refuses_to_load(monkeypatch):
+    monkeypatch.setattr(_extension, "_tried", False)
+    monkeypatch.setattr(_extension, "_module", None)
+    monkeypatch.setattr(_extension, "_reason", None)
+    monkeypatch.setattr(_extension, "_missing_cpu_flags", lambda simd: {"avx512f"})
+    assert not _extension.available()
+    assert re.search(r"built for \w+ CPU code on another machine and this CPU lacks avx512f; rebuild",
+                     _extension.unavailable_reason())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", list(TOLERANCE))
 @pytest.mark.parametrize("channels_last", [False, True])
