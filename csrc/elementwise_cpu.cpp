@@ -47,7 +47,7 @@ const T* optional_data(const OptionalTensor& t) {
 
 // out = relu(scale * x + shift) (+ residual), rounded to T, stored as O (T, or float holding
 // T-rounded values).
-template <typename T, typename O>
+template <typename T, typename O, bool kResidual>
 void apply_kernel(const T* x, const T* residual, O* out, const Tensor& scale_t,
                   const Tensor& shift_t, int64_t rows, int64_t C) {
   using acc_t = acc_type<T>;
@@ -56,34 +56,41 @@ void apply_kernel(const T* x, const T* residual, O* out, const Tensor& scale_t,
   const ChannelVector<acc_t> shift = channel_values<acc_t>(shift_t);
   at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t row = r * C;
-      for (int64_t c = 0; c < C; c += Vec::size()) {
-        const int64_t n = std::min<int64_t>(Vec::size(), C - c);
-        Vec a = at::vec::maximum(at::vec::fmadd(cpu::load<acc_t>(x + row + c, n),
+      const T* x_row = x + r * C;
+      const T* residual_row = residual + (kResidual ? r * C : 0);
+      O* out_row = out + r * C;
+      cpu::for_each_vector<acc_t>(C, [&](int64_t c, auto n) {
+        Vec a = at::vec::maximum(at::vec::fmadd(cpu::load<acc_t>(x_row + c, n),
                                                 Vec::loadu(scale.ptr() + c),
                                                 Vec::loadu(shift.ptr() + c)),
                                  Vec(acc_t(0)));
-        if (residual != nullptr) a = a + cpu::load<acc_t>(residual + row + c, n);
+        if constexpr (kResidual) a = a + cpu::load<acc_t>(residual_row + c, n);
         if constexpr (!std::is_same_v<O, T>) a = cpu::round_to<T>(a);
-        cpu::store(out + row + c, a, n);
-      }
+        cpu::store(out_row + c, a, n);
+      });
     }
   });
 }
 
+template <typename T, typename O>
+void apply(const T* x, const T* residual, O* out, const Tensor& scale, const Tensor& shift,
+           int64_t rows, int64_t C) {
+  if (residual != nullptr) apply_kernel<T, O, true>(x, residual, out, scale, shift, rows, C);
+  else apply_kernel<T, O, false>(x, nullptr, out, scale, shift, rows, C);
+}
+
 // dh = A * g + B * (h - mean) + D (+ add): A = weight * invstd, and with batch statistics
 // B = -A * invstd * sum_g_xhat / count, D = -A * sum_g / count (B = D = 0 in eval).
-template <typename T>
+template <typename T, bool kBatchStats, bool kAdd>
 void finish_kernel(const T* g, const T* h, const T* add, T* dh, const Tensor& mean_t,
                    const Tensor& invstd_t, const Tensor& weight_t, const Tensor& sum_g_t,
-                   const Tensor& sum_g_xhat_t, double count, bool batch_stats, int64_t rows,
-                   int64_t C) {
+                   const Tensor& sum_g_xhat_t, double count, int64_t rows, int64_t C) {
   using acc_t = acc_type<T>;
   using Vec = at::vec::Vectorized<acc_t>;
   ChannelVector<acc_t> a = channel_values<acc_t>(weight_t), b(C), d(C), mean(C);
   const ChannelVector<acc_t> invstd = channel_values<acc_t>(invstd_t);
   for (int64_t c = 0; c < C; ++c) a[c] *= invstd.data[c];
-  if (batch_stats) {
+  if constexpr (kBatchStats) {
     mean = channel_values<acc_t>(mean_t);
     const ChannelVector<acc_t> sum_g = channel_values<acc_t>(sum_g_t);
     const ChannelVector<acc_t> sum_g_xhat = channel_values<acc_t>(sum_g_xhat_t);
@@ -95,24 +102,26 @@ void finish_kernel(const T* g, const T* h, const T* add, T* dh, const Tensor& me
   }
   at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t row = r * C;
-      for (int64_t c = 0; c < C; c += Vec::size()) {
-        const int64_t n = std::min<int64_t>(Vec::size(), C - c);
-        Vec out = cpu::load<acc_t>(g + row + c, n) * Vec::loadu(a.ptr() + c);
-        if (batch_stats) {
-          const Vec centered = cpu::load<acc_t>(h + row + c, n) - Vec::loadu(mean.ptr() + c);
+      const T* g_row = g + r * C;
+      const T* h_row = h + (kBatchStats ? r * C : 0);
+      const T* add_row = add + (kAdd ? r * C : 0);
+      T* dh_row = dh + r * C;
+      cpu::for_each_vector<acc_t>(C, [&](int64_t c, auto n) {
+        Vec out = cpu::load<acc_t>(g_row + c, n) * Vec::loadu(a.ptr() + c);
+        if constexpr (kBatchStats) {
+          const Vec centered = cpu::load<acc_t>(h_row + c, n) - Vec::loadu(mean.ptr() + c);
           out = at::vec::fmadd(centered, Vec::loadu(b.ptr() + c), out + Vec::loadu(d.ptr() + c));
         }
-        if (add != nullptr) out = out + cpu::load<acc_t>(add + row + c, n);
-        cpu::store(dh + row + c, out, n);
-      }
+        if constexpr (kAdd) out = out + cpu::load<acc_t>(add_row + c, n);
+        cpu::store(dh_row + c, out, n);
+      });
     }
   });
 }
 
 // g = (t + add) * (scale * h + shift > 0) stored as T; per channel sum(g) and
-// sum(g * (h - mean) * invstd) (of g before rounding) into sum_g / sum_g_xhat (acc_t).
-template <typename T, typename S>
+// sum(g * (h - mean)) * invstd (of g before rounding) into sum_g / sum_g_xhat (acc_t).
+template <typename T, typename S, bool kAdd>
 void backward_reduce_kernel(const S* t, const T* add, const T* h, T* g, const Tensor& scale_t,
                             const Tensor& shift_t, const Tensor& mean_t, const Tensor& invstd_t,
                             int64_t rows, int64_t C, acc_type<T>* sum_g_out,
@@ -124,38 +133,32 @@ void backward_reduce_kernel(const S* t, const T* add, const T* h, T* g, const Te
   const ChannelVector<acc_t> mean = channel_values<acc_t>(mean_t);
   const ChannelVector<acc_t> invstd = channel_values<acc_t>(invstd_t);
   const int64_t blocks = partial_count(rows);
-  const int64_t stride = C + Vec::size();  // one padded ChannelVector per block
-  std::vector<acc_t> block_sum_g(blocks * stride, acc_t(0)), block_sum_gx(blocks * stride, acc_t(0));
+  std::vector<acc_t> block_sum_g(blocks * C), block_sum_gc(blocks * C);  // sum(g), sum(g * (h - mean))
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      acc_t* sum_g = block_sum_g.data() + k * stride;
-      acc_t* sum_gx = block_sum_gx.data() + k * stride;
-      const int64_t r_end = std::min(rows, (k + 1) * kRowsPerPartial);
-      for (int64_t r = k * kRowsPerPartial; r < r_end; ++r) {
-        const int64_t row = r * C;
-        for (int64_t c = 0; c < C; c += Vec::size()) {
-          const int64_t n = std::min<int64_t>(Vec::size(), C - c);
-          Vec grad = cpu::load<acc_t>(t + row + c, n);
-          if (add != nullptr) grad = grad + cpu::load<acc_t>(add + row + c, n);
-          const Vec hv = cpu::load<acc_t>(h + row + c, n);
-          const Vec pre = at::vec::fmadd(hv, Vec::loadu(scale.ptr() + c), Vec::loadu(shift.ptr() + c));
-          grad = Vec::blendv(Vec(acc_t(0)), grad, pre > Vec(acc_t(0)));
-          cpu::store(g + row + c, grad, n);
-          const Vec xhat = (hv - Vec::loadu(mean.ptr() + c)) * Vec::loadu(invstd.ptr() + c);
-          (Vec::loadu(sum_g + c) + grad).store(sum_g + c);
-          at::vec::fmadd(grad, xhat, Vec::loadu(sum_gx + c)).store(sum_gx + c);
-        }
-      }
+      const int64_t r0 = k * kRowsPerPartial, r1 = std::min(rows, r0 + kRowsPerPartial);
+      cpu::reduce_rows<acc_t>(r0, r1, C, block_sum_g.data() + k * C, block_sum_gc.data() + k * C,
+                              [&](int64_t r, int64_t c, auto n, Vec& sum_g, Vec& sum_gc) {
+        const int64_t i = r * C + c;
+        Vec grad = cpu::load<acc_t>(t + i, n);
+        if constexpr (kAdd) grad = grad + cpu::load<acc_t>(add + i, n);
+        const Vec hv = cpu::load<acc_t>(h + i, n);
+        const Vec pre = at::vec::fmadd(hv, Vec::loadu(scale.ptr() + c), Vec::loadu(shift.ptr() + c));
+        grad = grad & (pre > Vec(acc_t(0)));
+        cpu::store(g + i, grad, n);
+        sum_g = sum_g + grad;
+        sum_gc = at::vec::fmadd(grad, hv - Vec::loadu(mean.ptr() + c), sum_gc);
+      });
     }
   });
   for (int64_t c = 0; c < C; ++c) {
-    double total_g = 0, total_gx = 0;
+    double total_g = 0, total_gc = 0;
     for (int64_t k = 0; k < blocks; ++k) {
-      total_g += static_cast<double>(block_sum_g[k * stride + c]);
-      total_gx += static_cast<double>(block_sum_gx[k * stride + c]);
+      total_g += static_cast<double>(block_sum_g[k * C + c]);
+      total_gc += static_cast<double>(block_sum_gc[k * C + c]);
     }
     sum_g_out[c] = static_cast<acc_t>(total_g);
-    sum_g_xhat_out[c] = static_cast<acc_t>(total_gx);
+    sum_g_xhat_out[c] = static_cast<acc_t>(total_gc * static_cast<double>(invstd.data[c]));
   }
 }
 
@@ -172,8 +175,8 @@ Tensor bn_relu_apply_cpu(const Tensor& x, const Tensor& scale, const Tensor& shi
   Tensor out = at::empty_like(x);
   const int64_t C = x.size(3), rows = x.numel() / C;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_apply_cpu", [&] {
-    apply_kernel<scalar_t, scalar_t>(x.const_data_ptr<scalar_t>(), optional_data<scalar_t>(residual),
-                                     out.mutable_data_ptr<scalar_t>(), scale, shift, rows, C);
+    apply<scalar_t, scalar_t>(x.const_data_ptr<scalar_t>(), optional_data<scalar_t>(residual),
+                              out.mutable_data_ptr<scalar_t>(), scale, shift, rows, C);
   });
   return out;
 }
@@ -185,11 +188,10 @@ Tensor bn_relu_prologue_cpu(const Tensor& x, const Tensor& scale, const Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_prologue_cpu", [&] {
     const scalar_t* data = x.const_data_ptr<scalar_t>();
     if (out_dtype == x.scalar_type()) {
-      apply_kernel<scalar_t, scalar_t>(data, nullptr, out.mutable_data_ptr<scalar_t>(), scale, shift,
-                                       rows, C);
+      apply<scalar_t, scalar_t>(data, nullptr, out.mutable_data_ptr<scalar_t>(), scale, shift, rows, C);
     } else if constexpr (cpu::is_reduced<scalar_t>) {
       TORCH_CHECK(out_dtype == at::kFloat, "bn_relu_prologue_cpu: out_dtype must be x's or float32");
-      apply_kernel<scalar_t, float>(data, nullptr, out.mutable_data_ptr<float>(), scale, shift, rows, C);
+      apply<scalar_t, float>(data, nullptr, out.mutable_data_ptr<float>(), scale, shift, rows, C);
     } else {
       TORCH_CHECK(false, "bn_relu_prologue_cpu: out_dtype must be x's dtype for ", x.scalar_type());
     }
@@ -207,10 +209,19 @@ Tensor bn_backward_finish_cpu(const Tensor& g, const Tensor& h, const Tensor& me
   Tensor dh = at::empty_like(g);
   const int64_t C = g.size(3), rows = g.numel() / C;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "bn_backward_finish_cpu", [&] {
-    finish_kernel<scalar_t>(g.const_data_ptr<scalar_t>(),
-                            batch_stats ? h.const_data_ptr<scalar_t>() : nullptr,
-                            optional_data<scalar_t>(add), dh.mutable_data_ptr<scalar_t>(), mean,
-                            invstd, weight, sum_g, sum_g_xhat, count, batch_stats, rows, C);
+    const scalar_t* g_data = g.const_data_ptr<scalar_t>();
+    const scalar_t* h_data = batch_stats ? h.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* add_data = optional_data<scalar_t>(add);
+    scalar_t* dh_data = dh.mutable_data_ptr<scalar_t>();
+    const auto run = [&](auto batch_stats_flag, auto add_flag) {
+      finish_kernel<scalar_t, decltype(batch_stats_flag)::value, decltype(add_flag)::value>(
+          g_data, h_data, add_data, dh_data, mean, invstd, weight, sum_g, sum_g_xhat, count, rows, C);
+    };
+    if (batch_stats) {
+      add_data ? run(std::true_type{}, std::true_type{}) : run(std::true_type{}, std::false_type{});
+    } else {
+      add_data ? run(std::false_type{}, std::true_type{}) : run(std::false_type{}, std::false_type{});
+    }
   });
   return dh;
 }
@@ -223,11 +234,14 @@ Tensor3 dgrad_epilogue_cpu(const Tensor& conv_out, const OptionalTensor& add, co
   const auto options = h.options().dtype(stat_dtype(dtype));
   Tensor sum_g = at::empty({C}, options), sum_g_xhat = at::empty({C}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dgrad_epilogue_cpu", [&] {
-    const auto run = [&](auto* t) {
-      backward_reduce_kernel<scalar_t>(t, optional_data<scalar_t>(add), h.const_data_ptr<scalar_t>(),
-                                       g.mutable_data_ptr<scalar_t>(), scale, shift, mean, invstd,
-                                       rows, C, sum_g.mutable_data_ptr<acc_type<scalar_t>>(),
-                                       sum_g_xhat.mutable_data_ptr<acc_type<scalar_t>>());
+    const scalar_t* add_data = optional_data<scalar_t>(add);
+    const auto run = [&](const auto* t) {
+      using S = std::remove_cv_t<std::remove_pointer_t<decltype(t)>>;
+      const auto kernel = add_data ? backward_reduce_kernel<scalar_t, S, true>
+                                   : backward_reduce_kernel<scalar_t, S, false>;
+      kernel(t, add_data, h.const_data_ptr<scalar_t>(), g.mutable_data_ptr<scalar_t>(), scale, shift,
+             mean, invstd, rows, C, sum_g.mutable_data_ptr<acc_type<scalar_t>>(),
+             sum_g_xhat.mutable_data_ptr<acc_type<scalar_t>>());
     };
     if (conv_out.scalar_type() == dtype) {
       run(conv_out.const_data_ptr<scalar_t>());

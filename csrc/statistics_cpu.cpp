@@ -4,8 +4,9 @@
 //                         (conv_bnrelu's epilogue; conv_out is float32 for bfloat16 / float16 y)
 //   bn_finalize           merge partials -> mean, invstd, scale, shift; running statistics
 // Partials: block k holds rows [k * kRowsPerPartial, (k + 1) * kRowsPerPartial) of the NHWC
-// tensor; the blocks run in parallel, each a Welford update per row on at::vec lanes in acc_t
-// (fp32; fp64 for float64), one reciprocal per row shared by its channels. bn_finalize merges
+// tensor; the blocks run in parallel, each summing its values shifted by the block's first row,
+// and their squares, on at::vec lanes held in registers, in acc_t (fp32; fp64 for float64), then
+// turning the sums into the block's mean and M2 in double. bn_finalize merges
 // the blocks with Chan's formula in double, so a mean of 100 with std 0.01 keeps its variance.
 // Running statistics follow nn.BatchNorm2d in training: running = (1 - f) running + f stat with
 // the unbiased variance, f = momentum, or 1 / num_batches_tracked when momentum < 0.
@@ -13,7 +14,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 
 #include <algorithm>
 #include <cmath>
@@ -27,43 +27,50 @@ using cpu::acc_type;
 
 namespace {
 
-// Partials of the values v = round_T(src (+ residual)); with `out` given they are stored there.
-// Without `out`, S is T and src is read as is.
-template <typename T, typename S, typename P>
+// Partials of the values v = round_T(src (+ residual)), stored in `out` when kStore. Without
+// kStore, S is T and src is read as is. Each block sums d = v - k and d * d per channel, k being
+// the block's first row: mean = k + sum(d) / n and M2 = sum(d * d) - sum(d)^2 / n. Shifting by a
+// value of the data keeps the sums near n * var, so a mean of 100 with std 0.01 does not cancel.
+template <typename T, typename S, typename P, bool kStore, bool kResidual>
 void stats_kernel(const S* src, const T* residual, T* out, int64_t rows, int64_t C, P* pmean,
                   P* pm2, P* pcount) {
   using acc_t = acc_type<T>;
   using Vec = at::vec::Vectorized<acc_t>;
+  const auto value = [&](int64_t i) {  // one v, as the vector code computes it
+    acc_t v = static_cast<acc_t>(src[i]);
+    if constexpr (kStore) {
+      if constexpr (kResidual) v += static_cast<acc_t>(residual[i]);
+      v = static_cast<acc_t>(static_cast<T>(v));
+    }
+    return v;
+  };
   const int64_t blocks = partial_count(rows);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> mean(C + Vec::size()), m2(C + Vec::size());
+    cpu::ChannelVector<acc_t> first_row(C);
+    std::vector<acc_t> sum_d(C), sum_dd(C);
     for (int64_t k = begin; k < end; ++k) {
-      std::fill(mean.begin(), mean.end(), acc_t(0));
-      std::fill(m2.begin(), m2.end(), acc_t(0));
       const int64_t r0 = k * kRowsPerPartial, r1 = std::min(rows, r0 + kRowsPerPartial);
-      for (int64_t r = r0; r < r1; ++r) {
-        const Vec inv_n(acc_t(1) / static_cast<acc_t>(r - r0 + 1));
-        const int64_t row = r * C;
-        for (int64_t c = 0; c < C; c += Vec::size()) {
-          const int64_t n = std::min<int64_t>(Vec::size(), C - c);
-          Vec v = cpu::load<acc_t>(src + row + c, n);
-          if (out != nullptr) {
-            if (residual != nullptr) v = v + cpu::load<acc_t>(residual + row + c, n);
-            v = cpu::round_to<T>(v);
-            cpu::store(out + row + c, v, n);
-          }
-          const Vec mu = Vec::loadu(mean.data() + c);
-          const Vec delta = v - mu;
-          const Vec mu_new = at::vec::fmadd(delta, inv_n, mu);
-          mu_new.store(mean.data() + c);
-          at::vec::fmadd(delta, v - mu_new, Vec::loadu(m2.data() + c)).store(m2.data() + c);
+      for (int64_t c = 0; c < C; ++c) first_row[c] = value(r0 * C + c);
+      cpu::reduce_rows<acc_t>(r0, r1, C, sum_d.data(), sum_dd.data(),
+                              [&](int64_t r, int64_t c, auto n, Vec& s, Vec& ss) {
+        const int64_t i = r * C + c;
+        Vec v = cpu::load<acc_t>(src + i, n);
+        if constexpr (kStore) {
+          if constexpr (kResidual) v = v + cpu::load<acc_t>(residual + i, n);
+          v = cpu::round_to<T>(v);
+          cpu::store(out + i, v, n);
         }
-      }
+        const Vec d = v - Vec::loadu(first_row.ptr() + c);
+        s = s + d;
+        ss = at::vec::fmadd(d, d, ss);
+      });
+      const double count = static_cast<double>(r1 - r0);
       for (int64_t c = 0; c < C; ++c) {
-        pmean[k * C + c] = static_cast<P>(mean[c]);
-        pm2[k * C + c] = static_cast<P>(m2[c]);
+        const double s = sum_d[c], ss = sum_dd[c];
+        pmean[k * C + c] = static_cast<P>(first_row[c] + s / count);
+        pm2[k * C + c] = static_cast<P>(std::max(ss - s * s / count, 0.0));
       }
-      pcount[k] = static_cast<P>(r1 - r0);
+      pcount[k] = static_cast<P>(count);
     }
   });
 }
@@ -83,9 +90,9 @@ Tensor3 channel_stats_cpu(const Tensor& x) {
   auto [pmean, pm2, pcount] = empty_partials(rows, C, x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_stats_cpu", [&] {
     using stat_t = acc_type<scalar_t>;
-    stats_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), nullptr, nullptr, rows, C,
-                           pmean.mutable_data_ptr<stat_t>(), pm2.mutable_data_ptr<stat_t>(),
-                           pcount.mutable_data_ptr<stat_t>());
+    stats_kernel<scalar_t, scalar_t, stat_t, false, false>(
+        x.const_data_ptr<scalar_t>(), nullptr, nullptr, rows, C, pmean.mutable_data_ptr<stat_t>(),
+        pm2.mutable_data_ptr<stat_t>(), pcount.mutable_data_ptr<stat_t>());
   });
   return {pmean, pm2, pcount};
 }
@@ -117,7 +124,12 @@ Tensor4 conv_epilogue_cpu(const Tensor& conv_out, const OptionalTensor& residual
       scratch.resize(static_cast<size_t>(t * (2 * C + 1)));
       m = scratch.data(), v = m + t * C, n = v + t * C;
     }
-    const auto run = [&](const auto* src) { stats_kernel<scalar_t>(src, res, out, rows, C, m, v, n); };
+    const auto run = [&](const auto* src) {
+      using S = std::remove_cv_t<std::remove_pointer_t<decltype(src)>>;
+      const auto kernel = res ? stats_kernel<scalar_t, S, stat_t, true, true>
+                              : stats_kernel<scalar_t, S, stat_t, true, false>;
+      kernel(src, res, out, rows, C, m, v, n);
+    };
     if (conv_out.scalar_type() == dtype) {
       run(conv_out.const_data_ptr<scalar_t>());
     } else if constexpr (cpu::is_reduced<scalar_t>) {
@@ -131,6 +143,31 @@ Tensor4 conv_epilogue_cpu(const Tensor& conv_out, const OptionalTensor& residual
   return {y, pmean, pm2, pcount};
 }
 
+namespace {
+
+// A per-channel tensor of any floating dtype (C values, maybe strided) as doubles.
+std::vector<double> channel_doubles(const Tensor& t) {
+  const Tensor values = t.contiguous();
+  std::vector<double> out(static_cast<size_t>(values.numel()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "channel_doubles", [&] {
+    const scalar_t* data = values.const_data_ptr<scalar_t>();
+    for (size_t c = 0; c < out.size(); ++c) out[c] = static_cast<double>(data[c]);
+  });
+  return out;
+}
+
+// running = (1 - f) * running + f * stat, in place, in running's dtype.
+void update_running(const Tensor& running, const std::vector<double>& stat, double f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "update_running", [&] {
+    scalar_t* data = running.mutable_data_ptr<scalar_t>();
+    for (size_t c = 0; c < stat.size(); ++c) {
+      data[c] = static_cast<scalar_t>((1 - f) * static_cast<double>(data[c]) + f * stat[c]);
+    }
+  });
+}
+
+}  // namespace
+
 Tensor4 bn_finalize_cpu(const Tensor& pmean, const Tensor& pm2, const Tensor& pcount,
                         const Tensor& weight, const Tensor& bias, const OptionalTensor& running_mean,
                         const OptionalTensor& running_var, const OptionalTensor& num_batches_tracked,
@@ -140,49 +177,47 @@ Tensor4 bn_finalize_cpu(const Tensor& pmean, const Tensor& pm2, const Tensor& pc
   TORCH_CHECK(pmean.device().is_cpu(), "bn_finalize: pmean must be a CPU tensor here, got ",
               pmean.device());
   const int64_t T = pmean.size(0), C = pmean.size(1);
-  const auto options = pmean.options().dtype(at::kDouble);  // results in double, then pmean's dtype
-  Tensor mean = at::empty({C}, options), invstd = at::empty({C}, options);
-  Tensor scale = at::empty({C}, options), shift = at::empty({C}, options);
-  const Tensor w = weight.to(at::kDouble).contiguous(), b = bias.to(at::kDouble).contiguous();
-  const Tensor pmean64 = pmean.to(at::kDouble), pm264 = pm2.to(at::kDouble);
-  const Tensor pcount64 = pcount.to(at::kDouble);
-  const double *pm = pmean64.const_data_ptr<double>(), *pv = pm264.const_data_ptr<double>();
-  const double* pn = pcount64.const_data_ptr<double>();
+  Tensor mean = at::empty({C}, pmean.options()), invstd = at::empty({C}, pmean.options());
+  Tensor scale = at::empty({C}, pmean.options()), shift = at::empty({C}, pmean.options());
+  const std::vector<double> w = channel_doubles(weight), b = channel_doubles(bias);
   std::vector<double> batch_mean(C), unbiased_var(C);
-  for (int64_t c = 0; c < C; ++c) {
-    double mu = 0, m2 = 0, n = 0;
-    for (int64_t t = 0; t < T; ++t) {  // Chan et al.'s merge; empty partials are skipped
-      const double nb = pn[t];
+  AT_DISPATCH_FLOATING_TYPES(pmean.scalar_type(), "bn_finalize_cpu", [&] {
+    const scalar_t *pm = pmean.const_data_ptr<scalar_t>(), *pv = pm2.const_data_ptr<scalar_t>();
+    const scalar_t* pn = pcount.const_data_ptr<scalar_t>();
+    scalar_t *mean_out = mean.mutable_data_ptr<scalar_t>(), *invstd_out = invstd.mutable_data_ptr<scalar_t>();
+    scalar_t *scale_out = scale.mutable_data_ptr<scalar_t>(), *shift_out = shift.mutable_data_ptr<scalar_t>();
+    std::vector<double> mu(C, 0.0), m2(C, 0.0);
+    double n = 0;
+    for (int64_t t = 0; t < T; ++t) {  // Chan et al.'s merge, in double; empty partials are skipped
+      const double nb = static_cast<double>(pn[t]);
       if (nb == 0) continue;
-      const double delta = pm[t * C + c] - mu, total = n + nb;
-      mu += delta * nb / total;
-      m2 += pv[t * C + c] + delta * delta * n * nb / total;
+      const double total = n + nb;
+      for (int64_t c = 0; c < C; ++c) {
+        const double delta = static_cast<double>(pm[t * C + c]) - mu[c];
+        mu[c] += delta * nb / total;
+        m2[c] += static_cast<double>(pv[t * C + c]) + delta * delta * n * nb / total;
+      }
       n = total;
     }
-    const double istd = 1.0 / std::sqrt(m2 / n + eps);
-    const double sc = w.const_data_ptr<double>()[c] * istd;
-    mean.mutable_data_ptr<double>()[c] = mu;
-    invstd.mutable_data_ptr<double>()[c] = istd;
-    scale.mutable_data_ptr<double>()[c] = sc;
-    shift.mutable_data_ptr<double>()[c] = b.const_data_ptr<double>()[c] - mu * sc;
-    batch_mean[c] = mu;
-    unbiased_var[c] = m2 / (n - 1);
-  }
+    for (int64_t c = 0; c < C; ++c) {
+      const double istd = 1.0 / std::sqrt(m2[c] / n + eps);
+      const double sc = w[c] * istd;
+      mean_out[c] = static_cast<scalar_t>(mu[c]);
+      invstd_out[c] = static_cast<scalar_t>(istd);
+      scale_out[c] = static_cast<scalar_t>(sc);
+      shift_out[c] = static_cast<scalar_t>(b[c] - mu[c] * sc);
+      batch_mean[c] = mu[c];
+      unbiased_var[c] = m2[c] / (n - 1);
+    }
+  });
   if (running_mean.has_value()) {
     const double f = momentum >= 0
                          ? momentum
                          : 1.0 / num_batches_tracked->to(at::kDouble).item<double>();
-    for (auto [running, stat] : {std::pair<const Tensor&, std::vector<double>&>{*running_mean, batch_mean},
-                                 {*running_var, unbiased_var}}) {
-      const Tensor old = running.to(at::kDouble).contiguous();
-      for (int64_t c = 0; c < C; ++c) {
-        stat[c] = (1 - f) * old.const_data_ptr<double>()[c] + f * stat[c];
-      }
-      running.copy_(at::from_blob(stat.data(), {C}, options));
-    }
+    update_running(*running_mean, batch_mean, f);
+    update_running(*running_var, unbiased_var, f);
   }
-  const at::ScalarType out = pmean.scalar_type();
-  return {mean.to(out), invstd.to(out), scale.to(out), shift.to(out)};
+  return {mean, invstd, scale, shift};
 }
 
 }  // namespace fused_preact

@@ -36,6 +36,9 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 # (rtol, atol relative to the largest magnitude of the expected tensor)
 TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-5), torch.bfloat16: (1.6e-2, 8e-3)}
 SHAPES = [(1, 7, 9, 3), (3, 9, 15, 5), (3, 15, 7, 17)]   # NHWC
+# 286 rows (a partial second block of 256) of 83 channels: the CPU kernels' register-blocked
+# channel groups (4 vectors: 64 float32 lanes with AVX-512), a whole leftover vector and a tail.
+WIDE = (2, 13, 11, 83)
 
 
 def close(got, expected, dtype):
@@ -91,17 +94,18 @@ def test_built_with_cuda_registers_a_cuda_kernel_for_every_operator():
 # -- statistics ----------------------------------------------------------------
 @pytest.mark.parametrize("device", devices("channel_stats"))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES + [(3, 16, 16, 8)])
+@pytest.mark.parametrize("shape", SHAPES + [(3, 16, 16, 8), WIDE])
 def test_channel_stats_partials_merge_to_the_statistics(shape, dtype, device):
     x = activation(shape, dtype, device)
     check_partials(ops.channel_stats(x), x)
 
 
 @pytest.mark.parametrize("device", devices("channel_stats"))
-def test_channel_stats_large_mean_keeps_its_variance(device):
-    x = (100 + 0.01 * torch.randn(3, 17, 15, 5, dtype=torch.float64)).float().to(device)
+@pytest.mark.parametrize("c", [5, 83])
+def test_channel_stats_large_mean_keeps_its_variance(c, device):
+    x = (100 + 0.01 * torch.randn(3, 17, 15, c, dtype=torch.float64)).float().to(device)
     mean, var, _ = merged(*ops.channel_stats(x))
-    x64 = x.double().cpu().reshape(-1, 5)
+    x64 = x.double().cpu().reshape(-1, c)
     torch.testing.assert_close(mean, x64.mean(0), rtol=1e-6, atol=0)  # float32 partials
     torch.testing.assert_close(var, x64.var(0, unbiased=False), rtol=1e-3, atol=0)
 
@@ -154,7 +158,7 @@ def test_bn_finalize_running_stats_follow_nn_batchnorm2d(momentum, device):
 @pytest.mark.parametrize("device", devices("bn_relu_apply"))
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + [WIDE])
 def test_bn_relu_apply(shape, dtype, with_residual, device):
     x = activation(shape, dtype, device)
     scale, shift = channel_params(shape[-1], device)
@@ -171,7 +175,7 @@ def test_bn_relu_apply(shape, dtype, with_residual, device):
 @pytest.mark.parametrize("with_add", [False, True])
 @pytest.mark.parametrize("batch_stats", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + [WIDE])
 def test_bn_backward_finish(shape, dtype, batch_stats, with_add, device):
     c = shape[-1]
     g, h = activation(shape, dtype, device, mean=0.0), activation(shape, dtype, device, mean=50.0)
@@ -192,7 +196,7 @@ def test_bn_backward_finish(shape, dtype, batch_stats, with_add, device):
 @pytest.mark.parametrize("device", devices("bn_relu_backward_reduce"))
 @pytest.mark.parametrize("with_add", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES + [(3, 16, 16, 8)])
+@pytest.mark.parametrize("shape", SHAPES + [(3, 16, 16, 8), WIDE])
 def test_bn_relu_backward_reduce(shape, dtype, with_add, device):
     c = shape[-1]
     t, h = activation(shape, dtype, device, mean=0.0), activation(shape, dtype, device)
@@ -241,6 +245,18 @@ def test_conv_bnrelu(k, stride, dtype, with_residual, stats, device):
         check_partials((pmean, pm2, pcount), y)   # the statistics of y as stored
     else:
         assert pmean.numel() == pm2.numel() == pcount.numel() == 0
+
+
+@pytest.mark.parametrize("device", devices("conv_bnrelu"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_bnrelu_wide_output_statistics(dtype, device):
+    """The epilogue's residual add, rounding and partials over register-blocked channel groups."""
+    x, weight, scale, shift = conv_inputs(dtype, device, 1, cout=WIDE[-1], shape=WIDE[:3])
+    residual = activation(WIDE, dtype, device)
+    y, *partials = ops.conv_bnrelu(x, weight, scale, shift, residual, 1, True)
+    expected = ref.conv_bnrelu(*[t.cpu() for t in (x, weight, scale, shift)], residual.cpu(), 1, False)[0]
+    close(y, expected, dtype)
+    check_partials(partials, y)
 
 
 @pytest.mark.parametrize("device", devices("conv_dgrad"))
