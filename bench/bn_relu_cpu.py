@@ -1,14 +1,15 @@
 """CPU benchmark: the fused BN-ReLU(-add) forward + backward of the C++ operators vs eager PyTorch.
 
-    python bench/bn_relu_cpu.py [--batch 32] [--channels 64] [--size 32] [--repeats 20]
+    python bench/bn_relu_cpu.py [--batch 32] [--channels 64] [--size 32] [--repeats 30]
 
 Both sides run a training step of out = relu(BN(x)) + residual on an NHWC (channels_last) tensor
 and its backward for a given d_out (dx, d_residual, d_weight, d_bias):
   eager  nn.BatchNorm2d -> relu -> add, autograd backward
   fused  channel_stats -> bn_finalize (running stats) -> bn_relu_apply(+ residual);
          bn_relu_backward_reduce (ReLU mask, BN sums) -> bn_backward_finish
-Prints the median of `repeats` timings of each, measured side by side in this one run, the
-versions and thread count, and each side's largest dx error against float64 autograd on
+Prints the median of `repeats` timings of each, the two steps alternating in this one run (the
+dev VM's speed drifts within seconds), the versions, the extension's CPU vector code and thread
+count, and each side's largest dx error against float64 autograd on
 NCHW-contiguous copies (eager's own channels_last CPU path is the less stable reference: measured
 here with torch 2.14.1, it is now and then off by up to 0.5 in float32 and in float64 alike, from
 process to process, while the NCHW float64 reference and the fused ops are not). Nothing here is
@@ -46,14 +47,17 @@ def fused_step(weight, bias, running_mean, running_var, tracked, x, residual, d_
     return out, dx, sum_g_xhat, sum_g
 
 
-def median_seconds(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def median_seconds(fns, repeats):
+    """Median seconds of each function, run in turn `repeats` times after a warm-up call."""
+    times = [[] for _ in fns]
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 def main():
@@ -61,14 +65,15 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     args = parser.parse_args()
     if not _extension.available():
         raise SystemExit(_extension.unavailable_reason())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, commit {commit}")
+          f"{torch.get_num_threads()} threads (fused kernels on {ops.cpu_threads()}), "
+          f"CPU kernels {_extension.cpu_simd()}, commit {commit}")
     print(f"shape N={args.batch} C={args.channels} H=W={args.size} (NHWC), median of {args.repeats}")
     print(f"{'dtype':10s} {'eager ms':>9s} {'fused ms':>9s} {'speedup':>8s} {'eager dx err':>13s} "
           f"{'fused dx err':>13s}")
@@ -84,9 +89,10 @@ def main():
         running_mean, running_var = torch.zeros(c), torch.ones(c)
         tracked = torch.tensor(0)
 
-        eager = median_seconds(lambda: eager_step(bn, nchw(x), nchw(residual), nchw(d_out)), args.repeats)
-        fused = median_seconds(lambda: fused_step(weight, bias, running_mean, running_var, tracked, x,
-                                                  residual, d_out), args.repeats)
+        eager, fused = median_seconds(
+            [lambda: eager_step(bn, nchw(x), nchw(residual), nchw(d_out)),
+             lambda: fused_step(weight, bias, running_mean, running_var, tracked, x, residual, d_out)],
+            args.repeats)
         _, dx_eager = eager_step(bn, nchw(x), nchw(residual), nchw(d_out))
         _, dx_fused, _, _ = fused_step(weight, bias, running_mean, running_var, tracked, x, residual, d_out)
         bn64 = torch.nn.BatchNorm2d(c).double()

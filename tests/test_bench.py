@@ -281,3 +281,18 @@ def test_an_only_pattern_matching_nothing_exits_2_and_names_it(capsys):
 def test_dtype_list_is_parsed_in_order_without_duplicates():
     assert script.parse_dtypes("bf16, fp32,bf16") == [torch.bfloat16, torch.float32]
     assert script.parse_dtypes(None) is None
+
+
+@pytest.mark.skipif(not __import__("fused_preact._extension", fromlist=["x"]).available(),
+                    reason="needs the C++ extension")
+def test_cpu_bn_relu_benchmark_runs_and_its_fused_step_matches_float64():
+    """bench/bn_relu_cpu.py at a tiny odd shape: one row per dtype, the fused dx close to float64."""
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "bn_relu_cpu.py"), "--batch", "2",
+                             "--channels", "19", "--size", "5", "--repeats", "2"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "CPU kernels " in result.stdout and "commit " in result.stdout
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()
+            if line.split() and line.split()[0] in ("float32", "bfloat16")}
+    assert set(rows) == {"float32", "bfloat16"}
+    assert float(rows["float32"][-1]) < 1e-5 and float(rows["bfloat16"][-1]) < 0.05
