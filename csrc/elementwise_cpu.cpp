@@ -52,18 +52,23 @@ void apply_kernel(const T* x, const T* residual, O* out, const Tensor& scale_t,
                   const Tensor& shift_t, int64_t rows, int64_t C) {
   using acc_t = acc_type<T>;
   using Vec = at::vec::Vectorized<acc_t>;
-  const ChannelVector<acc_t> scale = channel_values<acc_t>(scale_t);
-  const ChannelVector<acc_t> shift = channel_values<acc_t>(shift_t);
+  const ChannelVector<acc_t> scale_values = channel_values<acc_t>(scale_t);
+  const ChannelVector<acc_t> shift_values = channel_values<acc_t>(shift_t);
   at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
+    // Locals, not captures: the stores below may alias any memory, and would make the compiler
+    // reload captured pointers for every vector.
+    const acc_t* const scale = scale_values.ptr();
+    const acc_t* const shift = shift_values.ptr();
+    const int64_t channels = C;
     for (int64_t r = begin; r < end; ++r) {
-      const T* x_row = x + r * C;
-      const T* residual_row = residual + (kResidual ? r * C : 0);
-      O* out_row = out + r * C;
-      cpu::for_each_vector<acc_t>(C, [&](int64_t c, auto n) {
-        Vec a = at::vec::maximum(at::vec::fmadd(cpu::load<acc_t>(x_row + c, n),
-                                                Vec::loadu(scale.ptr() + c),
-                                                Vec::loadu(shift.ptr() + c)),
-                                 Vec(acc_t(0)));
+      const T* x_row = x + r * channels;
+      const T* residual_row = residual + (kResidual ? r * channels : 0);
+      O* out_row = out + r * channels;
+      cpu::for_each_vector<acc_t>(channels, [&](int64_t c, auto n) {
+        // clamp_min keeps a NaN, as torch.relu does
+        Vec a = at::vec::clamp_min(at::vec::fmadd(cpu::load<acc_t>(x_row + c, n), Vec::loadu(scale + c),
+                                                  Vec::loadu(shift + c)),
+                                   Vec(acc_t(0)));
         if constexpr (kResidual) a = a + cpu::load<acc_t>(residual_row + c, n);
         if constexpr (!std::is_same_v<O, T>) a = cpu::round_to<T>(a);
         cpu::store(out_row + c, a, n);
@@ -87,30 +92,33 @@ void finish_kernel(const T* g, const T* h, const T* add, T* dh, const Tensor& me
                    const Tensor& sum_g_xhat_t, double count, int64_t rows, int64_t C) {
   using acc_t = acc_type<T>;
   using Vec = at::vec::Vectorized<acc_t>;
-  ChannelVector<acc_t> a = channel_values<acc_t>(weight_t), b(C), d(C), mean(C);
+  ChannelVector<acc_t> a_values = channel_values<acc_t>(weight_t), b_values(C), d_values(C), mean_values(C);
   const ChannelVector<acc_t> invstd = channel_values<acc_t>(invstd_t);
-  for (int64_t c = 0; c < C; ++c) a[c] *= invstd.data[c];
+  for (int64_t c = 0; c < C; ++c) a_values[c] *= invstd.data[c];
   if constexpr (kBatchStats) {
-    mean = channel_values<acc_t>(mean_t);
+    mean_values = channel_values<acc_t>(mean_t);
     const ChannelVector<acc_t> sum_g = channel_values<acc_t>(sum_g_t);
     const ChannelVector<acc_t> sum_g_xhat = channel_values<acc_t>(sum_g_xhat_t);
     const acc_t inv_count = static_cast<acc_t>(1.0 / count);
     for (int64_t c = 0; c < C; ++c) {
-      b[c] = -a[c] * invstd.data[c] * sum_g_xhat.data[c] * inv_count;
-      d[c] = -a[c] * sum_g.data[c] * inv_count;
+      b_values[c] = -a_values[c] * invstd.data[c] * sum_g_xhat.data[c] * inv_count;
+      d_values[c] = -a_values[c] * sum_g.data[c] * inv_count;
     }
   }
   at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
+    const acc_t *const a = a_values.ptr(), *const b = b_values.ptr(), *const d = d_values.ptr();
+    const acc_t* const mean = mean_values.ptr();  // locals: see apply
+    const int64_t channels = C;
     for (int64_t r = begin; r < end; ++r) {
-      const T* g_row = g + r * C;
-      const T* h_row = h + (kBatchStats ? r * C : 0);
-      const T* add_row = add + (kAdd ? r * C : 0);
-      T* dh_row = dh + r * C;
-      cpu::for_each_vector<acc_t>(C, [&](int64_t c, auto n) {
-        Vec out = cpu::load<acc_t>(g_row + c, n) * Vec::loadu(a.ptr() + c);
+      const T* g_row = g + r * channels;
+      const T* h_row = h + (kBatchStats ? r * channels : 0);
+      const T* add_row = add + (kAdd ? r * channels : 0);
+      T* dh_row = dh + r * channels;
+      cpu::for_each_vector<acc_t>(channels, [&](int64_t c, auto n) {
+        Vec out = cpu::load<acc_t>(g_row + c, n) * Vec::loadu(a + c);
         if constexpr (kBatchStats) {
-          const Vec centered = cpu::load<acc_t>(h_row + c, n) - Vec::loadu(mean.ptr() + c);
-          out = at::vec::fmadd(centered, Vec::loadu(b.ptr() + c), out + Vec::loadu(d.ptr() + c));
+          const Vec centered = cpu::load<acc_t>(h_row + c, n) - Vec::loadu(mean + c);
+          out = at::vec::fmadd(centered, Vec::loadu(b + c), out + Vec::loadu(d + c));
         }
         if constexpr (kAdd) out = out + cpu::load<acc_t>(add_row + c, n);
         cpu::store(dh_row + c, out, n);
@@ -128,26 +136,33 @@ void backward_reduce_kernel(const S* t, const T* add, const T* h, T* g, const Te
                             acc_type<T>* sum_g_xhat_out) {
   using acc_t = acc_type<T>;
   using Vec = at::vec::Vectorized<acc_t>;
-  const ChannelVector<acc_t> scale = channel_values<acc_t>(scale_t);
-  const ChannelVector<acc_t> shift = channel_values<acc_t>(shift_t);
-  const ChannelVector<acc_t> mean = channel_values<acc_t>(mean_t);
+  const ChannelVector<acc_t> scale_values = channel_values<acc_t>(scale_t);
+  const ChannelVector<acc_t> shift_values = channel_values<acc_t>(shift_t);
+  const ChannelVector<acc_t> mean_values = channel_values<acc_t>(mean_t);
   const ChannelVector<acc_t> invstd = channel_values<acc_t>(invstd_t);
   const int64_t blocks = partial_count(rows);
   std::vector<acc_t> block_sum_g(blocks * C), block_sum_gc(blocks * C);  // sum(g), sum(g * (h - mean))
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const acc_t *const scale = scale_values.ptr(), *const shift = shift_values.ptr();  // locals: see apply
+    const acc_t* const mean = mean_values.ptr();
+    const S* const t_data = t;
+    const T *const add_data = add, *const h_data = h;
+    T* const g_data = g;
+    const int64_t channels = C;
     for (int64_t k = begin; k < end; ++k) {
       const int64_t r0 = k * kRowsPerPartial, r1 = std::min(rows, r0 + kRowsPerPartial);
-      cpu::reduce_rows<acc_t>(r0, r1, C, block_sum_g.data() + k * C, block_sum_gc.data() + k * C,
+      cpu::reduce_rows<acc_t>(r0, r1, channels, block_sum_g.data() + k * channels,
+                              block_sum_gc.data() + k * channels,
                               [&](int64_t r, int64_t c, auto n, Vec& sum_g, Vec& sum_gc) {
-        const int64_t i = r * C + c;
-        Vec grad = cpu::load<acc_t>(t + i, n);
-        if constexpr (kAdd) grad = grad + cpu::load<acc_t>(add + i, n);
-        const Vec hv = cpu::load<acc_t>(h + i, n);
-        const Vec pre = at::vec::fmadd(hv, Vec::loadu(scale.ptr() + c), Vec::loadu(shift.ptr() + c));
+        const int64_t i = r * channels + c;
+        Vec grad = cpu::load<acc_t>(t_data + i, n);
+        if constexpr (kAdd) grad = grad + cpu::load<acc_t>(add_data + i, n);
+        const Vec hv = cpu::load<acc_t>(h_data + i, n);
+        const Vec pre = at::vec::fmadd(hv, Vec::loadu(scale + c), Vec::loadu(shift + c));
         grad = grad & (pre > Vec(acc_t(0)));
-        cpu::store(g + i, grad, n);
+        cpu::store(g_data + i, grad, n);
         sum_g = sum_g + grad;
-        sum_gc = at::vec::fmadd(grad, hv - Vec::loadu(mean.ptr() + c), sum_gc);
+        sum_gc = at::vec::fmadd(grad, hv - Vec::loadu(mean + c), sum_gc);
       });
     }
   });

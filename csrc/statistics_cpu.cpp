@@ -46,21 +46,28 @@ void stats_kernel(const S* src, const T* residual, T* out, int64_t rows, int64_t
   };
   const int64_t blocks = partial_count(rows);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    cpu::ChannelVector<acc_t> first_row(C);
+    cpu::ChannelVector<acc_t> first_row_values(C);
     std::vector<acc_t> sum_d(C), sum_dd(C);
+    // Locals, not captures: the stores below may alias any memory, and would make the compiler
+    // reload captured pointers for every vector.
+    acc_t* const first_row = first_row_values.ptr();
+    const S* const src_data = src;
+    const T* const residual_data = residual;
+    T* const out_data = out;
+    const int64_t channels = C;
     for (int64_t k = begin; k < end; ++k) {
       const int64_t r0 = k * kRowsPerPartial, r1 = std::min(rows, r0 + kRowsPerPartial);
-      for (int64_t c = 0; c < C; ++c) first_row[c] = value(r0 * C + c);
-      cpu::reduce_rows<acc_t>(r0, r1, C, sum_d.data(), sum_dd.data(),
+      for (int64_t c = 0; c < channels; ++c) first_row[c] = value(r0 * channels + c);
+      cpu::reduce_rows<acc_t>(r0, r1, channels, sum_d.data(), sum_dd.data(),
                               [&](int64_t r, int64_t c, auto n, Vec& s, Vec& ss) {
-        const int64_t i = r * C + c;
-        Vec v = cpu::load<acc_t>(src + i, n);
+        const int64_t i = r * channels + c;
+        Vec v = cpu::load<acc_t>(src_data + i, n);
         if constexpr (kStore) {
-          if constexpr (kResidual) v = v + cpu::load<acc_t>(residual + i, n);
+          if constexpr (kResidual) v = v + cpu::load<acc_t>(residual_data + i, n);
           v = cpu::round_to<T>(v);
-          cpu::store(out + i, v, n);
+          cpu::store(out_data + i, v, n);
         }
-        const Vec d = v - Vec::loadu(first_row.ptr() + c);
+        const Vec d = v - Vec::loadu(first_row + c);
         s = s + d;
         ss = at::vec::fmadd(d, d, ss);
       });
