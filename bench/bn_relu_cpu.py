@@ -9,11 +9,11 @@ and its backward for a given d_out (dx, d_residual, d_weight, d_bias):
          bn_relu_backward_reduce (ReLU mask, BN sums) -> bn_backward_finish
 Prints the median of `repeats` timings of each, the two steps alternating in this one run (the
 dev VM's speed drifts within seconds), the versions, the extension's CPU vector code and thread
-count, and each side's largest dx error against float64 autograd on
-NCHW-contiguous copies (eager's own channels_last CPU path is the less stable reference: measured
-here with torch 2.14.1, it is now and then off by up to 0.5 in float32 and in float64 alike, from
-process to process, while the NCHW float64 reference and the fused ops are not). Nothing here is
-a test.
+count, and each side's largest dx error against the BN-ReLU backward written out in float64
+numpy, over the elements whose float64 pre-activation is at least 1e-5 from ReLU's kink at 0:
+the derivative jumps there, and an element a float32 BN output rounds across 0 (measured: one or
+two of the 2M, |pre| ~ 1e-7, in about a third of the processes) makes a dx error of up to |d_out|
+whatever the kernel. Nothing here is a test.
 """
 import argparse
 import platform
@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import time
 
+import numpy as np
 import torch
 
 from fused_preact import _extension
@@ -45,6 +46,20 @@ def fused_step(weight, bias, running_mean, running_var, tracked, x, residual, d_
     count = float(x.numel() // x.shape[-1])
     dx = ops.bn_backward_finish(g, x, mean, invstd, weight, sum_g, sum_g_xhat, count, None, True)
     return out, dx, sum_g_xhat, sum_g
+
+
+def reference_dx(x, d_out, weight, bias, eps):
+    """dx of relu(BN(x)) + residual, written out in float64 numpy (independent of torch's kernels),
+    and where the pre-activation is at least 1e-5 from 0 (the elements an error is measured on)."""
+    c = x.shape[-1]
+    x64, d64 = x.double().numpy().reshape(-1, c), d_out.double().numpy().reshape(-1, c)
+    w64, b64 = weight.double().numpy(), bias.double().numpy()
+    invstd = 1 / np.sqrt(x64.var(0) + eps)
+    xhat = (x64 - x64.mean(0)) * invstd
+    dy = d64 * (w64 * xhat + b64 > 0)
+    dx = w64 * invstd * (dy - dy.mean(0) - xhat * (dy * xhat).mean(0))
+    away_from_kink = np.abs(w64 * xhat + b64) >= 1e-5
+    return torch.from_numpy(dx.reshape(x.shape)), torch.from_numpy(away_from_kink.reshape(x.shape))
 
 
 def median_seconds(fns, repeats):
@@ -95,12 +110,9 @@ def main():
             args.repeats)
         _, dx_eager = eager_step(bn, nchw(x), nchw(residual), nchw(d_out))
         _, dx_fused, _, _ = fused_step(weight, bias, running_mean, running_var, tracked, x, residual, d_out)
-        bn64 = torch.nn.BatchNorm2d(c).double()
-        contiguous64 = lambda t: nchw(t).double().contiguous()  # noqa: E731
-        _, dx_ref = eager_step(bn64, contiguous64(x), contiguous64(residual), contiguous64(d_out))
-        dx_ref = dx_ref.permute(0, 2, 3, 1)
-        eager_err = (dx_eager.permute(0, 2, 3, 1).double() - dx_ref).abs().max().item()
-        fused_err = (dx_fused.double() - dx_ref).abs().max().item()
+        dx_ref, measured = reference_dx(x, d_out, weight, bias, bn.eps)
+        eager_err = (dx_eager.permute(0, 2, 3, 1).double() - dx_ref)[measured].abs().max().item()
+        fused_err = (dx_fused.double() - dx_ref)[measured].abs().max().item()
         print(f"{name:10s} {eager * 1e3:9.2f} {fused * 1e3:9.2f} {eager / fused:7.2f}x {eager_err:13.3g} "
               f"{fused_err:13.3g}")
 
