@@ -6,9 +6,11 @@
 //                            sum_g = sum(g), sum_g_xhat = sum(g * (h - mean) * invstd)  backward
 //   bn_backward_finish       dh = A[c] * g + B[c] * (h - mean[c]) + D[c] (+ add)       backward
 // Layout: contiguous [rows, C] (rows = N*H*W). Arithmetic in acc_t (fp32, fp64 for float64) on
-// at::vec lanes, one row at a time; rows in parallel (at::parallel_for). The reduction runs per
-// block of kRowsPerPartial rows and adds the blocks in double in a fixed order: reproducible
-// whatever the thread count. Fuses each line above into one read of its inputs; saves nothing.
+// at::vec lanes, rows in parallel (at::parallel_for). The elementwise passes walk one row at a
+// time; the reduction runs per block of kRowsPerPartial rows with its sums in registers
+// (cpu::reduce_rows), then adds the blocks in double in a fixed order, sum_g_xhat as
+// sum(g * (h - mean)) * invstd: reproducible whatever the thread count. Fuses each line above
+// into one read of its inputs; saves nothing.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
