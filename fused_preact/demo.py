@@ -4,7 +4,10 @@
 
 Everything printed is measured in this run: which backend ran, the largest
 difference from eager PyTorch (output, input gradient, weight gradients,
-running statistics) and median wall times.
+running statistics), the relative error of both against float64 eager (which
+tells rounding apart from a wrong result: the float32 gradients of a deep net
+at a small batch are ill-conditioned, eager's as much as the fused ones), and
+median wall times.
 """
 from __future__ import annotations
 
@@ -28,16 +31,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_ms(fn, device: torch.device, repeats: int) -> float:
-    fn()   # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
+def _median_ms(fns, device: torch.device, repeats: int) -> list:
+    """Median wall time (ms) of each function, run in turn `repeats` times after a warm-up call:
+    alternating keeps a drift of the machine's speed out of the ratio."""
+    for fn in fns:
         fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            spent.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(spent) for spent in times]
 
 
 def _train_step(module, x):
@@ -51,6 +58,17 @@ def _train_step(module, x):
 
 def _max_diff(a, b) -> float:
     return max((u.double() - v.double()).abs().max().item() for u, v in zip(a, b))
+
+
+def _max_relative(a, exact) -> float:
+    """The largest of max|a - exact| / max|exact| over the tensors."""
+    return max(((u.double() - v).abs().max() / v.abs().max().clamp_min(1e-30)).item()
+               for u, v in zip(a, exact))
+
+
+def _float64_step(module, x):
+    """_train_step of a float64 copy of module (its eager reference)."""
+    return _train_step(copy.deepcopy(module).double(), x.double())
 
 
 def main(argv=None) -> None:
@@ -75,15 +93,17 @@ def main(argv=None) -> None:
     eager = PreActBottleneck(64, 64).to(device)
     fused = FusedPreActBottleneck(64, 64, backend="auto").to(device)
     fused.load_state_dict(eager.state_dict())
-    x = torch.randn(args.batch, 64, 32, 32, device=device)
+    # channels_last, as between the units of a converted model (an NCHW input costs the fused unit
+    # a layout copy on the way in and one on the way back)
+    x = torch.randn(args.batch, 64, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         backend = dispatch.resolve_backend("auto", x)
         fused_out = _train_step(fused, x)
-        fused_ms = _median_ms(lambda: _train_step(fused, x), device, args.repeats)
-    eager_out = _train_step(eager, x)
-    eager_ms = _median_ms(lambda: _train_step(eager, x), device, args.repeats)
-    stats_diff = _max_diff(list(fused.state_dict().values()), list(eager.state_dict().values()))
+        eager_out = _train_step(eager, x)
+        exact_out = _float64_step(eager, x)
+        fused_ms, eager_ms = _median_ms([lambda: _train_step(fused, x), lambda: _train_step(eager, x)],
+                                        device, args.repeats)
 
     # the whole model, converted in place, against an eager copy
     reference = copy.deepcopy(model)
@@ -93,18 +113,27 @@ def main(argv=None) -> None:
         images = torch.randn(args.batch, 3, 32, 32, device=device)
         model_out = _train_step(model, images)
     reference_out = _train_step(reference, images)
+    model_exact_out = _float64_step(reference, images)
 
     print(f"\nbackend chosen by 'auto': {backend}"
           + ("" if backend != "eager" else "  (no fused kernel can run here yet: "
              + "; ".join(f"{n}: {dispatch.unavailable_reason(n, x)}" for n in dispatch.AUTO_ORDER) + ")"))
-    print(f"\n{'what':<44}{'max |fused - eager|':>22}")
-    print(f"{'unit output':<44}{_max_diff([fused_out[0]], [eager_out[0]]):>22.3e}")
-    print(f"{'unit input gradient':<44}{_max_diff([fused_out[1]], [eager_out[1]]):>22.3e}")
-    print(f"{'unit parameter gradients':<44}{_max_diff(fused_out[2], eager_out[2]):>22.3e}")
-    print(f"{'unit running statistics':<44}{stats_diff:>22.3e}")
-    print(f"{'ResNet-%d logits (convert_to_fused)' % args.depth:<44}{_max_diff([model_out[0]], [reference_out[0]]):>22.3e}")
-    print(f"{'ResNet-%d parameter gradients' % args.depth:<44}{_max_diff(model_out[2], reference_out[2]):>22.3e}")
-    print(f"\nunit forward+backward, batch {args.batch}, 64x32x32, median of {args.repeats}:")
+    rows = [("unit output", [fused_out[0]], [eager_out[0]], [exact_out[0]]),
+            ("unit input gradient", [fused_out[1]], [eager_out[1]], [exact_out[1]]),
+            ("unit parameter gradients", fused_out[2], eager_out[2], exact_out[2]),
+            ("unit running statistics", list(fused.state_dict().values()),
+             list(eager.state_dict().values()), None),
+            (f"ResNet-{args.depth} logits (convert_to_fused)", [model_out[0]], [reference_out[0]],
+             [model_exact_out[0]]),
+            (f"ResNet-{args.depth} parameter gradients", model_out[2], reference_out[2], model_exact_out[2])]
+    print(f"\n{'what':<44}{'max |fused - eager|':>20}{'fused vs float64':>18}{'eager vs float64':>18}")
+    print(f"{'':<44}{'':>20}{'(max relative error)':>36}")
+    for what, got, eager_got, exact in rows:
+        line = f"{what:<44}{_max_diff(got, eager_got):>20.3e}"
+        if exact is not None:
+            line += f"{_max_relative(got, exact):>18.2e}{_max_relative(eager_got, exact):>18.2e}"
+        print(line)
+    print(f"\nunit forward+backward, batch {args.batch}, 64x32x32 channels_last, median of {args.repeats}:")
     print(f"  {'eager PyTorch':<19}{eager_ms:9.2f} ms")
     print(f"  {f'fused ({backend})':<19}{fused_ms:9.2f} ms   speed-up {eager_ms / fused_ms:.2f}x")
 
