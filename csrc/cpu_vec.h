@@ -24,8 +24,8 @@ namespace cpu {
 
 // Vec::size() bfloat16 / float16 values <-> one register of floats (8 lanes on AVX2, 16 on
 // AVX-512), without going through at::vec's Vectorized<BFloat16>, which converts twice as many
-// lanes and stores half of them through a buffer. Rounding is to nearest even, NaN kept: the
-// same bits as c10::BFloat16 / c10::Half.
+// lanes and stores half of them through a buffer. Rounding is to nearest even, as
+// c10::BFloat16 / c10::Half round (a NaN stays a NaN, not necessarily with the same bits).
 #if defined(CPU_CAPABILITY_AVX512)
 #define FUSED_PREACT_FLOAT_LANES 1
 using FloatReg = __m512;
