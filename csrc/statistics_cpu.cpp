@@ -82,19 +82,13 @@ void stats_kernel(const S* src, const T* residual, T* out, int64_t rows, int64_t
   });
 }
 
-Tensor3 empty_partials(int64_t rows, int64_t C, const Tensor& like) {
-  const auto options = like.options().dtype(stat_dtype(like.scalar_type()));
-  const int64_t t = partial_count(rows);
-  return {at::empty({t, C}, options), at::empty({t, C}, options), at::empty({t}, options)};
-}
-
 }  // namespace
 
 Tensor3 channel_stats_cpu(const Tensor& x) {
   check_channel_stats_args(x);
   TORCH_CHECK(x.device().is_cpu(), "channel_stats: x must be a CPU tensor here, got ", x.device());
   const int64_t C = x.size(3), rows = x.numel() / C;
-  auto [pmean, pm2, pcount] = empty_partials(rows, C, x);
+  auto [pmean, pm2, pcount] = empty_partials_of(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_stats_cpu", [&] {
     using stat_t = acc_type<scalar_t>;
     stats_kernel<scalar_t, scalar_t, stat_t, false, false>(
@@ -109,13 +103,8 @@ Tensor4 conv_epilogue_cpu(const Tensor& conv_out, const OptionalTensor& residual
   const int64_t C = conv_out.size(3), rows = conv_out.numel() / C;
   Tensor y = at::empty(conv_out.sizes(), conv_out.options().dtype(dtype));
   Tensor pmean, pm2, pcount;
-  if (stats) {
-    std::tie(pmean, pm2, pcount) = empty_partials(rows, C, y);
-  } else {
-    // three distinct empty tensors: an operator's outputs must not alias each other
-    const auto options = conv_out.options().dtype(stat_dtype(dtype));
-    pmean = at::empty({0}, options), pm2 = at::empty({0}, options), pcount = at::empty({0}, options);
-  }
+  std::tie(pmean, pm2, pcount) =
+      stats ? empty_partials_of(y) : Tensor3{empty_statistic(y), empty_statistic(y), empty_statistic(y)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "conv_epilogue_cpu", [&] {
     const scalar_t* res = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = y.mutable_data_ptr<scalar_t>();

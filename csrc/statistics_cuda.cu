@@ -356,12 +356,6 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const Finali
 
 // ---- host -----------------------------------------------------------------------------------
 
-Tensor3 empty_partials(int64_t rows, int64_t C, const Tensor& like) {
-  const auto options = like.options().dtype(stat_dtype(like.scalar_type()));
-  const int64_t t = partial_count(rows);
-  return {at::empty({t, C}, options), at::empty({t, C}, options), at::empty({t}, options)};
-}
-
 // Channel vectors per thread column and the block shape: bx (a power of two, at most
 // kMaxTileX) thread columns over the C / V channel vectors, by thread rows.
 struct Tiling {
@@ -439,7 +433,7 @@ Tensor3 channel_stats_cuda(const Tensor& x) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t C = x.size(3), rows = x.size(0) * x.size(1) * x.size(2);
   Tensor pmean, pm2, pcount;
-  std::tie(pmean, pm2, pcount) = empty_partials(rows, C, x);
+  std::tie(pmean, pm2, pcount) = empty_partials_of(x);
   dispatch_activation(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     using acc_t = acc_type<T>;
@@ -470,14 +464,8 @@ Tensor4 conv_epilogue_cuda(const Tensor& conv_out, const OptionalTensor& residua
   const int64_t C = conv_out.size(3), rows = conv_out.size(0) * conv_out.size(1) * conv_out.size(2);
   Tensor y = at::empty(conv_out.sizes(), conv_out.options().dtype(dtype));
   Tensor pmean, pm2, pcount;
-  if (stats) {
-    std::tie(pmean, pm2, pcount) = empty_partials(rows, C, y);
-  } else {
-    // three distinct empty tensors: an operator's outputs must not alias each other
-    const auto options = conv_out.options().dtype(stat_dtype(dtype));
-    pmean = at::empty({0}, options), pm2 = at::empty({0}, options);
-    pcount = at::empty({0}, options);
-  }
+  std::tie(pmean, pm2, pcount) =
+      stats ? empty_partials_of(y) : Tensor3{empty_statistic(y), empty_statistic(y), empty_statistic(y)};
   if (C == 0 && !stats) return {y, pmean, pm2, pcount};
   dispatch_activation(dtype, op, [&](auto tag) {
     using T = decltype(tag);

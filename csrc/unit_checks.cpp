@@ -255,9 +255,11 @@ namespace {
 // Options of the statistics of activation t (float32; float64 for float64).
 at::TensorOptions stat_like(const Tensor& t) { return t.options().dtype(stat_dtype(t.scalar_type())); }
 
-Tensor empty_partials(const Tensor& ref) { return at::empty({0}, stat_like(ref)); }
+}  // namespace
 
-Tensor3 partials_meta(const Tensor& y) {
+Tensor empty_statistic(const Tensor& ref) { return at::empty({0}, stat_like(ref)); }
+
+Tensor3 empty_partials_of(const Tensor& y) {
   const c10::SymInt rows = y.sym_size(0) * y.sym_size(1) * y.sym_size(2);
   const c10::SymInt t = partial_count(rows);
   const auto options = stat_like(y);
@@ -265,11 +267,9 @@ Tensor3 partials_meta(const Tensor& y) {
           at::empty_symint({t, y.sym_size(3)}, options), at::empty_symint({t}, options)};
 }
 
-}  // namespace
-
 Tensor3 channel_stats_meta(const Tensor& x) {
   check_channel_stats_args(x);
-  return partials_meta(x);
+  return empty_partials_of(x);
 }
 
 Tensor4 bn_finalize_meta(const Tensor& pmean, const Tensor& pm2, const Tensor& pcount,
@@ -314,8 +314,8 @@ Tensor4 conv_bnrelu_meta(const Tensor& x, const Tensor& weight, const Tensor& sc
   Tensor y = at::empty_symint({x.sym_size(0), conv_output_size(x.sym_size(1), k, stride),
                                conv_output_size(x.sym_size(2), k, stride), weight.sym_size(0)},
                               x.options());
-  if (!stats) return {y, empty_partials(x), empty_partials(x), empty_partials(x)};
-  auto [pmean, pm2, pcount] = partials_meta(y);
+  if (!stats) return {y, empty_statistic(x), empty_statistic(x), empty_statistic(x)};
+  auto [pmean, pm2, pcount] = empty_partials_of(y);
   return {y, pmean, pm2, pcount};
 }
 
@@ -325,7 +325,7 @@ Tensor3 conv_dgrad_meta(const Tensor& dy, const Tensor& weight, const OptionalTe
                         const OptionalTensor& add, int64_t stride, int64_t height, int64_t width) {
   check_conv_dgrad_args(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width);
   Tensor g = at::empty_symint({dy.sym_size(0), height, width, weight.sym_size(1)}, dy.options());
-  if (!h.has_value()) return {g, empty_partials(dy), empty_partials(dy)};
+  if (!h.has_value()) return {g, empty_statistic(dy), empty_statistic(dy)};
   const auto options = stat_like(dy);
   return {g, at::empty_symint({weight.sym_size(1)}, options),
           at::empty_symint({weight.sym_size(1)}, options)};

@@ -46,6 +46,12 @@ int64_t check_conv_weight(const char* op, const Tensor& weight, const c10::SymIn
 // Number of statistics partials for `rows` rows.
 c10::SymInt partial_count(const c10::SymInt& rows);
 int64_t partial_count(int64_t rows);
+// The partials of NHWC activation y, uninitialized: pmean [T, C], pm2 [T, C], pcount [T] in
+// stat_dtype on y's device (any device; symbolic sizes too).
+Tensor3 empty_partials_of(const Tensor& y);
+// An empty statistics tensor on ref's device, for an output that is not computed (call it once
+// per output: an operator's outputs must not alias each other).
+Tensor empty_statistic(const Tensor& ref);
 
 // Whole-argument-list checks of each operator, shared by its CPU, CUDA and Meta kernels.
 void check_channel_stats_args(const Tensor& x);
