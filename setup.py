@@ -49,36 +49,43 @@ def nvidia_wheel_includes(cuda_home: str) -> list:
     return [d for d in found if os.path.isdir(d)]
 
 
+def load_cpu_instructions():
+    """fused_preact/cpu_instructions.py, loaded by path (the package itself needs torch and triton)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fused_preact_cpu_instructions",
+                                                  os.path.join(ROOT, "fused_preact", "cpu_instructions.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # ATen builds its own vectorized kernels with these flags; CPU_CAPABILITY selects at::vec's
 # Vectorized<T> for that instruction set (in its own inline namespace, so no clash with torch's
-# copies). The needed /proc/cpuinfo flags come first. Measured on the 2-core dev machines: the
-# generic at::vec loops made the fused CPU passes 2-14x slower than AVX2 (notes/cpp_ops.md).
-CPU_SIMD = {
-    "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
-               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512",
-                "-Wno-maybe-uninitialized"]),  # GCC 12's avx512fintrin.h `__Y = __Y` (GCC bug 105593)
-    "avx2": ({"avx2", "fma", "f16c"}, ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]),
-    "generic": (set(), []),
+# copies). The CPU flags each set needs are in fused_preact/cpu_instructions.py. Measured on the
+# 2-core dev machines: the generic at::vec loops made the fused CPU passes 2-14x slower than AVX2
+# (notes/cpp_ops.md).
+CPU_SIMD_COMPILER_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512",
+               "-Wno-maybe-uninitialized"],  # GCC 12's avx512fintrin.h `__Y = __Y` (GCC bug 105593)
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+    "generic": [],
 }
 
 
 def cpu_simd_flags() -> list:
     """The compiler flags of the CPU kernels' vector code (the extension reports the choice, and
     refuses to load on a CPU that lacks the instructions: fused_preact/_extension.py)."""
+    instructions = load_cpu_instructions()
     choice = os.environ.get("FUSED_PREACT_CPU_SIMD", "").strip().lower()
-    if choice not in ("", *CPU_SIMD):
+    if choice not in ("", *instructions.REQUIRED_CPU_FLAGS):
         raise SystemExit(f"fused-preact: FUSED_PREACT_CPU_SIMD must be avx512, avx2, generic or unset, got {choice!r}")
     if choice == "":
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-        except OSError:
-            flags = []
-        choice = next(name for name, (needed, _) in CPU_SIMD.items() if needed <= set(flags))
+        choice = instructions.widest_supported(instructions.cpu_flags() or frozenset())
         if choice == "generic":
             notice("neither AVX-512 nor AVX2/FMA/F16C found in /proc/cpuinfo: the CPU kernels use generic vector code")
-    return CPU_SIMD[choice][1]
+    return CPU_SIMD_COMPILER_FLAGS[choice]
 
 
 def openmp_flags() -> list:

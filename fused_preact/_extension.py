@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch  # the extension links against torch's libraries: load them first
 
+from . import cpu_instructions
+
 _module = None
 _reason: Optional[str] = None
 _tried = False
@@ -27,7 +29,7 @@ def load():
             _reason = (f"the C++ extension fused_preact._C is not built ({error}); "
                        "run `pip install --no-build-isolation -e .`")
         else:
-            missing = _missing_cpu_flags(str(torch.ops.fused_preact.cpu_simd()))
+            missing = cpu_instructions.missing_flags(str(torch.ops.fused_preact.cpu_simd()))
             if missing:
                 _reason = (f"the C++ extension fused_preact._C was built for "
                            f"{torch.ops.fused_preact.cpu_simd()} CPU code on another machine and this "
@@ -36,21 +38,6 @@ def load():
             else:
                 _module = module
     return _module
-
-
-# The /proc/cpuinfo flags each instruction set of setup.py's FUSED_PREACT_CPU_SIMD needs.
-_SIMD_CPU_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
-                   "avx2": {"avx2", "fma", "f16c"}, "generic": set()}
-
-
-def _missing_cpu_flags(simd: str) -> set:
-    """The CPU flags the extension's vector code needs and this CPU lacks (none known off Linux)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
-    except OSError:
-        flags = None
-    return set() if flags is None else _SIMD_CPU_FLAGS.get(simd, set()) - set(flags)
 
 
 def available() -> bool:

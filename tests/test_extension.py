@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from fused_preact import _extension
+from fused_preact import _extension, cpu_instructions
 
 pytestmark = pytest.mark.skipif(not _extension.available(), reason=str(_extension.unavailable_reason()))
 
@@ -47,14 +47,14 @@ def test_cpu_kernels_run_on_every_intra_op_thread():
 def test_cpu_kernels_use_instructions_this_cpu_has():
     simd = _extension.cpu_simd()
     assert simd in ("avx512", "avx2", "generic")
-    assert not _extension._missing_cpu_flags(simd)
+    assert not cpu_instructions.missing_flags(simd)
 
 
 def test_extension_built_for_another_cpu_refuses_to_load(monkeypatch):
     monkeypatch.setattr(_extension, "_tried", False)
     monkeypatch.setattr(_extension, "_module", None)
     monkeypatch.setattr(_extension, "_reason", None)
-    monkeypatch.setattr(_extension, "_missing_cpu_flags", lambda simd: {"avx512f"})
+    monkeypatch.setattr(cpu_instructions, "missing_flags", lambda simd: {"avx512f"})
     assert not _extension.available()
     assert re.search(r"built for \w+ CPU code on another machine and this CPU lacks avx512f; rebuild",
                      _extension.unavailable_reason())
