@@ -151,6 +151,18 @@ def cifar_resnet(depth: int, num_classes: int = 10, *, bottleneck: bool = False,
                   stem="cifar", stem_channels=16, **unit_options)
 
 
+def cifar_resnet_1layer(depth: int, num_classes: int = 10, **unit_options) -> ResNet:
+    """CIFAR ResNet of depth 3n+2 whose shortcuts each skip one 3x3 conv (``units.SingleConvUnit``):
+    n units per stage at widths 16/32/64; depth 110 is Table 3's "ResNet-110 (1layer skip)".
+    Its units always run eager (no fused one-conv unit)."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 5 or (depth - 2) % 3:
+        raise ValueError(f"depth must be 3n+2 (5, 8, ..., 110) for a CIFAR ResNet with single-conv units, "
+                         f"got {depth!r}")
+    n = (depth - 2) // 3
+    return ResNet((n, n, n), (16, 32, 64), bottleneck=False, num_classes=num_classes, stem="cifar",
+                  stem_channels=16, single_conv=True, **unit_options)
+
+
 def imagenet_resnet(depth: int, num_classes: int = 1000, **unit_options) -> ResNet:
     """ImageNet pre-activation ResNet-18/34 (basic) or -50/101/152/200 (bottleneck)."""
     if depth not in IMAGENET_STAGES:
@@ -162,10 +174,12 @@ def imagenet_resnet(depth: int, num_classes: int = 1000, **unit_options) -> ResN
                   stem="imagenet", stem_channels=64, **unit_options)
 
 
-def _preset(builder, depth, **fixed):
-    def create(num_classes: int = 10 if builder is cifar_resnet else 1000, **unit_options) -> ResNet:
+def _preset(builder, depth, suffix="", **fixed):
+    cifar = builder is not imagenet_resnet
+
+    def create(num_classes: int = 10 if cifar else 1000, **unit_options) -> ResNet:
         return builder(depth, num_classes, **fixed, **unit_options)
-    create.__name__ = f"{'cifar' if builder is cifar_resnet else 'imagenet'}_resnet{depth}"
+    create.__name__ = f"{'cifar' if cifar else 'imagenet'}_resnet{depth}{suffix}"
     create.__doc__ = f"{create.__name__}: {builder.__doc__}"
     return create
 
@@ -175,11 +189,13 @@ MODELS = {
     **{f"cifar_resnet{d}": _preset(cifar_resnet, d, bottleneck=True) for d in (164, 1001)},
     **{f"imagenet_resnet{d}": _preset(imagenet_resnet, d) for d in IMAGENET_STAGES},
 }
+MODELS["cifar_resnet110_1layer"] = _preset(cifar_resnet_1layer, 110, "_1layer")
 cifar_resnet20 = MODELS["cifar_resnet20"]
 cifar_resnet56 = MODELS["cifar_resnet56"]
 cifar_resnet110 = MODELS["cifar_resnet110"]
 cifar_resnet164 = MODELS["cifar_resnet164"]
 cifar_resnet1001 = MODELS["cifar_resnet1001"]
+cifar_resnet110_1layer = MODELS["cifar_resnet110_1layer"]
 imagenet_resnet18 = MODELS["imagenet_resnet18"]
 imagenet_resnet34 = MODELS["imagenet_resnet34"]
 imagenet_resnet50 = MODELS["imagenet_resnet50"]
@@ -189,14 +205,17 @@ imagenet_resnet200 = MODELS["imagenet_resnet200"]
 
 
 def create_model(name: str, **kwargs) -> ResNet:
-    """Build a model by name: a preset of ``MODELS`` or ``cifar_resnet<depth>[_bottleneck]``."""
+    """Build a model by name: a preset of ``MODELS`` or ``cifar_resnet<depth>[_bottleneck|_1layer]``."""
     if name in MODELS:
         return MODELS[name](**kwargs)
     prefix = "cifar_resnet"
     if name.startswith(prefix):
         body = name[len(prefix):]
+        if body.endswith("_1layer") and body[: -len("_1layer")].isdigit():
+            return cifar_resnet_1layer(int(body[: -len("_1layer")]), **kwargs)
         bottleneck = body.endswith("_bottleneck")
         digits = body[: -len("_bottleneck")] if bottleneck else body
         if digits.isdigit():
             return cifar_resnet(int(digits), bottleneck=bottleneck, **kwargs)
-    raise ValueError(f"name must be one of {sorted(MODELS)} or 'cifar_resnet<depth>[_bottleneck]', got {name!r}")
+    raise ValueError(f"name must be one of {sorted(MODELS)} or 'cifar_resnet<depth>[_bottleneck|_1layer]', "
+                     f"got {name!r}")

@@ -2,7 +2,8 @@
 in Deep Residual Networks" (ECCV 2016, arXiv:1603.05027).
 
 A unit computes ``y = combine(h(x), F(x))`` where ``F`` is the residual branch
-(two 3x3 convs, or 1x1-3x3-1x1 with expansion 4) and ``h`` the shortcut.
+(two 3x3 convs, or 1x1-3x3-1x1 with expansion 4, or one 3x3 conv in
+``SingleConvUnit``) and ``h`` the shortcut.
 
 Activation variants (paper Fig. 4 / Table 2), for the basic unit::
 
@@ -165,12 +166,7 @@ class ResidualUnit(nn.Module):
         changes_shape = stride != 1 or in_channels != out_channels
 
         # residual branch: conv1..convK, each with its BN (before it if pre-activation)
-        if bottleneck:
-            width = out_channels // BOTTLENECK_EXPANSION
-            s1, s3 = (stride, 1) if stride_on == "1x1" else (1, stride)
-            convs = [conv1x1(in_channels, width, s1), conv3x3(width, width, s3), conv1x1(width, out_channels)]
-        else:
-            convs = [conv3x3(in_channels, out_channels, stride), conv3x3(out_channels, out_channels)]
+        convs = self._branch_convs(in_channels, out_channels, stride)
         self.num_convs = len(convs)
         for i, conv in enumerate(convs, start=1):     # registered in the order they run
             if activation == "full_preact":
@@ -199,6 +195,14 @@ class ResidualUnit(nn.Module):
             self.gate = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=True)
             nn.init.constant_(self.gate.bias, gate_bias)
         self.shortcut_dropout = nn.Dropout(dropout) if shortcut == "dropout" else None
+
+    def _branch_convs(self, in_channels: int, out_channels: int, stride: int) -> list[nn.Conv2d]:
+        """The residual branch's convolutions, in the order they run."""
+        if self.bottleneck:
+            width = out_channels // BOTTLENECK_EXPANSION
+            s1, s3 = (stride, 1) if self.stride_on == "1x1" else (1, stride)
+            return [conv1x1(in_channels, width, s1), conv3x3(width, width, s3), conv1x1(width, out_channels)]
+        return [conv3x3(in_channels, out_channels, stride), conv3x3(out_channels, out_channels)]
 
     # -- the two paths -------------------------------------------------------
     def _preactivate(self, x: torch.Tensor) -> torch.Tensor:
@@ -297,13 +301,47 @@ class PreActBottleneck(ResidualUnit):
                          stride_on=stride_on)
 
 
+class SingleConvUnit(ResidualUnit):
+    """A unit whose shortcut skips a single 3x3 conv: Table 3's "ResNet-110 (1layer skip)".
+
+    The paper says only that in this 110-layer net "each shortcut skips only 1
+    layer (i.e., a Residual Unit has only 1 layer)"; neither the authors' Torch
+    code (resnet-1k-layers, fb.resnet.torch) nor the text gives more. What the
+    text leaves open, and what this unit chooses:
+
+    - the order of BN and ReLU: the same orders as the two-conv units of Fig. 4,
+      with the branch cut to one conv, e.g. ``original`` (a)
+      ``y = relu(x + BN(conv(x)))`` and ``full_preact`` (e)
+      ``y = x + conv(relu(BN(x)))``; every activation and shortcut variant works;
+    - the layout of the net: 36 units per stage (108 convs, plus the stem conv and
+      the classifier make 110 layers, as the 54 two-conv units of ResNet-110);
+      widths 16/32/64 (see ``models.cifar_resnet_1layer``);
+    - a shape-changing unit puts its stride on its one conv and takes the shortcut
+      the caller picks (``projection``, as the two-conv units; the experiments use
+      ``"A"``, the zero-padded identity of [1]'s CIFAR nets).
+
+    It runs eager: no fused kernel computes a one-conv unit, and
+    ``convert_to_fused`` leaves it as it is (it is not a ``PreActBlock``).
+    State names: ``conv1, bn1`` (plus ``shortcut``, ``gate`` ... as ``ResidualUnit``).
+    """
+
+    def _branch_convs(self, in_channels: int, out_channels: int, stride: int) -> list[nn.Conv2d]:
+        return [conv3x3(in_channels, out_channels, stride)]
+
+
 def make_unit(in_channels: int, out_channels: int, stride: int = 1, *, bottleneck: bool = False,
               activation: str = "full_preact", shortcut: str = "identity", projection: str = "B",
-              stride_on: str = "1x1", **shortcut_options) -> ResidualUnit:
+              stride_on: str = "1x1", single_conv: bool = False, **shortcut_options) -> ResidualUnit:
     """A unit of the given variant. The standard full pre-activation unit with an
     identity shortcut comes back as ``PreActBlock`` / ``PreActBottleneck`` (so
     ``convert_to_fused`` finds it); ``shortcut_options`` (``scale_shortcut``,
-    ``scale_residual``, ``gate_bias``, ``dropout``) only matter to other shortcuts."""
+    ``scale_residual``, ``gate_bias``, ``dropout``) only matter to other shortcuts.
+    ``single_conv=True`` gives a ``SingleConvUnit`` (one 3x3 conv, always eager)."""
+    if single_conv:
+        if bottleneck:
+            raise ValueError("single_conv=True needs bottleneck=False: a single-conv unit has one 3x3 conv")
+        return SingleConvUnit(in_channels, out_channels, stride, activation=activation, shortcut=shortcut,
+                              projection=projection, stride_on=stride_on, **shortcut_options)
     if activation == "full_preact" and shortcut == "identity":
         if bottleneck:
             return PreActBottleneck(in_channels, out_channels, stride, projection, stride_on)

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from ..dispatch import BACKENDS
 from ..units import ACTIVATIONS, BOTTLENECK_STRIDE_ON, PROJECTIONS, SHORTCUTS
+from .imagenet_transforms import IMAGENET_AUGMENTS, parse_crop
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
 AMP_MODES = ("off", "bf16", "fp16")
@@ -48,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     data.add_argument("--pad", type=int, default=4, help="CIFAR padding before the random 32x32 crop")
     data.add_argument("--workers", type=int, default=8, help="ImageNet loader processes per GPU")
+    data.add_argument("--imagenet-augment", choices=IMAGENET_AUGMENTS, default="resized_crop",
+                      help="ImageNet training crops: RandomResizedCrop (scale + aspect ratio), or 'scale': "
+                           "shorter side uniform in --scale-range, random 224 crop, PCA color noise (paper [1])")
+    data.add_argument("--scale-range", type=int, nargs=2, default=(256, 480), metavar=("MIN", "MAX"),
+                      help="shorter-side range of --imagenet-augment scale")
+    data.add_argument("--eval-crops", nargs="*", default=None, metavar="RESIZE:CROP",
+                      help="ImageNet: also report top-1/top-5 error at these center crops at the end "
+                           "(e.g. 256:224 320:320, the paper's Table 5), in metrics.json crop_errors")
 
     model = p.add_argument_group("model")
     model.add_argument("--arch", default=None,
@@ -151,6 +160,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--warmup-iters, --pad and --workers must be >= 0")
     if args.eval_only and not args.resume:
         parser.error("--eval-only needs a checkpoint: --resume [PATH]")
+    if args.eval_crops:
+        if args.dataset != "imagenet" or args.synthetic:
+            parser.error("--eval-crops needs --dataset imagenet with a --data folder")
+        try:
+            args.eval_crops = [parse_crop(c) for c in args.eval_crops]
+        except ValueError as error:
+            parser.error(str(error))
+    if not 0 < args.scale_range[0] <= args.scale_range[1]:
+        parser.error(f"--scale-range must be 0 < MIN <= MAX, got {tuple(args.scale_range)}")
     return args
 
 

@@ -4,8 +4,9 @@ from ``train/`` and ``val/`` class folders, and synthetic data of the right shap
 CIFAR lives on the training device as one uint8 tensor (150 MB for 50,000 images)
 and is augmented there in whole batches (``augment.py``), so no loader process
 stands between the data and fast kernels. ImageNet is decoded by DataLoader
-workers (RandomResizedCrop 224 + flip; resize 256, center crop 224) into uint8
-tensors that are normalized on the device.
+workers (RandomResizedCrop 224 + flip, or the paper's scale augmentation; resize
+256, center crop 224; see ``imagenet_transforms``) into uint8 tensors that are
+normalized on the device.
 
 Verification of a CIFAR folder: its structure is always checked (every file
 present and unpickling to the expected keys, uint8 images of 3,072 bytes, labels
@@ -215,15 +216,16 @@ def imagenet_folders(data: str | os.PathLike) -> tuple[Path, Path]:
     return train, val
 
 
-def imagenet_datasets(data: str | os.PathLike):
-    """(train, val) torchvision ``ImageFolder``s yielding uint8 CHW tensors of 224x224."""
-    from torchvision import datasets, transforms
+def imagenet_datasets(data: str | os.PathLike, augment: str = "resized_crop", scale: tuple[int, int] = (256, 480)):
+    """(train, val) torchvision ``ImageFolder``s yielding uint8 CHW tensors of 224x224; ``augment``
+    and ``scale``: the training transform (``imagenet_transforms.train_transform``)."""
+    from torchvision import datasets
+
+    from .imagenet_transforms import eval_transform, train_transform
 
     train_dir, val_dir = imagenet_folders(data)
-    train = datasets.ImageFolder(train_dir, transforms.Compose([
-        transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.PILToTensor()]))
-    val = datasets.ImageFolder(val_dir, transforms.Compose([
-        transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()]))
+    train = datasets.ImageFolder(train_dir, train_transform(augment, scale))
+    val = datasets.ImageFolder(val_dir, eval_transform(256, 224))
     if train.classes != val.classes:
         raise DatasetError(f"ImageNet: {str(train_dir)!r} and {str(val_dir)!r} must hold the same class folders")
     return train, val

@@ -30,6 +30,7 @@ from ..convert import convert_to_fused
 from ..models import create_model
 from . import checkpoint, distributed, plots, records
 from .augment import BatchAugment
+from .crop_eval import crop_errors
 from .cli import dataset_kind, unit_options
 from .data import IMAGENET_MEAN, IMAGENET_STD, channel_stats, imagenet_datasets, load_cifar, \
     num_classes_of, synthetic_images
@@ -145,7 +146,8 @@ class Trainer:
             self.stream = DeviceStream(train.to(self.device), augment, args.batch_size, seed=args.seed,
                                        rank=p.rank, world_size=p.world_size)
         else:
-            train, self.test_set = imagenet_datasets(args.data)
+            train, self.test_set = imagenet_datasets(args.data, getattr(args, "imagenet_augment", "resized_crop"),
+                                                     tuple(getattr(args, "scale_range", (256, 480))))
             self.normalize = BatchAugment(IMAGENET_MEAN, IMAGENET_STD, pad=0, flip=False)
             if args.eval_only:
                 return
@@ -435,6 +437,8 @@ class Trainer:
         }
         if test_loss is not None:
             metrics["test_loss"] = test_loss
+        if getattr(args, "eval_crops", None):
+            metrics["crop_errors"] = crop_errors(self, args.eval_crops)
         if p.main:
             title = f"{args.arch} on {args.dataset} ({args.backend})"
             records.write_json(self.out / "metrics.json", metrics)
@@ -454,6 +458,8 @@ class Trainer:
                    "iteration": self.resumed["iteration"], "backend": args.backend,
                    "backend_used": self.backend_used(), "test_loss": test_loss, "test_error": test_error,
                    "peak_memory_bytes": _peak_memory(self.device), "git_commit": records.git_commit()}
+        if getattr(args, "eval_crops", None):
+            metrics["crop_errors"] = crop_errors(self, args.eval_crops)
         if p.main:
             self.out.mkdir(parents=True, exist_ok=True)
             records.write_json(self.out / "eval.json", metrics)
