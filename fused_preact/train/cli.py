@@ -167,8 +167,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             args.eval_crops = [parse_crop(c) for c in args.eval_crops]
         except ValueError as error:
             parser.error(str(error))
-    if not 0 < args.scale_range[0] <= args.scale_range[1]:
-        parser.error(f"--scale-range must be 0 < MIN <= MAX, got {tuple(args.scale_range)}")
+    if not 224 <= args.scale_range[0] <= args.scale_range[1]:
+        parser.error(f"--scale-range must be 224 (the training crop) <= MIN <= MAX, got {tuple(args.scale_range)}")
     return args
 
 

@@ -66,6 +66,9 @@ def train_transform(augment: str = "resized_crop", scale: tuple[int, int] = (256
         return transforms.Compose([transforms.RandomResizedCrop(crop), transforms.RandomHorizontalFlip(),
                                    transforms.PILToTensor()])
     if augment == "scale":
+        if scale[0] < crop:
+            raise ValueError(f"scale augmentation: the shorter side's range {tuple(scale)} must start at the "
+                             f"crop size {crop} or above")
         return transforms.Compose([RandomShorterSide(*scale), transforms.RandomCrop(crop),
                                    transforms.RandomHorizontalFlip(), transforms.PILToTensor(), PCALighting(0.1)])
     raise ValueError(f"augment must be one of {IMAGENET_AUGMENTS}, got {augment!r}")

@@ -350,8 +350,13 @@ class Trainer:
                     if first_bad != NO_ITERATION:
                         where = f"after the checkpoint at iteration {self._saved_at()}" \
                             if (self.out / "checkpoint.pt").exists() else "with no checkpoint written yet"
-                        raise NonFiniteLoss(f"the training loss is not finite at iteration {first_bad} "
-                                            f"(of {self.total_iters}); stopping, {where} kept")
+                        message = (f"the training loss is not finite at iteration {first_bad} "
+                                   f"(of {self.total_iters}); stopping, {where} kept")
+                        if p.main:   # a record of the divergence for whoever compares runs
+                            records.write_json(self.out / "diverged.json",
+                                               {"iteration": first_bad, "total_iterations": self.total_iters,
+                                                "message": message})
+                        raise NonFiniteLoss(message)
                     now = time.perf_counter()
                     seconds, n = now - window_start, it - window_first
                     self.train_seconds += seconds

@@ -1,0 +1,193 @@
+"""Running experiments: one trainer run per (experiment, seed), resumable, never repeated.
+
+A run lives in ``<out>/<experiment>/seed<k>[-x<scale>][-n<units>]``: the trainer's
+own outputs (``checkpoint.pt``, ``log.csv``, ``metrics.json``, ``curves.png``),
+its ``diverged.json`` when the loss stopped being finite, and this runner's
+``run.json`` (the experiment, seed, scale and trainer configuration).
+
+- a run with ``metrics.json`` (the trainer writes it only at the end) or
+  ``diverged.json`` is done: it is skipped, not repeated;
+- a run with a ``checkpoint.pt`` and neither is continued with ``--resume``
+  (the trainer's checkpoints are atomic and resume exactly);
+- a run stopped by SIGINT / SIGTERM stops the whole batch, to be continued by
+  the same command.
+
+Single-process runs execute in this process (``subprocess=False``) or as
+``python -m fused_preact.train``; ``nproc > 1`` goes through
+``torchrun --nproc-per-node=N -m fused_preact.train`` (one process per GPU, the
+trainer's DDP path), the global batch unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess as subprocesses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .registry import Experiment, select
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# trainer flags that do not change what is trained (a run may resume with others)
+_RUN_ONLY_FLAGS = {"--data": 1, "--out": 1, "--backend": 1, "--device": 1, "--no-progress": 0, "--resume": 0,
+                   "--workers": 1}
+
+
+@dataclass
+class Run:
+    experiment: Experiment
+    seed: int
+    folder: Path
+    argv: list[str]
+    scale: float
+    units_per_stage: Optional[int]
+
+    @property
+    def config(self) -> list[str]:
+        """The flags that define what is trained (not where or on what)."""
+        kept, skip = [], 0
+        for flag in self.argv:
+            if skip:
+                skip -= 1
+                continue
+            if flag in _RUN_ONLY_FLAGS:
+                skip = _RUN_ONLY_FLAGS[flag]
+                continue
+            kept.append(flag)
+        return kept
+
+
+def run_folder(out: str | os.PathLike, name: str, seed: int, scale: float = 1.0,
+               units_per_stage: Optional[int] = None) -> Path:
+    tag = f"seed{seed}" + (f"-x{scale:g}" if scale != 1 else "") + (f"-n{units_per_stage}" if units_per_stage else "")
+    return Path(out) / name / tag
+
+
+def count_images(folder: Path) -> int:
+    """Image files under ``folder`` (an ImageNet ``train/``), for epoch-based recipes at a scale."""
+    count = 0
+    for _, _, files in os.walk(folder):
+        count += sum(f.lower().endswith(IMAGE_SUFFIXES) for f in files)
+    return count
+
+
+def plan(experiment: Experiment, seed: int, *, data: str, out: str | os.PathLike, scale: float = 1.0,
+         backend: str = "auto", device: Optional[str] = None, units_per_stage: Optional[int] = None,
+         progress: bool = True, train_images: Optional[int] = None) -> Run:
+    """The trainer command line of one run."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if experiment.recipe.iters is None and scale != 1 and train_images is None:
+        train_images = count_images(Path(data) / "train")
+    folder = run_folder(out, experiment.name, seed, scale, units_per_stage)
+    argv = [*experiment.trainer_flags(units_per_stage), *experiment.recipe.flags(scale, train_images),
+            "--seed", str(seed), "--data", str(data), "--out", str(folder),
+            "--backend", backend if experiment.fusable else "eager"]
+    if device:
+        argv += ["--device", device]
+    if not progress:
+        argv.append("--no-progress")
+    return Run(experiment, seed, folder, argv, scale, units_per_stage)
+
+
+def state_of(folder: Path) -> str:
+    """``finished``, ``diverged``, ``started`` (a checkpoint to resume) or ``new``."""
+    if (folder / "diverged.json").exists():
+        return "diverged"
+    if (folder / "metrics.json").exists():
+        return "finished"
+    if (folder / "checkpoint.pt").exists():
+        return "started"
+    return "new"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def execute(run: Run, *, nproc: int = 1, subprocess: bool = False) -> str:
+    """Run (or continue, or skip) one run; returns its state afterwards, or ``interrupted``."""
+    state = state_of(run.folder)
+    record_path = run.folder / "run.json"
+    if record_path.exists():
+        recorded = json.loads(record_path.read_text())
+        if recorded.get("config") != run.config:
+            raise ValueError(f"{run.folder} holds a run of another configuration ({' '.join(recorded.get('config', []))}"
+                             f"); give another --out or remove that folder")
+    if state in ("finished", "diverged"):
+        print(f"{run.experiment.name} seed {run.seed}: {state} before, not repeated ({run.folder})", flush=True)
+        return state
+    run.folder.mkdir(parents=True, exist_ok=True)
+    _write_json(record_path, {"experiment": run.experiment.name, "seed": run.seed, "scale": run.scale,
+                              "units_per_stage": run.units_per_stage, "config": run.config, "argv": run.argv})
+    argv = run.argv + (["--resume"] if state == "started" else [])
+    print(f"{run.experiment.name} seed {run.seed}: {'continuing' if state == 'started' else 'starting'} "
+          f"({run.experiment.describe()}) in {run.folder}", flush=True)
+    if nproc > 1 or subprocess:
+        code = _launch(argv, nproc)
+        after = state_of(run.folder)
+        if code and code < 128 and after not in ("finished", "diverged"):
+            raise RuntimeError(f"{run.experiment.name} seed {run.seed}: the trainer failed (exit status {code})")
+        interrupted = code >= 128
+    else:
+        interrupted = _in_process(argv)
+        after = state_of(run.folder)
+    if interrupted or after not in ("finished", "diverged"):
+        return "interrupted"
+    return after
+
+
+def _in_process(argv: list[str]) -> bool:
+    from ..train import NonFiniteLoss, main
+    try:
+        result = main(argv)
+    except NonFiniteLoss as error:   # recorded in diverged.json by the trainer
+        print(f"diverged: {error}", flush=True)
+        return False
+    return "interrupted" in result
+
+
+def _launch(argv: list[str], nproc: int) -> int:
+    """The trainer's exit status (>= 128: stopped by a signal)."""
+    if nproc > 1:
+        torchrun = shutil.which("torchrun")
+        launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+        command = [*launcher, f"--nproc-per-node={nproc}", "-m", "fused_preact.train", *argv]
+    else:
+        command = [sys.executable, "-m", "fused_preact.train", *argv]
+    code = subprocesses.run(command).returncode
+    return 128 - code if code < 0 else code   # killed by a signal: -N
+
+
+def run_experiments(names: Sequence[str], *, data: str, seeds: int = 1, scale: float = 1.0,
+                    out: str | os.PathLike = "runs/paper", backend: str = "auto", device: Optional[str] = None,
+                    nproc: int = 1, units_per_stage: Optional[int] = None, progress: bool = True,
+                    subprocess: bool = False) -> dict[str, list[str]]:
+    """Run every seed of every named experiment (see ``registry.select``); returns the states
+    ``{experiment: [state of seed 0, ...]}``. Stops at the first interrupted run."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds <= 0:
+        raise ValueError(f"seeds must be a positive int, got {seeds!r}")
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc <= 0:
+        raise ValueError(f"nproc must be a positive int, got {nproc!r}")
+    if not data:
+        raise ValueError("data must name the dataset folder")
+    experiments = select(list(names))
+    train_images = None
+    if scale != 1 and any(e.recipe.iters is None for e in experiments):
+        train_images = count_images(Path(data) / "train")
+    runs = [plan(e, seed, data=data, out=out, scale=scale, backend=backend, device=device,
+                 units_per_stage=units_per_stage, progress=progress, train_images=train_images)
+            for e in experiments for seed in range(seeds)]
+    states: dict[str, list[str]] = {}
+    for run in runs:
+        state = execute(run, nproc=nproc, subprocess=subprocess)
+        states.setdefault(run.experiment.name, []).append(state)
+        if state == "interrupted":
+            print(f"stopped at {run.experiment.name} seed {run.seed}; the same command continues", flush=True)
+            break
+    return states
