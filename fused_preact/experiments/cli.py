@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from ..dispatch import BACKENDS
 from . import paper
-from .registry import EXPERIMENTS, FIGURES, experiments_of_table, select
+from .registry import EXPERIMENTS, FIGURES, select
 
 DEFAULT_OUT = "runs/paper"
 
