@@ -156,7 +156,7 @@ def test_run_skip_resume_diverge_and_report(data, tmp_path, monkeypatch):
             ["test_error"] for s in (0, 1)]
     original = next(l for l in report.splitlines() if l.startswith("| original [1]"))
     median = sum(ours) / 2
-    assert f"{median:.2f} [{min(ours):.2f}, {max(ours):.2f}] (2 runs" in original
+    assert f"{median:.2f} [{min(ours):.2f}, {max(ours):.2f}] (2 runs; mean {median:.2f}+-" in original
     assert f"{median - 6.61:+.2f}" in original and "scale 3.2e-05, 1 units/stage" in original
     assert "| c10-1001-preact |" in report and "not run" in report
     assert (out / "figures.png").stat().st_size > 10_000
@@ -187,6 +187,40 @@ def test_interrupted_run_resumes_exactly_through_the_cli(data, tmp_path, monkeyp
     parts = json.loads((folder / "metrics.json").read_text())
     assert parts["iterations"] == whole["iterations"] == 4
     assert parts["train_curve"] == whole["train_curve"] and parts["test_error"] == whole["test_error"]
+
+
+def test_multi_gpu_runs_go_through_torchrun(data, tmp_path, monkeypatch):
+    from fused_preact.experiments import runner
+    commands = []
+
+    def fake_run(command):      # stands for the launched trainer: records the command, finishes the run
+        commands.append(command)
+        out = command[command.index("--out") + 1]
+        (tmp_path / out).mkdir(parents=True, exist_ok=True)
+        (tmp_path / out / "metrics.json").write_text("{}")
+        return runner.subprocesses.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(runner.subprocesses, "run", fake_run)
+    states = run_experiments(["c10-1001-preact"], data=str(data), out=tmp_path / "runs", nproc=4, backend="cuda")
+    assert states == {"c10-1001-preact": ["finished"]}
+    [command] = commands
+    assert command[0].endswith("torchrun") or command[1:3] == ["-m", "torch.distributed.run"]
+    start = command.index("--nproc-per-node=4")
+    assert command[start + 1:start + 3] == ["-m", "fused_preact.train"]
+    assert command[command.index("--batch-size") + 1] == "128"          # the global batch, split by the trainer
+    assert command[command.index("--backend") + 1] == "cuda"
+
+
+def test_imagenet_plan_at_a_scale_counts_the_training_images(tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(1280):
+            (tmp_path / "train" / label / f"{i}.JPEG").touch()
+    run = plan(EXPERIMENTS["in-152-preact"], 0, data=str(tmp_path), out=tmp_path, scale=0.1)
+    args = parse_args(run.argv)     # 2,560 images: 10 batches of 256 per epoch, x 90 epochs x 0.1
+    assert (args.iters, args.milestones, args.batch_size, args.warmup_iters) == (90, [30, 60], 256, 0)
+    assert (args.imagenet_augment, args.eval_crops, args.arch) == ("scale", [(256, 224), (320, 320)],
+                                                                   "imagenet_resnet152")
 
 
 def test_bad_arguments_name_themselves(data, tmp_path, capsys):

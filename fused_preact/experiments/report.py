@@ -150,6 +150,8 @@ def cell_result(cell: paper.PaperCell, runs: list[SeedRun]) -> CellResult:
         progress = ", ".join(f"it {r.last_iteration}" for r in unfinished)
         return CellResult(f"unfinished ({progress}){label}", "")
     median = statistics.median(values)
+    if len(values) > 1:   # as Table 4's brackets
+        notes.insert(0, f"mean {_fmt(statistics.mean(values), cell.table)}+-{_fmt(statistics.stdev(values), cell.table)}")
     text = f"{_fmt(median, cell.table)} [{_fmt(min(values), cell.table)}, {_fmt(max(values), cell.table)}] " \
            f"({len(values)} run{'s' if len(values) > 1 else ''}{'; ' + ', '.join(notes) if notes else ''}){label}"
     ours_fail = cell.table == 1 and median > 20

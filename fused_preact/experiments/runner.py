@@ -126,8 +126,10 @@ def execute(run: Run, *, nproc: int = 1, subprocess: bool = False) -> str:
     _write_json(record_path, {"experiment": run.experiment.name, "seed": run.seed, "scale": run.scale,
                               "units_per_stage": run.units_per_stage, "config": run.config, "argv": run.argv})
     argv = run.argv + (["--resume"] if state == "started" else [])
+    arch = run.experiment.arch_with(run.units_per_stage)
+    size = f" [as {arch}]" if arch != run.experiment.arch else ""
     print(f"{run.experiment.name} seed {run.seed}: {'continuing' if state == 'started' else 'starting'} "
-          f"({run.experiment.describe()}) in {run.folder}", flush=True)
+          f"({run.experiment.describe()}){size} in {run.folder}", flush=True)
     if nproc > 1 or subprocess:
         code = _launch(argv, nproc)
         after = state_of(run.folder)
