@@ -3,8 +3,10 @@
 CIFAR (paper Sec. 4 and its public Torch code): a 3x3 stem conv 3 -> 16, three
 stages at 32x32, 16x16 and 8x8, then BN-ReLU, global average pooling and the
 classifier. Basic nets have depth 6n+2 (widths 16/32/64); bottleneck nets have
-depth 9n+2 (outputs 64/128/256, bottleneck widths 16/32/64). The first unit of
-each stage changes shape; in the bottleneck nets that includes stage 1 (16 -> 64).
+depth 9n+2 (outputs 64/128/256, bottleneck widths 16/32/64); single-conv nets
+(``cifar_resnet_1layer``, Table 3's "1layer skip") have depth 3n+2 and run eager.
+The first unit of each stage changes shape; in the bottleneck nets that includes
+stage 1 (16 -> 64).
 
 ImageNet: a 7x7 stride-2 stem conv 3 -> 64 and a 3x3 stride-2 max pool, four
 stages at 56, 28, 14 and 7, then BN-ReLU, pooling and the classifier (as timm's

@@ -105,6 +105,16 @@ def test_recipes_as_trainer_flags():
     assert eager.argv[eager.argv.index("--backend") + 1] == "eager"      # no fused single-conv unit
 
 
+def test_every_experiment_is_a_valid_trainer_command():
+    for experiment in EXPERIMENTS.values():
+        args = parse_args(plan(experiment, 0, data="d", out="o").argv)
+        assert (args.dataset, args.arch) == (experiment.dataset, experiment.arch)
+        for key, value in experiment.units.items():
+            assert getattr(args, key) == value, (experiment.name, key)
+        assert args.backend == ("auto" if experiment.fusable else "eager")
+    assert parse_args(plan(EXPERIMENTS["c10-110-exclusive-gating-b-7"], 0, data="d", out="o").argv).gate_bias == -7
+
+
 def test_list_shows_every_row_of_tables_1_to_5(capsys):
     assert experiments_main(["list"]) == 0
     text = capsys.readouterr().out
