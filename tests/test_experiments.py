@@ -236,6 +236,9 @@ def test_imagenet_plan_at_a_scale_counts_the_training_images(tmp_path):
 def test_bad_arguments_name_themselves(data, tmp_path, capsys):
     assert experiments_main(["run", "nonsense", "--data", str(data), "--out", str(tmp_path)]) == 2
     assert "unknown experiment 'nonsense'" in capsys.readouterr().err
+    assert experiments_main(["run", "c10-110-original", "--data", str(tmp_path / "none"), "--out", str(tmp_path),
+                             "--device", "cpu", "--no-progress"]) == 2
+    assert "CIFAR-10: expected the python-pickle folder" in capsys.readouterr().err
     with pytest.raises(ValueError, match="seeds must be a positive int"):
         run_experiments(["c10-110-original"], data=str(data), seeds=0)
     with pytest.raises(ValueError, match="units_per_stage only applies to the CIFAR nets"):

@@ -13,6 +13,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..dispatch import BACKENDS
+from ..train.data import DatasetError
 from . import paper
 from .registry import EXPERIMENTS, FIGURES, select
 
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("names", nargs="+", metavar="NAME",
                      help="experiment names, figure names (fig1, fig3a, ...), table1..table5 or all")
     run.add_argument("--data", required=True, help="the trainer's --data folder (CIFAR pickle folders or ImageNet)")
+    run.add_argument("--imagenet-data", default=None,
+                     help="ImageNet's folder (train/ and val/) for the Table 5 runs (default: --data)")
     run.add_argument("--seeds", type=int, default=1, help="runs per experiment, seeds 0..K-1 (the paper: 5)")
     run.add_argument("--scale", type=float, default=1.0,
                      help="multiplies every iteration count (0.001: a smoke run of 64 iterations)")
@@ -118,8 +121,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         states = run_experiments(args.names, data=args.data, seeds=args.seeds, scale=args.scale, out=args.out,
                                  backend=args.backend, device=args.device, nproc=args.nproc,
                                  units_per_stage=args.units_per_stage, progress=not args.no_progress,
-                                 subprocess=args.subprocess)
-    except ValueError as error:
+                                 subprocess=args.subprocess, imagenet_data=args.imagenet_data)
+    except (ValueError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     interrupted = any("interrupted" in s for s in states.values())

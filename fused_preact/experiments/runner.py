@@ -169,9 +169,10 @@ def _launch(argv: list[str], nproc: int) -> int:
 def run_experiments(names: Sequence[str], *, data: str, seeds: int = 1, scale: float = 1.0,
                     out: str | os.PathLike = "runs/paper", backend: str = "auto", device: Optional[str] = None,
                     nproc: int = 1, units_per_stage: Optional[int] = None, progress: bool = True,
-                    subprocess: bool = False) -> dict[str, list[str]]:
+                    subprocess: bool = False, imagenet_data: Optional[str] = None) -> dict[str, list[str]]:
     """Run every seed of every named experiment (see ``registry.select``); returns the states
-    ``{experiment: [state of seed 0, ...]}``. Stops at the first interrupted run."""
+    ``{experiment: [state of seed 0, ...]}``. Stops at the first interrupted run. ``data`` is the
+    CIFAR folder, ``imagenet_data`` ImageNet's (default: ``data``)."""
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds <= 0:
         raise ValueError(f"seeds must be a positive int, got {seeds!r}")
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc <= 0:
@@ -179,11 +180,13 @@ def run_experiments(names: Sequence[str], *, data: str, seeds: int = 1, scale: f
     if not data:
         raise ValueError("data must name the dataset folder")
     experiments = select(list(names))
+    imagenet_data = imagenet_data or data
     train_images = None
     if scale != 1 and any(e.recipe.iters is None for e in experiments):
-        train_images = count_images(Path(data) / "train")
-    runs = [plan(e, seed, data=data, out=out, scale=scale, backend=backend, device=device,
-                 units_per_stage=units_per_stage, progress=progress, train_images=train_images)
+        train_images = count_images(Path(imagenet_data) / "train")
+    runs = [plan(e, seed, data=imagenet_data if e.dataset == "imagenet" else data, out=out, scale=scale,
+                 backend=backend, device=device, units_per_stage=units_per_stage, progress=progress,
+                 train_images=train_images)
             for e in experiments for seed in range(seeds)]
     states: dict[str, list[str]] = {}
     for run in runs:
