@@ -90,9 +90,9 @@ def test_recipes_as_trainer_flags():
     assert CIFAR.flags(0.001)[-7:] == ["--iters", "64", "--milestones", "32", "48", "--warmup-iters", "0"]
     assert CIFAR_BATCH64.iters == 156_200 and CIFAR_BATCH64.milestones == (62_480, 94_501)
     assert CIFAR_BATCH64.warmup_iters == 0 and CIFAR_BATCH64.batch_size == 64
-    assert IMAGENET.flags()[-7:] == ["--epochs", "90", "--milestone-epochs", "30", "60", "--warmup-iters", "0"]
+    assert IMAGENET.flags()[-7:] == ["--epochs", "120", "--milestone-epochs", "30", "60", "--warmup-iters", "0"]
     # an epoch recipe at a scale counts iterations of the given training set
-    assert IMAGENET.flags(0.01, train_images=25_600)[-7:] == ["--iters", "90", "--milestones", "30", "60",
+    assert IMAGENET.flags(0.01, train_images=25_600)[-7:] == ["--iters", "120", "--milestones", "30", "60",
                                                               "--warmup-iters", "0"]
     with pytest.raises(ValueError, match="fewer than one batch"):
         IMAGENET.flags(0.5, train_images=100)
@@ -227,8 +227,8 @@ def test_imagenet_plan_at_a_scale_counts_the_training_images(tmp_path):
         for i in range(1280):
             (tmp_path / "train" / label / f"{i}.JPEG").touch()
     run = plan(EXPERIMENTS["in-152-preact"], 0, data=str(tmp_path), out=tmp_path, scale=0.1)
-    args = parse_args(run.argv)     # 2,560 images: 10 batches of 256 per epoch, x 90 epochs x 0.1
-    assert (args.iters, args.milestones, args.batch_size, args.warmup_iters) == (90, [30, 60], 256, 0)
+    args = parse_args(run.argv)     # 2,560 images: 10 batches of 256 per epoch, x 120 epochs x 0.1
+    assert (args.iters, args.milestones, args.batch_size, args.warmup_iters) == (120, [30, 60], 256, 0)
     assert (args.imagenet_augment, args.eval_crops, args.arch) == ("scale", [(256, 224), (320, 320)],
                                                                    "imagenet_resnet152")
 

@@ -11,9 +11,11 @@ per epoch (50,000 // 64, the trainer drops the last partial batch): 156,200
 iterations, milestones 62,480 and 94,501.
 
 ImageNet (appendix): mini-batch 256, lr 0.1 (no warm-up) divided by 10 at epochs
-30 and 60, the same weight decay and momentum. The end of training is not given
-in the paper; 90 epochs, the default of fb.resnet.torch (whose ResNet-200 is
-Table 5's dagger row), is used.
+30 and 60, the same weight decay and momentum. The paper does not say when
+training ends; Table 5's nets are trained "using the same hyper-parameters ...
+as [1]", which trains "for up to 60 x 10^4 iterations": 120 epochs of 256
+images (fb.resnet.torch, whose ResNet-200 is Table 5's dagger row, defaults to
+90).
 
 ``scale`` multiplies every iteration count (iterations, milestones, warm-up),
 rounded, at least one training iteration: ``0.001`` gives a smoke run of 64
@@ -42,7 +44,7 @@ class Recipe:
 
     def describe(self) -> str:
         if self.iters is not None:
-            span = f"{self.iters // 1000}k it, lr/10 at {'/'.join(f'{m / 1000:g}k' for m in self.milestones)}"
+            span = f"{self.iters:,} it, lr/10 at {'/'.join(f'{m:,}' for m in self.milestones)}"
         else:
             span = f"{self.epochs} ep, lr/10 at ep {'/'.join(map(str, self.milestone_epochs))}"
         warmup = f", warm-up {self.warmup_lr:g} x {self.warmup_iters} it" if self.warmup_iters else ""
@@ -84,4 +86,4 @@ def _batches_per_epoch(train_images: Optional[int], batch_size: int) -> int:
 
 CIFAR = Recipe("cifar", batch_size=128, iters=64000, milestones=(32000, 48000), warmup_iters=400)
 CIFAR_BATCH64 = Recipe("cifar-batch64", batch_size=64, iters=200 * 781, milestones=(80 * 781, 121 * 781))
-IMAGENET = Recipe("imagenet", batch_size=256, epochs=90, milestone_epochs=(30, 60))
+IMAGENET = Recipe("imagenet", batch_size=256, epochs=120, milestone_epochs=(30, 60))
