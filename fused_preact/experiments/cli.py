@@ -125,5 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:    # a second Ctrl-C, or one between runs: checkpoints are atomic
+        print("interrupted; the same command continues from the last checkpoint", file=sys.stderr)
+        return 130
     interrupted = any("interrupted" in s for s in states.values())
     return 130 if interrupted else 0
