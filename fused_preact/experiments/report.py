@@ -157,7 +157,9 @@ def cell_result(cell: paper.PaperCell, runs: list[SeedRun]) -> CellResult:
     ours_fail = cell.table == 1 and median > 20
     if ours_fail:
         text = f"fail: {text}"
-    if cell.fail:
+    if not cell.reported:
+        difference = ""
+    elif cell.fail:
         difference = "both fail" if ours_fail else "paper: fail"
     else:
         difference = f"{median - cell.value:+.2f}" if cell.table != 5 else f"{median - cell.value:+.1f}"
