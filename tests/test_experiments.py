@@ -15,7 +15,7 @@ from fused_preact.experiments import CELLS, EXPERIMENTS, FIGURES, TABLE_TITLES, 
 from fused_preact.experiments.cli import main as experiments_main
 from fused_preact.experiments.recipes import CIFAR, CIFAR_BATCH64, IMAGENET
 from fused_preact.experiments.report import write_report
-from fused_preact.experiments.runner import plan, run_experiments, run_folder
+from fused_preact.experiments.runner import execute, plan, run_experiments, run_folder
 from fused_preact.train import loop
 from fused_preact.train import main as train_main
 from fused_preact.train.cli import parse_args
@@ -239,6 +239,11 @@ def test_bad_arguments_name_themselves(data, tmp_path, capsys):
     assert experiments_main(["run", "c10-110-original", "--data", str(tmp_path / "none"), "--out", str(tmp_path),
                              "--device", "cpu", "--no-progress"]) == 2
     assert "CIFAR-10: expected the python-pickle folder" in capsys.readouterr().err
+    run = plan(EXPERIMENTS["c10-110-original"], 0, data=str(data), out=tmp_path)
+    run.folder.mkdir(parents=True)
+    (run.folder / "run.json").write_text(json.dumps({"config": ["--arch", "cifar_resnet56"]}))
+    with pytest.raises(ValueError, match="holds a run of another configuration"):
+        execute(run)
     with pytest.raises(ValueError, match="seeds must be a positive int"):
         run_experiments(["c10-110-original"], data=str(data), seeds=0)
     with pytest.raises(ValueError, match="units_per_stage only applies to the CIFAR nets"):
