@@ -239,7 +239,7 @@ def test_bad_arguments_name_themselves(data, tmp_path, capsys):
     assert experiments_main(["run", "c10-110-original", "--data", str(tmp_path / "none"), "--out", str(tmp_path),
                              "--device", "cpu", "--no-progress"]) == 2
     assert "CIFAR-10: expected the python-pickle folder" in capsys.readouterr().err
-    run = plan(EXPERIMENTS["c10-110-original"], 0, data=str(data), out=tmp_path)
+    run = plan(EXPERIMENTS["c10-110-original"], 0, data=str(data), out=tmp_path / "other")
     run.folder.mkdir(parents=True)
     (run.folder / "run.json").write_text(json.dumps({"config": ["--arch", "cifar_resnet56"]}))
     with pytest.raises(ValueError, match="holds a run of another configuration"):
