@@ -78,8 +78,10 @@ def test_timm_units_that_compute_something_else_stay_eager():
     bn_unit = PreActBottleneck(128, 256, stride=2, conv_layer=create_conv2d, norm_layer=BatchNormAct2d,
                                proj_layer=DownsampleConv)
     model = torch.nn.Sequential(gn_unit, bn_unit)
-    with pytest.warns(RuntimeWarning, match=r"left these units eager, .*: 0 \(conv1 is a StdConv2d"):
-        convert_to_fused(model)
+    with pytest.warns(RuntimeWarning, match=r"1 of 2 residual units fused.*left eager: PreActBottleneck x1: "
+                                             r"conv1 is a StdConv2d"):
+        _, report = convert_to_fused(model, return_report=True)
+    assert report.fused == ["1"] and list(report.left_eager) == ["0"]
     assert model[0] is gn_unit and isinstance(model[1], FusedPreActBottleneck)
     assert model[1].stride_on == "3x3" and model[1].conv2.stride == (2, 2)
 
