@@ -136,8 +136,10 @@ def _one_thread():
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _hooked(module: nn.Module) -> bool:
-    return any(getattr(m, d, None) for m in module.modules() for d in _HOOK_DICTS)
+def _hooked(module: nn.Module, include_self: bool) -> bool:
+    """Hooks on the unit's submodules (or on the unit itself, when it is replaced by a new module)."""
+    return any(getattr(m, d, None) for m in module.modules() if include_self or m is not module
+               for d in _HOOK_DICTS)
 
 
 def _may_be_unit(module: nn.Module) -> bool:
@@ -162,7 +164,9 @@ def configuration_key(module: nn.Module) -> tuple:
             if isinstance(v, (bool, int, float, str, type(None))) or (
                     isinstance(v, tuple) and all(isinstance(e, (bool, int, float, str)) for e in v)):
                 settings.append((k, v))
-            elif callable(v) and not isinstance(v, nn.Module):   # a forward patched on the instance
+            elif isinstance(v, (list, dict, set, tuple)):
+                settings.append((k, repr(v)))
+            elif not isinstance(v, nn.Module):   # a patched forward, a tensor, an object: this instance's own
                 settings.append((k, id(v)))
         tensors = tuple((k, None if t is None else (tuple(t.shape), t.dtype))
                         for k, t in list(m._parameters.items()) + list(m._buffers.items()))
@@ -200,7 +204,7 @@ class _Converter:
                  build: Callable[[nn.Module, str], nn.Module], built: Optional[nn.Module] = None) -> nn.Module:
         """``build(module, backend)`` (or ``built``, the same made already) if the guard passes for
         this configuration, else ``module``."""
-        if _hooked(module):
+        if _hooked(module, include_self=build is not _change_class):   # a class change keeps its own hooks
             return self._left_eager(module, path, "it has forward or backward hooks, which fused kernels "
                                                   "would not run")
         if key not in self._checked:
@@ -250,13 +254,10 @@ class _Converter:
 
 def _recognize_any_width(module: nn.Module):
     """Recognize with the input width of the first BatchNorm, else of the first conv."""
-    widths = []
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not widths:
-            widths.append(m.num_features)
-        if isinstance(m, nn.Conv2d) and m.in_channels not in widths:
-            widths.append(m.in_channels)
-            break
+    first_bn = next((m.num_features for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)),
+                    None)
+    first_conv = next((m.in_channels for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+    widths = list(dict.fromkeys(w for w in (first_bn, first_conv) if w is not None))
     first = None
     for width in widths:
         recognition = recognize(module, width)
@@ -331,6 +332,8 @@ def _from_match(unit: nn.Module, match: UnitMatch, backend: str):
     ours = sorted(ours_to_theirs, key=lambda n: positions[ours_to_theirs[n]])
     fused._modules = OrderedDict([(n, fused._modules[n]) for n in ours]
                                  + [(n, m) for n, m in fused._modules.items() if n not in ours_to_theirs])
+    if any(t.is_meta for t in fused.state_dict(keep_vars=True).values()):
+        return None, "the fused unit would keep a tensor of its own"
     renames = {n: t for n, t in ours_to_theirs.items() if n != t}
     if renames:
         _keep_state_dict_names(fused, renames)

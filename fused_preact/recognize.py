@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-SAMPLE_SIZE = 7       # odd, so strided convs meet an edge; 2 x 4 x 4 >= 16 values per channel after stride 2
+SAMPLE_SIZE = 5       # odd, so strided convs meet an edge
 
 
 @dataclass(frozen=True)
@@ -214,16 +214,16 @@ def _match(nodes: list[_Node], out: int) -> tuple[Optional[UnitMatch], Optional[
     for branch_end, shortcut_end in (total.inputs, total.inputs[::-1]):
         triples, why = _branch(nodes, branch_end)
         if triples is None:
-            reasons.append((nodes[branch_end].kind == "conv", why))
+            reasons.append(((nodes[branch_end].kind == "conv") + (nodes[branch_end].kind != "input"), why))
             continue
         shortcut, why = _shortcut(nodes, shortcut_end, triples[0][1])
         if shortcut is None:
-            reasons.append((True, why))
+            reasons.append((2, why))
             continue
         return UnitMatch(bns=tuple(t[0] for t in triples), convs=tuple(t[2] for t in triples),
                          shortcut=shortcut[0], shortcut_conv=shortcut[1]), None
     # the reason from the side that looked like a branch, dropout first (the most specific)
-    reasons.sort(key=lambda r: (not r[1].startswith("it applies dropout"), not r[0]))
+    reasons.sort(key=lambda r: (not r[1].startswith("it applies dropout"), -r[0]))
     return None, reasons[0][1]
 
 

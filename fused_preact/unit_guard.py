@@ -23,7 +23,7 @@ from torch import nn
 
 from . import dispatch
 
-SAMPLE_SIZE = 7          # (2, C, 7, 7): 2 x 4 x 4 = 32 values per channel after a stride of 2
+SAMPLE_SIZE = 5          # (2, C, 5, 5): odd, and 2 x 3 x 3 = 18 values per channel after a stride of 2
 RELATIVE_TOLERANCE = 1e-8
 
 
