@@ -37,7 +37,7 @@ from torch import nn
 from . import dispatch
 from .fused import FUSED_CLASS, FusedPreActBlock, FusedPreActBottleneck, _FusedUnitMixin
 from .recognize import UnitMatch, recognize
-from .unit_guard import check_replacement, describe_backend, guard_backend
+from .unit_guard import HOOK_DICTS, check_replacement, describe_backend, guard_backend
 from .units import BOTTLENECK_EXPANSION
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ class ConversionReport:
     def summary(self) -> str:
         line = f"convert_to_fused: {self.num_fused} of {self.num_units} residual units fused"
         if self.num_fused:
-            line += f" (each configuration checked in float64 against eager with {describe_backend(self.guard_backend)})"
+            line += (" (each configuration checked in float64 against eager with "
+                     f"{describe_backend(self.guard_backend)})")
         if self.left_eager:
             parts = [f"{name} x{count}: {reason}" for name, reasons in self.reasons_by_class().items()
                      for reason, count in reasons.items()]
@@ -133,13 +134,10 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
 def _hooked(module: nn.Module, include_self: bool) -> bool:
     """Hooks on the unit's submodules (or on the unit itself, when it is replaced by a new module)."""
     return any(getattr(m, d, None) for m in module.modules() if include_self or m is not module
-               for d in _HOOK_DICTS)
+               for d in HOOK_DICTS)
 
 
 def _may_be_unit(module: nn.Module) -> bool:

@@ -19,13 +19,14 @@ one recording serves every unit of the same configuration.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from .unit_guard import float64_copy
 
 SAMPLE_SIZE = 5       # odd, so strided convs meet an edge
 
@@ -59,8 +60,7 @@ class _Node:
     inputs: tuple[int, ...] = ()
     module: Optional[str] = None            # path of the BN / conv module it ran
     op: str = ""                            # the ATen operator
-    args: tuple = ()                        # call arguments that must agree with the module
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)   # call settings that must agree with the module
 
 
 _RELU_OPS = {"relu", "relu_"}
@@ -155,7 +155,7 @@ class _Recorder(TorchDispatchMode):
             return _Node("add", tuple(tracked), op=name)
         if name in _PASSTHROUGH_OPS and len(tracked) == 1:
             node = self.nodes[tracked[0]]
-            return _Node(node.kind, node.inputs, node.module, node.op, node.args, node.extra)
+            return _Node(node.kind, node.inputs, node.module, node.op, node.extra)
         return _Node("other", tuple(tracked), op=name)
 
 
@@ -257,7 +257,7 @@ def recognize(module: nn.Module, in_channels: int) -> Recognition:
 
     Runs a float64 CPU copy in training mode (so dropout shows), under the global
     random state's fork (the caller's random stream is left as it was)."""
-    replica = copy.deepcopy(module).to("cpu", torch.float64)
+    replica = float64_copy(module)
     replica.train()
     owners = {}
     for path, sub in replica.named_modules():
@@ -273,8 +273,9 @@ def recognize(module: nn.Module, in_channels: int) -> Recognition:
             with recorder:
                 y = replica(x)
         except Exception as error:   # not a unit of this input: its forward says why
+            first_line = (str(error).splitlines() or [""])[0]
             return Recognition(False, reason=f"it does not run on a ({', '.join(map(str, x.shape))}) input: "
-                                             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+                                             f"{type(error).__name__}: {first_line}")
     nodes = recorder.nodes
     if not isinstance(y, torch.Tensor) or _key(y) not in recorder.values:
         return Recognition(False, reason="its output does not come from its input through operators it runs")

@@ -38,6 +38,22 @@ def describe_backend(backend: str) -> str:
             else "the fused class's eager path (the C++ extension is not built)")
 
 
+# the forward and backward hooks (state_dict hooks stay: they keep the key names)
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+              "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def float64_copy(module: nn.Module) -> nn.Module:
+    """A float64 CPU copy of ``module`` without the user's hooks (they must not see the guard's runs)."""
+    replica = copy.deepcopy(module).to("cpu", torch.float64)
+    for m in replica.modules():
+        for name in HOOK_DICTS:
+            hooks = getattr(m, name, None)
+            if hooks:
+                hooks.clear()
+    return replica
+
+
 def _perturb(module: nn.Module, generator: torch.Generator) -> None:
     with torch.no_grad():
         for m in module.modules():
@@ -72,7 +88,7 @@ def check_replacement(unit: nn.Module, build: Callable[[nn.Module], nn.Module], 
                       backend: str) -> Optional[str]:
     """None when ``build(copy of unit)`` computes what ``unit`` does, else what differs."""
     generator = torch.Generator().manual_seed(0)
-    original = copy.deepcopy(unit).to("cpu", torch.float64)
+    original = float64_copy(unit)
     _perturb(original, generator)
     source = copy.deepcopy(original)
     with torch.random.fork_rng(devices=[]):

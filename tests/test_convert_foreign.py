@@ -308,3 +308,31 @@ def test_converted_foreign_model_double_backward_and_empty_batch():
     def trunk(net):
         return net.layer3(net.layer2(net.layer1(net.conv1(empty))))
     assert trunk(model).shape == trunk(eager).shape == (0, 16, 2, 2)
+
+
+def test_guard_without_the_extension_checks_the_mapping_with_the_eager_path(monkeypatch):
+    """No C++ build: the guard's fused copy runs the fused class's eager path, which still
+    proves the mapping (a swapped BN pair fails it) and lets a right one through."""
+    monkeypatch.setattr(convert, "guard_backend", lambda: "eager")
+    model = fm.fb_preresnet(8, base=4)
+    _, report = convert_to_fused(model, backend="eager", return_report=True)
+    assert report.guard_backend == "eager" and report.num_fused == 3
+    assert "fused class's eager path" in report.summary()
+    real = convert.recognize
+    monkeypatch.setattr(convert, "recognize", lambda module, width: (lambda r: type(r)(
+        True, match=UnitMatch(r.match.bns[::-1], r.match.convs, r.match.shortcut, r.match.shortcut_conv))
+        if r.match is not None else r)(real(module, width)))
+    with pytest.warns(RuntimeWarning, match="differs"):
+        _, report = convert_to_fused(nn.Sequential(fm.KLPreActBlock(4, 4)), return_report=True)
+    assert report.num_fused == 0
+
+
+def test_own_unit_keeps_its_own_hooks_through_the_class_change():
+    from fused_preact.units import PreActBlock
+    unit = PreActBlock(4, 4)
+    seen = []
+    unit.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    fused = convert_to_fused(unit, backend="eager")
+    assert fused is unit and isinstance(unit, FusedPreActBlock)
+    unit(torch.randn(2, 4, 5, 5))
+    assert seen == [(2, 4, 5, 5)]
