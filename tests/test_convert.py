@@ -48,8 +48,11 @@ def test_converts_own_models_in_place(builder, size):
 
 def test_other_variants_are_left_alone():
     model = models.cifar_resnet20(activation="original")
-    convert_to_fused(model)
+    with pytest.warns(RuntimeWarning, match=r"0 of 9 residual units fused; left eager: ResidualUnit x9: its output "
+                                            r"is a ReLU of the residual sum"):
+        _, report = convert_to_fused(model, return_report=True)
     assert all(type(u) is ResidualUnit for u in model.units())
+    assert report.num_units == 9 and not report.fused
 
 
 @pytest.mark.parametrize("name", ["resnetv2_50", "resnetv2_18"])
