@@ -2,9 +2,10 @@
 
 Modules: ``units`` (eager reference of every unit in the paper), ``models``
 (CIFAR and ImageNet nets), ``fused`` (drop-in fused units), ``convert``
-(``convert_to_fused``), ``dispatch`` (backend choice).
+(``convert_to_fused``; ``recognize`` finds units by what they compute, ``unit_guard``
+checks each replacement), ``dispatch`` (backend choice).
 """
-from .convert import convert_to_fused
+from .convert import ConversionReport, convert_to_fused
 from .dispatch import BACKENDS, available_backends
 from .fused import FusedPreActBlock, FusedPreActBottleneck
 from .sync_bn import sync_batch_stats
@@ -14,7 +15,7 @@ from .units import ACTIVATIONS, SHORTCUTS, PreActBlock, PreActBottleneck, Residu
 __version__ = "0.1.0"
 
 __all__ = [
-    "ACTIVATIONS", "BACKENDS", "MODELS", "SHORTCUTS", "FusedPreActBlock", "FusedPreActBottleneck",
+    "ACTIVATIONS", "BACKENDS", "MODELS", "SHORTCUTS", "ConversionReport", "FusedPreActBlock", "FusedPreActBottleneck",
     "PreActBlock", "PreActBottleneck", "ResNet", "ResidualUnit", "available_backends", "cifar_resnet",
     "convert_to_fused", "create_model", "imagenet_resnet", "make_unit", "sync_batch_stats",
 ]

@@ -1,76 +1,345 @@
 """``convert_to_fused``: swap the eager pre-activation units of a model for fused ones.
 
-Handled units:
-- this project's ``PreActBlock`` / ``PreActBottleneck``: the unit changes class in
-  place (same parameters, buffers, hooks and state_dict keys);
-- timm's ``resnetv2`` ``PreActBasic`` / ``PreActBottleneck`` built with BatchNorm+ReLU
-  norm layers and plain convolutions: a fused unit takes their place, holding the
-  very same parameter and buffer tensors (an optimizer built before the conversion
-  keeps working), and its state_dict keeps timm's key names so timm checkpoints
-  load with ``strict=True`` before and after.
+Which modules are units, and what they compute, is decided by the computation,
+not the class (``recognize``): any module holding BatchNorm2d and Conv2d children
+whose recorded run is a full pre-activation unit -- basic or bottleneck, stride
+on the first 1x1 or the 3x3, shortcut identity, 1x1 projection of the
+pre-activated input, or 1x1 projection of the raw input (bare conv or inside an
+``nn.Sequential``) -- is replaced by a fused unit that holds its very BatchNorm
+and conv modules: the same parameter and buffer tensors (an optimizer built
+before the conversion keeps working), and a state_dict with the original's keys
+in the original's order, so checkpoints load with ``strict=True`` both ways.
 
-Units that compute something else (weight-standardized or dilated convs, group
-norm, stochastic depth, other bottleneck ratios) stay as they are, with one
-warning that names them.
+Two kinds are known by class: this project's ``PreActBlock`` / ``PreActBottleneck``
+change class in place, and timm's ``resnetv2`` units (whose BN-act layers the
+recording would not see as a plain BatchNorm) get a fused unit with timm's key names.
+
+Every distinct unit configuration is then checked once (``unit_guard``): original
+and fused copies in float64 on the CPU, training and eval. A unit that fails, or
+that computes something else, stays as it is, and ``convert_to_fused`` says so:
+one line "N of M residual units fused" (a log record when all are, else a
+RuntimeWarning naming, per class, why units were left eager), and the same as a
+``ConversionReport`` with ``return_report=True``.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional
 
+import torch
 from torch import nn
 
 from . import dispatch
-from .fused import FUSED_CLASS, FusedPreActBlock, FusedPreActBottleneck
+from .fused import FUSED_CLASS, FusedPreActBlock, FusedPreActBottleneck, _FusedUnitMixin
+from .recognize import UnitMatch, recognize
+from .unit_guard import HOOK_DICTS, check_replacement, describe_backend, guard_backend
 from .units import BOTTLENECK_EXPANSION
+
+logger = logging.getLogger(__name__)
 
 # our module name -> timm's, for state_dict keys
 _TIMM_NAMES = {"bn1": "norm1", "bn2": "norm2", "bn3": "norm3", "shortcut": "downsample.conv"}
 
 
-def convert_to_fused(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Replace every eager pre-activation unit of ``model`` by its fused twin, in place.
+@dataclass
+class ConversionReport:
+    """What ``convert_to_fused`` did.
 
-    Returns the model (or, when ``model`` is itself a timm unit, its fused
-    replacement). Outputs, gradients and running statistics stay what they were.
+    ``fused``: paths of the residual units that are fused now; ``left_eager``: path
+    -> why that unit stays eager; ``classes``: path -> the original class name of
+    every residual unit; ``guard_backend``: who ran the fused copies of the exactness
+    guard (``"cuda"``: the C++ CPU kernels; ``"eager"``: the fused class's eager path).
+    Paths are ``named_modules`` names, ``""`` for the model itself.
+    """
+    fused: list[str] = field(default_factory=list)
+    left_eager: dict[str, str] = field(default_factory=dict)
+    classes: dict[str, str] = field(default_factory=dict)
+    guard_backend: str = "eager"
+    unrecognized: dict[str, str] = field(default_factory=dict)   # BN-conv modules that ran as no residual unit
+
+    @property
+    def num_fused(self) -> int:
+        return len(self.fused)
+
+    @property
+    def num_units(self) -> int:
+        return len(self.fused) + len(self.left_eager)
+
+    def reasons_by_class(self) -> dict[str, dict[str, int]]:
+        """class name -> {reason: number of its units left eager for it}."""
+        table: dict[str, dict[str, int]] = {}
+        for path, reason in self.left_eager.items():
+            per_class = table.setdefault(self.classes[path], {})
+            per_class[reason] = per_class.get(reason, 0) + 1
+        return table
+
+    def summary(self) -> str:
+        line = f"convert_to_fused: {self.num_fused} of {self.num_units} residual units fused"
+        if self.num_fused:
+            line += (" (each configuration checked in float64 against eager with "
+                     f"{describe_backend(self.guard_backend)})")
+        if self.left_eager:
+            parts = [f"{name} x{count}: {reason}" for name, reasons in self.reasons_by_class().items()
+                     for reason, count in reasons.items()]
+            line += "; left eager: " + "; ".join(parts)
+        if not self.num_units and self.unrecognized:
+            line += ("; found no residual unit among the modules holding BatchNorm and Conv2d children: "
+                     + "; ".join(f"{path or '(model)'}: {why}" for path, why in self.unrecognized.items()))
+        return line
+
+    __str__ = summary
+
+
+def convert_to_fused(model: nn.Module, backend: str = "auto", *, return_report: bool = False):
+    """Replace every eager full pre-activation unit of ``model`` by its fused twin, in place.
+
+    Returns the model (or, when ``model`` is itself a unit, its fused replacement);
+    with ``return_report=True``, ``(model, ConversionReport)``. Outputs, gradients and
+    running statistics stay what they were; units that would not are left eager and
+    named in a RuntimeWarning (and the report).
     """
     dispatch.check_backend(backend)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    skipped: list[str] = []
-
-    def convert(module: nn.Module, name: str) -> Optional[nn.Module]:
-        """The fused replacement of ``module`` (possibly itself), or None."""
-        if type(module) in FUSED_CLASS:
-            module.__class__ = FUSED_CLASS[type(module)]
-            module._set_backend(backend)
-            return module
-        if isinstance(module, (FusedPreActBlock, FusedPreActBottleneck)):
-            module._set_backend(backend)
-            return module
-        if _is_timm_preact_unit(module):
-            fused, reason = _from_timm(module, backend)
-            if fused is None:
-                skipped.append(f"{name or type(module).__name__} ({reason})")
-            return fused
-        return None
-
-    root = convert(model, "")
-    if root is not None:
-        model = root
+    converter = _Converter(backend)
+    with _one_thread():
+        root = converter.convert(model, "")
+        if root is None:
+            converter.visit(model, "")
+        elif root is not model:
+            model = root
+    report = converter.report
+    if report.left_eager or (not report.num_units and report.unrecognized):
+        warnings.warn(report.summary(), RuntimeWarning, stacklevel=2)
     else:
-        for parent_name, parent in list(model.named_modules()):
-            for child_name, child in list(parent.named_children()):
-                full = f"{parent_name}.{child_name}" if parent_name else child_name
-                fused = convert(child, full)
-                if fused is not None and fused is not child:
-                    setattr(parent, child_name, fused)
-    if skipped:
-        warnings.warn("convert_to_fused left these units eager, since no fused unit computes the same: "
-                      + ", ".join(skipped), RuntimeWarning, stacklevel=2)
-    return model
+        logger.info(report.summary())
+    return (model, report) if return_report else model
+
+
+# -- the walk over the model --------------------------------------------------------
+@contextlib.contextmanager
+def _one_thread():
+    """The recordings and guard runs are tiny: one thread, as more only contend (measured 8x
+    slower with 2 threads on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _hooked(module: nn.Module, include_self: bool) -> bool:
+    """Hooks on the unit's submodules (or on the unit itself, when it is replaced by a new module)."""
+    return any(getattr(m, d, None) for m in module.modules() if include_self or m is not module
+               for d in HOOK_DICTS)
+
+
+def _may_be_unit(module: nn.Module) -> bool:
+    """Owns a BatchNorm child and a conv, and is small enough to be one unit (<= 4 BNs)."""
+    if not any(isinstance(c, nn.modules.batchnorm._BatchNorm) for c in module.children()):
+        return False
+    subtree = list(module.modules())
+    bns = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in subtree)
+    convs = sum(isinstance(m, nn.modules.conv._ConvNd) for m in subtree)
+    return 1 <= bns <= 4 and 1 <= convs <= 5
+
+
+def configuration_key(module: nn.Module) -> tuple:
+    """What decides a unit's computation: classes, modes, scalar settings and tensor shapes of
+    the module and its submodules. Units with equal keys compute alike."""
+    parts = []
+    for name, m in module.named_modules():
+        settings = []
+        for k, v in vars(m).items():
+            if k.startswith("_") or k == "training":
+                continue
+            if isinstance(v, (bool, int, float, str, type(None))) or (
+                    isinstance(v, tuple) and all(isinstance(e, (bool, int, float, str)) for e in v)):
+                settings.append((k, v))
+            elif isinstance(v, (list, dict, set, tuple)):
+                settings.append((k, repr(v)))
+            elif not isinstance(v, nn.Module):   # a patched forward, a tensor, an object: this instance's own
+                settings.append((k, id(v)))
+        tensors = tuple((k, None if t is None else (tuple(t.shape), t.dtype))
+                        for k, t in list(m._parameters.items()) + list(m._buffers.items()))
+        parts.append((name, type(m), m.training, tuple(sorted(settings, key=lambda kv: kv[0])), tensors))
+    return tuple(parts)
+
+
+class _Converter:
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.report = ConversionReport(guard_backend=guard_backend())
+        self._recognized: dict[tuple, object] = {}    # configuration -> Recognition
+        self._checked: dict[tuple, Optional[str]] = {}  # configuration -> guard's verdict
+
+    def visit(self, module: nn.Module, prefix: str) -> None:
+        for child_name, child in list(module.named_children()):
+            path = f"{prefix}.{child_name}" if prefix else child_name
+            replacement = self.convert(child, path)
+            if replacement is None:
+                self.visit(child, path)
+            elif replacement is not child:
+                setattr(module, child_name, replacement)
+
+    def _left_eager(self, module: nn.Module, path: str, reason: str) -> nn.Module:
+        self.report.classes[path] = type(module).__name__
+        self.report.left_eager[path] = reason
+        return module
+
+    def _fused(self, original: nn.Module, path: str, fused: nn.Module) -> nn.Module:
+        self.report.classes[path] = type(original).__name__
+        self.report.fused.append(path)
+        return fused
+
+    def _guarded(self, module: nn.Module, path: str, key: tuple, in_channels: int,
+                 build: Callable[[nn.Module, str], nn.Module], built: Optional[nn.Module] = None) -> nn.Module:
+        """``build(module, backend)`` (or ``built``, the same made already) if the guard passes for
+        this configuration, else ``module``."""
+        if _hooked(module, include_self=build is not _change_class):   # a class change keeps its own hooks
+            return self._left_eager(module, path, "it has forward or backward hooks, which fused kernels "
+                                                  "would not run")
+        if key not in self._checked:
+            self._checked[key] = check_replacement(module, lambda copy: build(copy, self.backend), in_channels,
+                                                   self.report.guard_backend)
+        verdict = self._checked[key]
+        if verdict is not None:
+            return self._left_eager(module, path, verdict)
+        original_class = type(module).__name__
+        fused = built if built is not None else build(module, self.backend)
+        self.report.classes[path] = original_class
+        self.report.fused.append(path)
+        return fused
+
+    def convert(self, module: nn.Module, path: str) -> Optional[nn.Module]:
+        """The module that takes ``module``'s place (itself when left eager), or None when it is no unit."""
+        if isinstance(module, _FusedUnitMixin):
+            module._set_backend(self.backend)
+            return self._fused(module, path, module)
+        if type(module) in FUSED_CLASS:
+            return self._guarded(module, path, configuration_key(module), module.in_channels, _change_class)
+        if _is_timm_preact_unit(module):
+            fused, reason = _from_timm(module, self.backend)
+            if fused is None:
+                return self._left_eager(module, path, reason)
+            return self._guarded(module, path, configuration_key(module), module.conv1.in_channels,
+                                 lambda unit, backend: _from_timm(unit, backend)[0], fused)
+        if not _may_be_unit(module):
+            return None
+        key = configuration_key(module)
+        if key not in self._recognized:
+            self._recognized[key] = _recognize_any_width(module)
+        recognition = self._recognized[key]
+        if not recognition.residual:
+            if recognition.reason:
+                self.report.unrecognized[path] = recognition.reason
+            return None
+        if recognition.match is None:
+            return self._left_eager(module, path, recognition.reason)
+        match = recognition.match
+        fused, reason = _from_match(module, match, self.backend)
+        if fused is None:
+            return self._left_eager(module, path, reason)
+        return self._guarded(module, path, key, module.get_submodule(match.convs[0]).in_channels,
+                             lambda unit, backend: _from_match(unit, match, backend)[0], fused)
+
+
+def _recognize_any_width(module: nn.Module):
+    """Recognize with the input width of the first BatchNorm, else of the first conv."""
+    first_bn = next((m.num_features for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)),
+                    None)
+    first_conv = next((m.in_channels for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+    widths = list(dict.fromkeys(w for w in (first_bn, first_conv) if w is not None))
+    first = None
+    for width in widths:
+        recognition = recognize(module, width)
+        if recognition.residual or recognition.match is not None:
+            return recognition
+        first = first or recognition
+    return first
+
+
+def _change_class(unit: nn.Module, backend: str) -> nn.Module:
+    unit.__class__ = FUSED_CLASS[type(unit)]
+    unit._set_backend(backend)
+    return unit
+
+
+# -- a recognized unit ---------------------------------------------------------------
+def _from_match(unit: nn.Module, match: UnitMatch, backend: str):
+    """(fused unit holding ``unit``'s BN and conv modules, None) or (None, why it cannot be)."""
+    bns = [unit.get_submodule(p) for p in match.bns]
+    convs = [unit.get_submodule(p) for p in match.convs]
+    for path, bn in zip(match.bns, bns):
+        if type(bn) is not nn.BatchNorm2d:
+            return None, f"{path} is a {type(bn).__name__}, not a plain nn.BatchNorm2d"
+        if not bn.affine:
+            return None, f"{path} has no affine parameters (affine=False)"
+    for path, conv in zip(match.convs, convs):
+        reason = _plain_conv_reason(conv, path)
+        if reason:
+            return None, reason
+    kernels = tuple(c.kernel_size[0] for c in convs)
+    strides = [c.stride[0] for c in convs]
+    stride = max(strides)
+    if kernels not in ((3, 3), (1, 3, 1)):
+        return None, f"its branch has {'x'.join(map(str, kernels))} convolutions, not 3-3 (basic) or 1-3-1 (bottleneck)"
+    if any(c.stride[0] != c.stride[1] for c in convs) or stride not in (1, 2) or sum(s != 1 for s in strides) > 1:
+        return None, f"its strides {strides} are not one stride of 1 or 2"
+    bottleneck = len(convs) == 3
+    if (not bottleneck and strides[1] != 1) or (bottleneck and strides[2] != 1):
+        return None, f"its last convolution is strided ({strides})"
+    in_channels, out_channels = convs[0].in_channels, convs[-1].out_channels
+    if bottleneck and out_channels % BOTTLENECK_EXPANSION:
+        return None, f"its bottleneck output of {out_channels} channels is not a multiple of 4"
+    shortcut = unit.get_submodule(match.shortcut_conv) if match.shortcut_conv else None
+    if shortcut is not None:
+        reason = _plain_conv_reason(shortcut, match.shortcut_conv)
+        if reason or shortcut.kernel_size != (1, 1) or shortcut.stride != (stride, stride):
+            return None, reason or f"its shortcut {match.shortcut_conv} is not a 1x1 conv of stride {stride}"
+    state = list(unit.state_dict(keep_vars=True))
+
+    projection = "raw" if match.shortcut == "raw_projection" else "B"
+    with torch.device("meta"):
+        if bottleneck:
+            fused = FusedPreActBottleneck(in_channels, out_channels, stride, projection,
+                                          stride_on="1x1" if strides[0] != 1 else "3x3", backend=backend)
+        else:
+            fused = FusedPreActBlock(in_channels, out_channels, stride, projection, backend=backend)
+    ours_to_theirs = {}
+    for i, (path, bn) in enumerate(zip(match.bns, bns), start=1):
+        setattr(fused, f"bn{i}", bn)
+        ours_to_theirs[f"bn{i}"] = path
+    for i, (path, conv) in enumerate(zip(match.convs, convs), start=1):
+        setattr(fused, f"conv{i}", conv)
+        ours_to_theirs[f"conv{i}"] = path
+    fused.shortcut = shortcut      # also a projection where the shape does not change
+    fused.shares_preact = match.shortcut == "projection"
+    if shortcut is not None:
+        ours_to_theirs["shortcut"] = match.shortcut_conv
+    fused.training = unit.training     # the submodules keep their own modes
+
+    # the original's module order, so parameters() and state_dict come out in its order
+    positions = {name: i for i, (name, _) in enumerate(unit.named_modules())}
+    ours = sorted(ours_to_theirs, key=lambda n: positions[ours_to_theirs[n]])
+    fused._modules = OrderedDict([(n, fused._modules[n]) for n in ours]
+                                 + [(n, m) for n, m in fused._modules.items() if n not in ours_to_theirs])
+    if any(t.is_meta for t in fused.state_dict(keep_vars=True).values()):
+        return None, "the fused unit would keep a tensor of its own"
+    renames = {n: t for n, t in ours_to_theirs.items() if n != t}
+    if renames:
+        _keep_state_dict_names(fused, renames)
+    if list(fused.state_dict(keep_vars=True)) != state:
+        extra = [k for k in state if k not in set(fused.state_dict(keep_vars=True))]
+        return None, (f"it holds state the fused unit would not carry ({', '.join(extra[:4])})" if extra
+                      else "its state_dict order cannot be kept")
+    return fused, None
 
 
 # -- timm ---------------------------------------------------------------------
@@ -171,7 +440,7 @@ def _rename(key: str, prefix: str, table: dict[str, str]) -> str:
     """``key`` with its first module name under ``prefix`` renamed by ``table``."""
     if key.startswith(prefix):
         local = key[len(prefix):]
-        for old, new in table.items():
+        for old, new in sorted(table.items(), key=lambda kv: -len(kv[0])):   # "a.b" before "a"
             if local.startswith(old + "."):
                 return prefix + new + local[len(old):]
     return key

@@ -2,7 +2,8 @@
 
 A unit is a chain of BN-ReLU-conv triples (basic: 3x3, 3x3; bottleneck: 1x1, 3x3,
 1x1) plus a shortcut: identity, the 1x1 projection of the first pre-activation
-(projection "B"), or the subsampled, zero-padded input (projection "A"). The
+(projection "B"), the 1x1 projection of the raw input (projection "raw"), or the
+subsampled, zero-padded input (projection "A"). The
 autograd Function below runs it with the six operators of ``unit_ops`` taken from
 a backend's namespace (``torch.ops.fused_preact_triton`` or ``torch.ops.fused_preact``):
 
@@ -17,6 +18,15 @@ backward, last triple first, with g the gradient reaching the triple's output::
     dw_i              = conv_wgrad(g, h, scale, shift)         # pre-activation recomputed from h
     g', sum, sum_xhat = conv_dgrad(g, w_i, h, ...)             # ReLU mask recomputed from h
     g                 = bn_backward_finish(g', h, ...)         # + the identity shortcut's dy on the first
+
+The raw-input projection does not go through ``conv_bnrelu``, whose BN-ReLU
+prologue is not optional: a 1x1 conv without padding is a matrix product over the
+subsampled NHWC rows, ``x[:, ::s, ::s, :] @ W^T``, and so is its weight gradient;
+its data gradient is ``conv_dgrad`` without ``h`` and joins the input gradient in
+the first ``bn_backward_finish`` (as the identity shortcut's dy does).
+
+The backward is first-order only: differentiating it again (``create_graph=True``,
+gradient penalties) raises an error that says to use ``backend="eager"``.
 
 Saved for backward: x, the raw conv outputs that feed a BN (h_1 .. h_{n-1}) and
 per-channel statistics; no BN or ReLU output. Activations are NHWC inside; the
@@ -56,7 +66,7 @@ class UnitPlan:
     """The static structure of one call of a fused unit."""
     kernel_sizes: tuple[int, ...]
     strides: tuple[int, ...]
-    shortcut: str               # "identity" | "projection" | "pad"
+    shortcut: str               # "identity" | "projection" (of relu(bn1(x))) | "raw_projection" (of x) | "pad"
     shortcut_stride: int
     pad_channels: int
     bn: tuple[BatchNormMode, ...]
@@ -74,7 +84,7 @@ def unit_plan(unit: nn.Module) -> UnitPlan:
     convs = [getattr(unit, f"conv{i}") for i in range(1, unit.num_convs + 1)]
     bns = [getattr(unit, f"bn{i}") for i in range(1, unit.num_convs + 1)]
     if unit.shortcut is not None:
-        shortcut, pad_channels = "projection", 0
+        shortcut, pad_channels = ("projection" if unit.shares_preact else "raw_projection"), 0
     elif unit.pad_shortcut is not None:
         shortcut, pad_channels = "pad", unit.pad_shortcut.extra_channels
     else:
@@ -111,6 +121,37 @@ def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
     t = t.clone()
     torch.distributed.all_reduce(t, group=group)
     return t
+
+
+# -- the raw-input projection -------------------------------------------------------
+def _raw_projection(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+    """1x1 conv (no padding) of NHWC ``x``: a product over the subsampled rows, NHWC out."""
+    rows = x[:, ::stride, ::stride, :]
+    return torch.matmul(rows, weight.reshape(weight.shape[0], -1).t().to(x.dtype)).contiguous()
+
+
+def _raw_projection_wgrad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+    """Weight gradient of ``_raw_projection``, accumulated in fp32 (fp64 for fp64), in weight's dtype."""
+    acc = torch.promote_types(dy.dtype, torch.float32)
+    rows = x[:, ::stride, ::stride, :].reshape(-1, x.shape[3]).to(acc)
+    return (dy.reshape(-1, dy.shape[3]).to(acc).t() @ rows).reshape(weight.shape).to(weight.dtype)
+
+
+DOUBLE_BACKWARD_MESSAGE = (
+    "fused-preact: the fused unit's backward is not differentiable, so double backward "
+    "(create_graph=True, e.g. a gradient penalty) cannot run through it; build or convert the "
+    "model with backend='eager' for that (convert_to_fused(model, backend='eager'))")
+
+
+def _first_order_backward(backward):
+    """``once_differentiable``, raising a message that names the way out when asked for a graph."""
+    once = torch.autograd.function.once_differentiable(backward)
+
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():   # the backward runs under grad mode only for create_graph=True
+            raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+        return once(ctx, *grads)
+    return wrapper
 
 
 # -- the autograd Function -----------------------------------------------------
@@ -161,6 +202,8 @@ class FusedUnitFunction(torch.autograd.Function):
                 if plan.shortcut == "projection":
                     residual = ops.conv_bnrelu(x, shortcut_weight, scale, shift, None, plan.shortcut_stride,
                                                False)[0]
+                elif plan.shortcut == "raw_projection":
+                    residual = _raw_projection(x, shortcut_weight, plan.shortcut_stride)
                 elif plan.shortcut == "pad":
                     s = plan.shortcut_stride
                     residual = F.pad(x[:, ::s, ::s, :], (0, plan.pad_channels)).contiguous()
@@ -188,7 +231,7 @@ class FusedUnitFunction(torch.autograd.Function):
         return (y, *out_stats)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order_backward
     def backward(ctx, dy, _dpmean, _dpm2, _dpcount):
         plan, ops, group = ctx.plan, ctx.ops, ctx.group
         n = len(plan.kernel_sizes)
@@ -215,6 +258,10 @@ class FusedUnitFunction(torch.autograd.Function):
                     joining = ops.conv_dgrad(dy, shortcut_weight, None, None, None, None, None, None,
                                              plan.shortcut_stride, height, width)[0]
                     grads[6 * n] = ops.conv_wgrad(dy, x, scale, shift, shortcut_weight, plan.shortcut_stride)
+                elif plan.shortcut == "raw_projection":
+                    shortcut_grad = ops.conv_dgrad(dy, shortcut_weight, None, None, None, None, None, None,
+                                                   plan.shortcut_stride, height, width)[0]
+                    grads[6 * n] = _raw_projection_wgrad(dy, x, shortcut_weight, plan.shortcut_stride)
                 elif plan.shortcut == "pad":
                     s = plan.shortcut_stride
                     shortcut_grad = dy.new_zeros(x.shape)
@@ -271,6 +318,6 @@ def run_fused_unit(ops: Any, unit: nn.Module, x: torch.Tensor, stats_in: Optiona
 
     y, pmean, pm2, pcount = FusedUnitFunction.apply(plan, ops, group, want_stats, x_nhwc, *stats_in, *params)
     out = y.permute(0, 3, 1, 2)
-    if plan.shortcut != "projection" and x.dtype != dtype:
+    if plan.shortcut in ("identity", "pad") and x.dtype != dtype:
         out = out.to(torch.promote_types(x.dtype, dtype))   # eager adds the shortcut in x's dtype
     return out, ((pmean, pm2, pcount) if want_stats else None)

@@ -29,7 +29,9 @@ Layout rules, from the paper's appendix and its public Torch code:
   that takes the *pre-activated* input, so the first BN-ReLU is shared by both
   paths; ``projection="A"`` (CIFAR basic nets of the original ResNet paper)
   subsamples and zero-pads the raw input instead, keeping the shortcut free of
-  parameters and activations;
+  parameters and activations; ``projection="raw"`` is a 1x1 projection of the *raw*
+  input ``x`` (the ports of fb.resnet.torch's pre-activation nets), so the first
+  BN-ReLU belongs to the residual branch alone;
 - a unit that keeps its shape keeps its BN-ReLU inside the residual branch, so
   the shortcut is a clean identity;
 - post-activation units (a)-(c) take a projection as in the original ResNet:
@@ -49,7 +51,7 @@ from torch import nn
 
 ACTIVATIONS = ("original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact")
 SHORTCUTS = ("identity", "scaling", "exclusive_gating", "shortcut_gating", "conv1x1", "dropout")
-PROJECTIONS = ("A", "B")
+PROJECTIONS = ("A", "B", "raw")
 BOTTLENECK_STRIDE_ON = ("1x1", "3x3")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 BOTTLENECK_EXPANSION = 4
@@ -121,7 +123,9 @@ class ResidualUnit(nn.Module):
         activation: one of ``ACTIVATIONS`` (paper Fig. 4).
         shortcut: one of ``SHORTCUTS`` (paper Fig. 2).
         projection: shortcut of a shape-changing unit: ``"B"`` 1x1 conv
-            projection, ``"A"`` subsample + zero-pad.
+            projection (of the pre-activated input in pre-activation units),
+            ``"raw"`` 1x1 conv projection of the raw input, ``"A"`` subsample +
+            zero-pad.
         stride_on: where a bottleneck puts its stride: ``"1x1"`` (the paper's
             code, default) or ``"3x3"`` (timm / torchvision).
         scale_shortcut, scale_residual: the lambdas of ``shortcut="scaling"``.
@@ -181,14 +185,15 @@ class ResidualUnit(nn.Module):
         self.pad_shortcut = None
         self.shortcut = None
         self.shortcut_bn = None
-        if shortcut == "conv1x1" or (changes_shape and projection == "B"):
+        if shortcut == "conv1x1" or (changes_shape and projection in ("B", "raw")):
             self.shortcut = conv1x1(in_channels, out_channels, stride)
             if not self.preact:
                 self.shortcut_bn = nn.BatchNorm2d(out_channels)
         elif changes_shape:
             self.pad_shortcut = PadShortcut(in_channels, out_channels, stride)
-        # a pre-activation unit with a projection shares its first activation with the shortcut
-        self.shares_preact = self.preact and self.shortcut is not None
+        # a pre-activation unit with a projection shares its first activation with the shortcut,
+        # unless the projection takes the raw input
+        self.shares_preact = self.preact and self.shortcut is not None and projection != "raw"
 
         self.gate = None
         if shortcut in ("exclusive_gating", "shortcut_gating"):
@@ -279,7 +284,8 @@ class PreActBlock(ResidualUnit):
     """Full pre-activation basic unit (paper Fig. 4e): two 3x3 convs, identity shortcut.
 
     ``y = x + conv2(relu(bn2(conv1(relu(bn1(x))))))``; a shape-changing unit uses
-    ``shortcut(relu(bn1(x)))`` (projection ``"B"``) or a zero-padded ``x`` (``"A"``).
+    ``shortcut(relu(bn1(x)))`` (projection ``"B"``), ``shortcut(x)`` (``"raw"``) or a
+    zero-padded ``x`` (``"A"``).
     State names: ``bn1, conv1, bn2, conv2`` and ``shortcut`` when projecting.
     """
 

@@ -48,8 +48,11 @@ def test_converts_own_models_in_place(builder, size):
 
 def test_other_variants_are_left_alone():
     model = models.cifar_resnet20(activation="original")
-    convert_to_fused(model)
+    with pytest.warns(RuntimeWarning, match=r"0 of 9 residual units fused; left eager: ResidualUnit x9: its output "
+                                            r"is a ReLU of the residual sum"):
+        _, report = convert_to_fused(model, return_report=True)
     assert all(type(u) is ResidualUnit for u in model.units())
+    assert report.num_units == 9 and not report.fused
 
 
 @pytest.mark.parametrize("name", ["resnetv2_50", "resnetv2_18"])
@@ -78,8 +81,10 @@ def test_timm_units_that_compute_something_else_stay_eager():
     bn_unit = PreActBottleneck(128, 256, stride=2, conv_layer=create_conv2d, norm_layer=BatchNormAct2d,
                                proj_layer=DownsampleConv)
     model = torch.nn.Sequential(gn_unit, bn_unit)
-    with pytest.warns(RuntimeWarning, match=r"left these units eager, .*: 0 \(conv1 is a StdConv2d"):
-        convert_to_fused(model)
+    with pytest.warns(RuntimeWarning, match=r"1 of 2 residual units fused.*left eager: PreActBottleneck x1: "
+                                             r"conv1 is a StdConv2d"):
+        _, report = convert_to_fused(model, return_report=True)
+    assert report.fused == ["1"] and list(report.left_eager) == ["0"]
     assert model[0] is gn_unit and isinstance(model[1], FusedPreActBottleneck)
     assert model[1].stride_on == "3x3" and model[1].conv2.stride == (2, 2)
 

@@ -149,6 +149,76 @@ def test_unit_bfloat16_autocast(backend, name, make, shape, request):
     compare_with_float64_eager(_perturb_bn(make(backend)), x, torch.bfloat16, autocast=True)
 
 
+RAW_PROJECTION_UNITS = [
+    ("basic s2 raw", lambda b: FusedPreActBlock(3, 5, stride=2, projection="raw", backend=b), (2, 3, 5, 7)),
+    ("bottleneck s2 3x3 raw",
+     lambda b: FusedPreActBottleneck(4, 8, stride=2, projection="raw", stride_on="3x3", backend=b), (2, 4, 5, 5)),
+    ("bottleneck s2 1x1 raw", lambda b: FusedPreActBottleneck(3, 8, stride=2, projection="raw", backend=b),
+     (2, 3, 7, 5)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,make,shape", RAW_PROJECTION_UNITS, ids=[u[0] for u in RAW_PROJECTION_UNITS])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_raw_input_projection_float64(backend, name, make, shape, train):
+    """The 1x1 projection of the raw input (fb.resnet.torch ports) against eager, both in float64.
+    Triton's float64 running statistics differ from eager's by about 2e-8 (relative) in the
+    interpreter, for every shortcut, so its buffers are held to 1e-7."""
+    x = torch.randn(shape, dtype=torch.float64) * 1.5 + 0.5
+    _need(backend, x.to(DEVICE))
+    unit = _perturb_bn(make(backend)).double().train(train)
+    reference = copy.deepcopy(unit)
+    reference.backend = "eager"
+    dy = None
+    results = []
+    for module in (reference, unit.to(DEVICE)):
+        xd = x.to(DEVICE).requires_grad_(True)
+        y = module(xd)
+        dy = torch.randn_like(y) if dy is None else dy
+        (y * dy.to(y.device)).sum().backward()
+        results.append((y.cpu(), xd.grad.cpu()))
+    (y64, dx64), (y, dx) = results
+    _close(y, y64, torch.float64, "output")
+    _close(dx, dx64, torch.float64, "input gradient")
+    for (name, p), q in zip(reference.named_parameters(), unit.parameters()):
+        _close(q.grad.cpu(), p.grad, torch.float64, f"{name}.grad")
+    buffer_tol = 1e-7 if backend == "triton" else RELATIVE_TOL[torch.float64]
+    for (name, b), c in zip(reference.named_buffers(), unit.buffers()):
+        assert _error(c.cpu(), b) <= buffer_tol, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_names_the_eager_backend(backend):
+    x = torch.randn(2, 3, 5, 5, device=DEVICE, requires_grad=True)
+    _need(backend, x)
+    unit = FusedPreActBlock(3, 3, backend=backend).to(DEVICE)
+    (grad,) = torch.autograd.grad(unit(x).square().sum(), x)            # first order: fine
+    assert grad.shape == x.shape
+    with pytest.raises(RuntimeError, match="backend='eager'"):
+        torch.autograd.grad(unit(x).square().sum(), x, create_graph=True)
+    eager = copy.deepcopy(unit)
+    eager.backend = "eager"
+    (grad,) = torch.autograd.grad(eager(x).square().sum(), x, create_graph=True)
+    grad.sum().backward()   # and eager does second order
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_empty_batch_does_what_eager_does(backend, train):
+    x = torch.randn(0, 4, 6, 6, device=DEVICE, requires_grad=True)
+    _need(backend, x[:1])
+    unit = FusedPreActBlock(4, 8, stride=2, backend=backend).to(DEVICE).train(train)
+    eager = copy.deepcopy(unit)
+    eager.backend = "eager"
+    y, y_eager = unit(x), eager(x)
+    assert y.shape == y_eager.shape == (0, 8, 3, 3)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for (name, b), c in zip(eager.named_buffers(), unit.buffers()):
+        torch.testing.assert_close(c, b, equal_nan=True, msg=name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unit_large_mean_input_statistics(backend):
     """Mean 100, std 0.01: the running variance must come out right (no cancellation)."""

@@ -58,6 +58,10 @@ UNITS = [
     ("bottleneck identity", lambda: PreActBottleneck(8, 8), (3, 8, 7, 9)),
     ("bottleneck stride 1x1", lambda: PreActBottleneck(4, 12, stride=2), (2, 4, 9, 7)),
     ("bottleneck stride 3x3", lambda: PreActBottleneck(4, 12, stride=2, stride_on="3x3"), (2, 4, 15, 9)),
+    ("basic stride2 raw", lambda: PreActBlock(3, 6, stride=2, projection="raw"), (2, 3, 9, 7)),
+    ("basic widen raw", lambda: PreActBlock(3, 5, projection="raw"), (1, 3, 7, 7)),
+    ("bottleneck stride 3x3 raw", lambda: PreActBottleneck(4, 12, stride=2, projection="raw", stride_on="3x3"),
+     (2, 4, 9, 7)),
 ]
 
 

@@ -1,0 +1,260 @@
+"""Pre-activation ResNets written the way the most-copied public code writes them, for
+``convert_to_fused``'s tests. Re-typed from the structure of those definitions (module
+names, forward control flow, in-place ops), not copied:
+
+- ``kuangliu_*``: kuangliu/pytorch-cifar ``models/preact_resnet.py``: ``F.relu`` calls, a
+  shortcut ``nn.Sequential`` of the pre-activated input that exists only when the shape
+  changes (``hasattr(self, "shortcut")``), ``out += shortcut``; bottleneck stride on the 3x3.
+- ``wide_resnet``: xternalz/WideResNet-pytorch ``wideresnet.py``: ``equalInOut`` decides
+  whether ``x`` itself is rebound to its pre-activation, ``convShortcut`` projects it,
+  ``nn.ReLU(inplace=True)`` modules, optional dropout between the convs, ``torch.add``.
+- ``fb_preresnet``: ports of fb.resnet.torch (bearpaw/pytorch-classification
+  ``models/cifar/preresnet.py``): one in-place ReLU module used at every place,
+  ``downsample`` = ``nn.Sequential(conv1x1)`` of the *raw* input, ``if self.downsample is
+  not None``; ``stride_on`` places a bottleneck's stride on the 3x3 (the port) or the
+  first 1x1 (the paper's Torch code).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# -- kuangliu/pytorch-cifar style -------------------------------------------------
+class KLPreActBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        if stride != 1 or in_planes != self.expansion * planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, self.expansion * planes, kernel_size=1, stride=stride, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        out += shortcut
+        return out
+
+
+class KLPreActBottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, self.expansion * planes, kernel_size=1, bias=False)
+        if stride != 1 or in_planes != self.expansion * planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, self.expansion * planes, kernel_size=1, stride=stride, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv3(F.relu(self.bn3(out)))
+        out += shortcut
+        return out
+
+
+class KLPreActResNet(nn.Module):
+    def __init__(self, block, num_blocks, widths=(64, 128, 256, 512), num_classes=10):
+        super().__init__()
+        self.in_planes = widths[0]
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
+        layers = []
+        for i, (width, n) in enumerate(zip(widths, num_blocks)):
+            layers.append(self._make_layer(block, width, n, stride=1 if i == 0 else 2))
+        self.layer1, self.layer2, self.layer3, self.layer4 = (layers + [nn.Identity()] * 4)[:4]
+        self.linear = nn.Linear(widths[len(num_blocks) - 1] * block.expansion, num_classes)
+
+    def _make_layer(self, block, planes, num_blocks, stride):
+        layers = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            layers.append(block(self.in_planes, planes, s))
+            self.in_planes = planes * block.expansion
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        out = self.conv1(x)
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.adaptive_avg_pool2d(out, 1)
+        return self.linear(out.view(out.size(0), -1))
+
+
+def kuangliu_preact_resnet18(widths=(64, 128, 256, 512), num_blocks=(2, 2, 2, 2)):
+    return KLPreActResNet(KLPreActBlock, num_blocks, widths)
+
+
+def kuangliu_preact_resnet50(widths=(64, 128, 256, 512), num_blocks=(3, 4, 6, 3)):
+    return KLPreActResNet(KLPreActBottleneck, num_blocks, widths)
+
+
+# -- xternalz/WideResNet-pytorch style --------------------------------------------
+class WideBasicBlock(nn.Module):
+    def __init__(self, in_planes, out_planes, stride, dropRate=0.0):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.droprate = dropRate
+        self.equalInOut = in_planes == out_planes
+        self.convShortcut = (not self.equalInOut) and nn.Conv2d(
+            in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False) or None
+
+    def forward(self, x):
+        if not self.equalInOut:
+            x = self.relu1(self.bn1(x))
+        else:
+            out = self.relu1(self.bn1(x))
+        out = self.relu2(self.bn2(self.conv1(out if self.equalInOut else x)))
+        if self.droprate > 0:
+            out = F.dropout(out, p=self.droprate, training=self.training)
+        out = self.conv2(out)
+        return torch.add(x if self.equalInOut else self.convShortcut(x), out)
+
+
+class WideNetworkBlock(nn.Module):
+    def __init__(self, nb_layers, in_planes, out_planes, stride, dropRate=0.0):
+        super().__init__()
+        self.layer = nn.Sequential(*[WideBasicBlock(i == 0 and in_planes or out_planes, out_planes,
+                                                    i == 0 and stride or 1, dropRate) for i in range(nb_layers)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth, widen_factor=1, dropRate=0.0, num_classes=10, base=16):
+        super().__init__()
+        channels = [base, base * widen_factor, 2 * base * widen_factor, 4 * base * widen_factor]
+        n = (depth - 4) // 6
+        self.conv1 = nn.Conv2d(3, channels[0], kernel_size=3, stride=1, padding=1, bias=False)
+        self.block1 = WideNetworkBlock(n, channels[0], channels[1], 1, dropRate)
+        self.block2 = WideNetworkBlock(n, channels[1], channels[2], 2, dropRate)
+        self.block3 = WideNetworkBlock(n, channels[2], channels[3], 2, dropRate)
+        self.bn1 = nn.BatchNorm2d(channels[3])
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(channels[3], num_classes)
+
+    def forward(self, x):
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        out = self.relu(self.bn1(out))
+        out = F.adaptive_avg_pool2d(out, 1)
+        return self.fc(out.view(out.size(0), -1))
+
+
+def wide_resnet(depth=16, widen_factor=2, dropRate=0.0, base=4):
+    return WideResNet(depth, widen_factor, dropRate, base=base)
+
+
+# -- fb.resnet.torch ports (bearpaw/pytorch-classification style) -----------------
+class FBBasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, stride_on="3x3"):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        residual = x
+        out = self.bn1(x)
+        out = self.relu(out)
+        out = self.conv1(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        if self.downsample is not None:
+            residual = self.downsample(x)
+        out += residual
+        return out
+
+
+class FBBottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, stride_on="3x3"):
+        super().__init__()
+        first, middle = (stride, 1) if stride_on == "1x1" else (1, stride)
+        self.bn1 = nn.BatchNorm2d(inplanes)
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, stride=first, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=middle, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, kernel_size=1, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        residual = x
+        out = self.bn1(x)
+        out = self.relu(out)
+        out = self.conv1(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn3(out)
+        out = self.relu(out)
+        out = self.conv3(out)
+        if self.downsample is not None:
+            residual = self.downsample(x)
+        out += residual
+        return out
+
+
+class FBPreResNet(nn.Module):
+    def __init__(self, depth, num_classes=10, block_name="BasicBlock", base=16, stride_on="3x3"):
+        super().__init__()
+        if block_name.lower() == "basicblock":
+            n, block = (depth - 2) // 6, FBBasicBlock
+        else:
+            n, block = (depth - 2) // 9, FBBottleneck
+        self.inplanes = base
+        self.stride_on = stride_on
+        self.conv1 = nn.Conv2d(3, base, kernel_size=3, padding=1, bias=False)
+        self.layer1 = self._make_layer(block, base, n)
+        self.layer2 = self._make_layer(block, 2 * base, n, stride=2)
+        self.layer3 = self._make_layer(block, 4 * base, n, stride=2)
+        self.bn = nn.BatchNorm2d(4 * base * block.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4 * base * block.expansion, num_classes)
+
+    def _make_layer(self, block, planes, blocks, stride=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1,
+                                                 stride=stride, bias=False))
+        layers = [block(self.inplanes, planes, stride, downsample, self.stride_on)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, stride_on=self.stride_on) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        x = self.relu(self.bn(x))
+        x = F.adaptive_avg_pool2d(x, 1)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def fb_preresnet(depth=20, block_name="BasicBlock", base=4, stride_on="3x3"):
+    return FBPreResNet(depth, block_name=block_name, base=base, stride_on=stride_on)
