@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as dt
 import gc
 import sys
@@ -299,12 +300,17 @@ def main(argv=None) -> int:
                     run.skipped.append({"case": case.name, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
                                         "reason": f"not started: --max-minutes {args.max_minutes} reached"})
                     continue
+                current: list = []
+
+                def progress(entry, current=current):   # after every contender: a killed run keeps it
+                    report.print_progress(entry)
+                    current.append(entry)
+                    report.write_json(dataclasses.replace(run, results=run.results + current), out_dir)
                 entries, kernels = measure_case(case, mode, dtype,
-                                                (device, args.quick, smoke, args.contender_names), rates,
-                                                report.print_progress)
+                                                (device, args.quick, smoke, args.contender_names), rates, progress)
                 run.results += entries
                 run.kernels += kernels
-                report.write_json(run, out_dir)       # after every case: a killed run keeps what it measured
+                report.write_json(run, out_dir)
     report.write_all(run, out_dir)
     print(f"\nwrote {out_dir}/results.json, report.md, speedup.png ({time.monotonic() - started:.0f} s)")
     return 0

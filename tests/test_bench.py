@@ -262,6 +262,9 @@ def test_only_selects_levels_and_rejects_what_matches_nothing():
         cases.select(catalogue, None, quick=False, batch=0)
     quick = cases.select(catalogue, None, quick=True, batch=None)
     assert 0 < len(quick) < len(catalogue)
+    ordered = cases.select(catalogue, "model/cifar_resnet164,unit/cifar/basic,basic-16x32x32", quick=False, batch=None)
+    assert [c.name for c in ordered] == ["model/cifar_resnet164", "unit/cifar/basic-16x32x32",
+                                         "unit/cifar/basic-32x16x16", "unit/cifar/basic-64x8x8"]
 
 
 def test_catalogue_has_the_issue_shapes():
