@@ -9,7 +9,7 @@
 #   budget on a bare machine, even if a step hangs. Steps, each under `timeout` with its own cap
 #   (CAP_<STEP>=seconds overrides) and never past the deadline less the packing reserve:
 #     environment | build (sm_90, 16 jobs) while the Triton tests run | GPU-marked tests | fused
-#     backends' tests | compute-sanitizer memcheck, racecheck over a sample of the CUDA operator tests
+#     backends' tests | (these keep BENCH_MIN_S=150 s for the benchmark) compute-sanitizer memcheck, racecheck over a sample of the CUDA operator tests
 #     (tiny shapes; SAMPLE_MEMCHECK=3 / SAMPLE_RACECHECK=2 cases per test function) | benchmark (BENCH_ARGS, default: the headline selection with the +graph contenders,
 #     --max-minutes from the time left) | pack.
 # Without --budget: no deadline; the whole test suite, the benchmark (--quick) and bench/micro.
@@ -54,9 +54,10 @@ dry() { [ "$DRY_RUN" = 1 ]; }
 
 note() { echo "$*" | tee -a "$STEPS"; cp "$STEPS" "$OUT/summary.txt"; }
 
+RESERVE=0               # seconds the steps still to come keep for themselves (set per group below)
 left() {   # seconds a step may still take (huge without a budget)
     if [ -z "$BUDGET_S" ]; then echo 999999; return; fi
-    echo $((BUDGET_S - (SECONDS - START) - PACK_RESERVE - GRACE))
+    echo $((BUDGET_S - (SECONDS - START) - PACK_RESERVE - GRACE - RESERVE))
 }
 
 cap_for() {   # cap_for CAP: the timeout of a step (0 = none), or nothing when no time is left
@@ -167,6 +168,8 @@ if [ -n "$wheel" ] && ! dry; then
 fi
 
 # -- 3. tests -------------------------------------------------------------------------------------------
+# the tests and sanitizers leave the benchmark at least BENCH_MIN_S (they are cut short, or skipped, first)
+[ "${SKIP_BENCH:-0}" != 1 ] && RESERVE="${BENCH_MIN_S:-150}"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
     if [ -n "$BUDGET_S" ]; then
         # shellcheck disable=SC2086
@@ -208,6 +211,7 @@ if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
 fi
 
 # -- 5. benchmark with whatever time is left ----------------------------------------------------------------
+RESERVE=0
 HEADLINE="unit/cifar/basic-16x32x32,model/cifar_resnet164,unit/cifar/basic-32x16x16,unit/cifar/basic-64x8x8"
 GRAPHED="eager,eager+graph,compile,fused-triton,fused-triton+graph,fused-cuda,fused-cuda+graph"
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
