@@ -33,8 +33,12 @@ if [ "${1:-}" = "--budget" ]; then
     BUDGET_S="${BUDGET_S:-540}"
 fi
 export PYTHONUNBUFFERED=1
-PYTHON="${PYTHON:-python}"
-command -v "$PYTHON" > /dev/null || PYTHON=python3
+if [ -z "${PYTHON:-}" ]; then   # the interpreter that holds torch (python3 on the device machines)
+    for candidate in python3 python; do
+        if "$candidate" -c "import torch" 2> /dev/null; then PYTHON=$candidate; break; fi
+    done
+    PYTHON="${PYTHON:-python3}"
+fi
 WORK="${WORK:-$(mktemp -d /tmp/device_run.XXXXXX)}"
 mkdir -p "$OUT" "$WORK"
 STEPS="$WORK/steps.txt"

@@ -53,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--only", help="comma-separated levels (conv, unit, model), families (cifar, imagenet, "
                                        "tiny), kinds (basic, bottleneck), case names or globs")
-    parser.add_argument("--dtype", help="comma-separated fp32, bf16, fp16 (default: fp32,bf16 for units and "
-                                        "models and fp16 for convs on a GPU; fp32 on a CPU)")
+    parser.add_argument("--dtype", help="comma-separated fp32, bf16, fp16, run in this order (default: fp32,bf16 "
+                                        "for units and models and fp16 for convs on a GPU; fp32 on a CPU)")
     parser.add_argument("--mode", help="comma-separated steps of units and models: train, infer (default both; "
                                        "convs always run fwd)")
     parser.add_argument("--contenders", help="comma-separated contenders to run (default: all of each level); "
@@ -111,6 +111,16 @@ def modes_for(case, requested) -> tuple:
     if requested is None or case.level == "conv":
         return case.modes
     return tuple(mode for mode in case.modes if mode in requested)
+
+
+def jobs_in_order(selected, dtypes, modes, on_gpu: bool) -> list:
+    """(case, dtype, mode) in the order they run: the cases' order, and with ``--dtype`` given, all
+    cases of its first dtype before any of the next (a short budget measures the first dtype)."""
+    jobs = [(case, dtype, mode) for case in selected for dtype in dtypes_for(case.level, dtypes, on_gpu)
+            for mode in modes_for(case, modes)]
+    if dtypes is not None:
+        jobs.sort(key=lambda job: dtypes.index(job[1]))   # stable: the case order stays within a dtype
+    return jobs
 
 
 def dtypes_for(level: str, requested, on_gpu: bool) -> list:
@@ -293,24 +303,22 @@ def main(argv=None) -> int:
     run = report.Run(info=info, args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                       if k not in ("dtypes", "modes", "contender_names")},
                      created_utc=stamp.isoformat(timespec="seconds"), smoke=smoke, rates=rates.as_dict())
-    for case in selected:
-        for dtype in dtypes_for(case.level, args.dtypes, on_gpu):
-            for mode in modes_for(case, args.modes):
-                if args.max_minutes is not None and time.monotonic() - started > 60 * args.max_minutes:
-                    run.skipped.append({"case": case.name, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
-                                        "reason": f"not started: --max-minutes {args.max_minutes} reached"})
-                    continue
-                current: list = []
+    for case, dtype, mode in jobs_in_order(selected, args.dtypes, args.modes, on_gpu):
+        if args.max_minutes is not None and time.monotonic() - started > 60 * args.max_minutes:
+            run.skipped.append({"case": case.name, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
+                                "reason": f"not started: --max-minutes {args.max_minutes} reached"})
+            continue
+        current: list = []
 
-                def progress(entry, current=current):   # after every contender: a killed run keeps it
-                    report.print_progress(entry)
-                    current.append(entry)
-                    report.write_json(dataclasses.replace(run, results=run.results + current), out_dir)
-                entries, kernels = measure_case(case, mode, dtype,
-                                                (device, args.quick, smoke, args.contender_names), rates, progress)
-                run.results += entries
-                run.kernels += kernels
-                report.write_json(run, out_dir)
+        def progress(entry, current=current):   # after every contender: a killed run keeps it
+            report.print_progress(entry)
+            current.append(entry)
+            report.write_json(dataclasses.replace(run, results=run.results + current), out_dir)
+        entries, kernels = measure_case(case, mode, dtype,
+                                        (device, args.quick, smoke, args.contender_names), rates, progress)
+        run.results += entries
+        run.kernels += kernels
+        report.write_json(run, out_dir)
     report.write_all(run, out_dir)
     print(f"\nwrote {out_dir}/results.json, report.md, speedup.png ({time.monotonic() - started:.0f} s)")
     return 0

@@ -310,6 +310,19 @@ def test_mode_and_contender_selection():
     assert contenders.graph_base("fused-triton+graph") == "fused-triton" and contenders.graph_base("eager") is None
 
 
+def test_with_dtypes_given_all_cases_of_the_first_dtype_run_first():
+    selected = cases.select(cases.gpu_cases(), "unit/cifar/basic-16x32x32,model/cifar_resnet164", quick=True,
+                            batch=None)
+    jobs = script.jobs_in_order(selected, [torch.bfloat16, torch.float32], ("train",), True)
+    assert [(c.name.split("/")[-1], str(d)[6:], m) for c, d, m in jobs] == [
+        ("basic-16x32x32", "bfloat16", "train"), ("cifar_resnet164", "bfloat16", "train"),
+        ("basic-16x32x32", "float32", "train"), ("cifar_resnet164", "float32", "train")]
+    default = script.jobs_in_order(selected, None, None, True)
+    assert [(c.name.split("/")[-1], str(d)[6:], m) for c, d, m in default][:3] == [
+        ("basic-16x32x32", "float32", "train"), ("basic-16x32x32", "float32", "infer"),
+        ("basic-16x32x32", "bfloat16", "train")]
+
+
 def test_graph_contender_checks_its_replays_against_eager_steps(monkeypatch):
     """The +graph runner's code path on a CPU: capture swapped for the same step run eagerly."""
     from fused_preact.cuda_graph import GraphedStep
