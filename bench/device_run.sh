@@ -9,9 +9,11 @@
 #   budget on a bare machine, even if a step hangs. Steps, each under `timeout` with its own cap
 #   (CAP_<STEP>=seconds overrides) and never past the deadline less the packing reserve:
 #     environment | build (sm_90, 16 jobs) while the Triton tests run | GPU-marked tests | fused
-#     backends' tests | (these keep BENCH_MIN_S=150 s for the benchmark) compute-sanitizer memcheck, racecheck over a sample of the CUDA operator tests
-#     (tiny shapes; SAMPLE_MEMCHECK=3 / SAMPLE_RACECHECK=2 cases per test function) | benchmark (BENCH_ARGS, default: the headline selection with the +graph contenders,
+#     backends' tests | compute-sanitizer memcheck, racecheck over a sample of the CUDA operator
+#     tests (tiny shapes; SAMPLE_MEMCHECK=3 / SAMPLE_RACECHECK=2 cases per test function) |
+#     benchmark (BENCH_ARGS; default: the headline selection with the +graph contenders,
 #     --max-minutes from the time left) | pack.
+#   The tests and sanitizers leave the benchmark at least BENCH_MIN_S (150) seconds.
 # Without --budget: no deadline; the whole test suite, the benchmark (--quick) and bench/micro.
 # Either way logs, JUnit XML and benchmark outputs go to a work folder ($WORK, default a temporary
 # one), and bench/pack_outputs.py packs them into $OUT: summary.txt, device_run.tar.gz and the
@@ -43,9 +45,9 @@ WORK="${WORK:-$(mktemp -d /tmp/device_run.XXXXXX)}"
 mkdir -p "$OUT" "$WORK"
 STEPS="$WORK/steps.txt"
 : > "$STEPS"
-PACK_RESERVE=25          # seconds kept for packing at the end
-GRACE=10                 # seconds between timeout's SIGINT and its SIGKILL
 START=$SECONDS
+# shellcheck source=bench/device_steps.sh
+. bench/device_steps.sh   # note, step, step_background, finish_background: caps, deadline, log
 
 if [ -z "${DRY_RUN:-}" ]; then
     if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2> /dev/null; then
@@ -55,67 +57,6 @@ if [ -z "${DRY_RUN:-}" ]; then
     fi
 fi
 dry() { [ "$DRY_RUN" = 1 ]; }
-
-note() { echo "$*" | tee -a "$STEPS"; cp "$STEPS" "$OUT/summary.txt"; }
-
-RESERVE=0               # seconds the steps still to come keep for themselves (set per group below)
-left() {   # seconds a step may still take (huge without a budget)
-    if [ -z "$BUDGET_S" ]; then echo 999999; return; fi
-    echo $((BUDGET_S - (SECONDS - START) - PACK_RESERVE - GRACE - RESERVE))
-}
-
-cap_for() {   # cap_for CAP: the timeout of a step (0 = none), or nothing when no time is left
-    local cap="$1" remaining
-    remaining=$(left)
-    if [ -z "$BUDGET_S" ]; then echo 0; return; fi
-    [ "$remaining" -lt 10 ] && return
-    [ "$cap" -gt "$remaining" ] && cap=$remaining
-    echo "$cap"
-}
-
-step() {   # step NAME CAP COMMAND...: run under its cap, log to $WORK/NAME.log, record status and time
-    local name="$1" cap="$2"; shift 2
-    local limit begin rc
-    limit=$(cap_for "$cap")
-    if [ -z "$limit" ]; then
-        note "== $name: skipped, no time left in the ${BUDGET_S} s budget"
-        return 0
-    fi
-    begin=$SECONDS
-    note "== $name (at $((SECONDS - START)) s, cap ${limit:-0} s): $*"
-    timeout -s INT -k "$GRACE" "$limit" "$@" > "$WORK/$name.log" 2>&1
-    rc=$?
-    local why=""
-    [ "$rc" = 124 ] && why=" (timed out)"
-    [ "$rc" = 137 ] && why=" (killed after timing out)"
-    note "   $name: exit $rc$why after $((SECONDS - begin)) s"
-    tail -n 4 "$WORK/$name.log" | sed 's/^/   | /'
-    return 0
-}
-
-BG_PID=""; BG_NAME=""; BG_BEGIN=0
-step_background() {   # like step, started in the background; finish_background waits for it
-    local name="$1" cap="$2"; shift 2
-    local limit
-    limit=$(cap_for "$cap")
-    if [ -z "$limit" ]; then
-        note "== $name: skipped, no time left in the ${BUDGET_S} s budget"
-        return 0
-    fi
-    BG_NAME=$name; BG_BEGIN=$SECONDS
-    note "== $name (background, at $((SECONDS - START)) s, cap ${limit:-0} s): $*"
-    timeout -s INT -k "$GRACE" "$limit" "$@" > "$WORK/$name.log" 2>&1 &
-    BG_PID=$!
-}
-
-finish_background() {
-    [ -z "$BG_PID" ] && return 0
-    wait "$BG_PID"
-    local rc=$?
-    note "   $BG_NAME: exit $rc$([ "$rc" = 124 ] && echo ' (timed out)') after $((SECONDS - BG_BEGIN)) s"
-    tail -n 4 "$WORK/$BG_NAME.log" | sed 's/^/   | /'
-    BG_PID=""
-}
 
 # -- pytest with a per-test time limit (pytest-timeout where installed, else tests/conftest.py's alarm)
 TEST_TIMEOUT="${TEST_TIMEOUT:-60}"

@@ -62,6 +62,34 @@ def test_dry_run_ends_in_time_and_packs_everything_within_the_rules(tmp_path):
     assert summary in done.stdout                               # the reply's output tail shows it
 
 
+def test_steps_end_at_the_deadline_even_when_they_hang(tmp_path):
+    """bench/device_steps.sh with a 6 s budget: a hang is cut at its cap or at the deadline, a command
+    that ignores SIGINT is killed after the grace, a background step too, and a step with no time left
+    is skipped; every one's status and seconds are in the steps file."""
+    script = textwrap.dedent(f"""
+        set -uo pipefail
+        WORK={tmp_path}; OUT={tmp_path}/out; STEPS={tmp_path}/steps.txt; mkdir -p "$OUT"; : > "$STEPS"
+        START=$SECONDS; BUDGET_S=6; PACK_RESERVE=0; GRACE=1; MIN_STEP=1
+        . bench/device_steps.sh
+        step quick 30 true
+        step_background sleeper 2 sleep 60
+        step stubborn 1 bash -c 'trap "" INT; sleep 60'
+        finish_background
+        step hang 30 sleep 60
+        step late 30 true
+        echo "total $((SECONDS - START))"
+    """)
+    done = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    steps = (tmp_path / "steps.txt").read_text()
+    assert "   quick: exit 0 after 0 s" in steps
+    assert "   stubborn: exit 137 (killed after timing out)" in steps
+    assert "   sleeper: exit 124 (timed out)" in steps and "   hang: exit 124 (timed out)" in steps
+    assert "== late: skipped, no time left in the 6 s budget" in steps
+    assert int(done.stdout.split("total ")[1]) <= 7
+    assert (tmp_path / "out" / "summary.txt").read_text() == steps
+
+
 def test_pack_cuts_what_is_too_large_and_keeps_the_rules(tmp_path, monkeypatch):
     monkeypatch.setattr(pack_outputs, "ARCHIVE_BUDGET", 300_000)
     monkeypatch.setattr(pack_outputs, "CUT_BYTES", 20_000)

@@ -200,7 +200,8 @@ class Trainer:
         self.graphed_step = None
         if self.cuda_graph:   # the whole step captured once (graph_step.py)
             self.graphed_step = graph_step.CapturedTrainStep(
-                self.forward_model, self.optimizer, self.scheduler, lambda logits, labels: compute_loss(logits, labels),
+                self.forward_model, self.optimizer, self.scheduler,
+                lambda logits, labels: compute_loss(logits, labels),   # looked up per call (tests patch it)
                 amp_dtype=self.amp_dtype, capture=self.device.type == "cuda")
 
     def backend_used(self) -> str:
