@@ -20,7 +20,8 @@ Refused, with a message naming the flags: a CPU device (graphs capture CUDA work
 ``--amp fp16`` (the GradScaler reads its inf/NaN check back to the host every step),
 ``--log-signal`` (hooks added on some iterations, norms read back), several processes
 (DDP's all-reduce in a graph needs NCCL capture and a side-stream DDP, untested here).
-``--compile`` is accepted: the eager warm-up steps compile before the capture.
+``--compile`` is accepted (a ``torch.compile``d model of the default mode is capturable once the
+eager warm-up steps have compiled it), but this combination has not yet run on a GPU.
 """
 from __future__ import annotations
 
