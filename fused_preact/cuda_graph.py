@@ -53,7 +53,8 @@ class forbid_host_reads(TorchDispatchMode):
     indexing by a boolean mask and ``repeat_interleave`` without ``output_size``. Works on
     the CPU, where nothing would sync, so a step meant for a CUDA graph can be checked
     without a GPU. Not seen: reads that bypass the dispatcher on a CPU tensor
-    (``tolist()``, ``numpy()``); on a GPU they are ``.item()``-like copies and caught.
+    (``tolist()``, ``numpy()``; on a GPU they are copies to the host and caught), and
+    what a custom operator's C++/CUDA kernel does inside (the mode sees the operator).
     """
 
     def __init__(self, what: str = "the step"):
