@@ -2,7 +2,6 @@
 same results as the plain trainer step, no host reads, static buffers, learning-rate changes
 without rebuilding) and the refusals; on a GPU, a real captured run against a plain one."""
 import argparse
-import copy
 
 import pytest
 import torch
