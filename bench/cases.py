@@ -128,7 +128,8 @@ def _unique(cases: list[Case]) -> list[Case]:
 
 def select(cases: Sequence[Case], only: Optional[str], *, quick: bool, batch: Optional[int]) -> list[Case]:
     """The cases named by ``only`` (comma-separated names, globs or name parts such as
-    ``unit``, ``imagenet``, ``bottleneck``), the quick subset with ``quick``, all batches
+    ``unit``, ``imagenet``, ``bottleneck``; run in the order of the patterns, so a short
+    budget measures the first ones), the quick subset with ``quick``, all batches
     set to ``batch`` when given. Raises ValueError naming ``--only`` when a pattern matches nothing."""
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0):
         raise ValueError(f"--batch must be a positive integer, got {batch!r}")
@@ -141,7 +142,8 @@ def select(cases: Sequence[Case], only: Optional[str], *, quick: bool, batch: Op
             if not any(_matches(case.name, pattern) for case in cases):
                 names = ", ".join(case.name for case in cases)
                 raise ValueError(f"--only {pattern!r} matches no case; cases: {names}")
-        chosen = [case for case in chosen if any(_matches(case.name, p) for p in patterns)]
+        ordered = [case for pattern in patterns for case in chosen if _matches(case.name, pattern)]
+        chosen = list({case.name: case for case in ordered}.values())   # first pattern's place wins
     elif quick:
         chosen = [case for case in chosen if case.quick]
     if batch is not None:

@@ -6,6 +6,10 @@
   models; the ``conv_bnrelu`` operator of ``torch.ops.fused_preact_triton`` /
   ``torch.ops.fused_preact`` at the conv level.
 - ``cudnn-fe``: cuDNN's fused scale-bias-ReLU-conv-genstats graph (conv level, fp16).
+- ``eager+graph`` / ``fused-triton+graph`` / ``fused-cuda+graph`` (units and models, GPU
+  only): the same step captured whole into one CUDA graph (``fused_preact.cuda_graph``)
+  and replayed, as ``compile-max-autotune`` does with its own graphs: like with like
+  where launches dominate. Same optimizer as the plain contender (foreach SGD, fixed lr).
 
 ``build_runner`` returns a ``Runner`` or the reason the contender cannot run here.
 Steps: ``train`` = forward + backward + SGD step, ``infer`` = eval-mode forward
@@ -26,12 +30,19 @@ from torch import nn
 
 from fused_preact import dispatch
 from fused_preact.convert import convert_to_fused
+from fused_preact.cuda_graph import GraphedStep
 
 from . import cudnn_fused
 from .cases import Case
 
-CONTENDERS = ("eager", "compile", "compile-max-autotune", "fused-triton", "fused-cuda", "cudnn-fe")
-LEVEL_CONTENDERS = {"conv": CONTENDERS, "unit": CONTENDERS[:5], "model": CONTENDERS[:5]}
+GRAPH = "+graph"
+MODULE_CONTENDERS = ("eager", "eager+graph", "compile", "compile-max-autotune", "fused-triton",
+                     "fused-triton+graph", "fused-cuda", "fused-cuda+graph")
+CONV_CONTENDERS = ("eager", "compile", "compile-max-autotune", "fused-triton", "fused-cuda", "cudnn-fe")
+CONTENDERS = tuple(dict.fromkeys(MODULE_CONTENDERS + CONV_CONTENDERS))
+LEVEL_CONTENDERS = {"conv": CONV_CONTENDERS, "unit": MODULE_CONTENDERS, "model": MODULE_CONTENDERS}
+GRAPH_WARMUP = 3          # eager steps on a side stream before the capture
+GRAPH_CHECK_STEPS = 2     # replays compared with the same steps run eagerly
 FUSED_BACKEND = {"fused-triton": "triton", "fused-cuda": "cuda"}
 OP_NAMESPACE = {"fused-triton": "fused_preact_triton", "fused-cuda": "fused_preact"}
 COMPILE_MODE = {"compile": "default", "compile-max-autotune": "max-autotune"}
@@ -47,6 +58,8 @@ class Runner:
     forward: Optional[Callable[[], object]] = None
     state: list = field(default_factory=list)
     profiled: bool = False         # its fused operators are worth profiling
+    peak_memory_bytes: Optional[int] = None   # measured while building (a graph's capture), if so
+    notes: dict = field(default_factory=dict)  # extra figures for the result entry
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,12 @@ class Setting:
     mode: str
     quick: bool
     smoke: bool
+    named: frozenset = frozenset()   # contenders asked for by name (--contenders): no --quick skip
+
+
+def graph_base(contender: str) -> Optional[str]:
+    """The contender a ``<name>+graph`` contender captures; None for the others."""
+    return contender[:-len(GRAPH)] if contender.endswith(GRAPH) else None
 
 
 def autocast(setting: Setting):
@@ -68,11 +87,15 @@ def autocast(setting: Setting):
 def static_reason(contender: str, case: Case, setting: Setting) -> Optional[str]:
     """Why ``contender`` is not run, known before building anything; None when it may run."""
     on_gpu = setting.device.type == "cuda"
+    if graph_base(contender) is not None:
+        if not on_gpu:
+            return "not run without a GPU: a CUDA graph captures GPU work only"
+        return static_reason(graph_base(contender), case, setting)
     if contender in COMPILE_MODE:
         if not on_gpu:
             return ("not run without a GPU: the CPU smoke run compares eager with the fused CPU paths "
                     "(torch.compile for the CPU takes minutes on a small machine)")
-        if contender == "compile-max-autotune" and setting.quick:
+        if contender == "compile-max-autotune" and setting.quick and contender not in setting.named:
             return "skipped with --quick: max-autotune benchmarks every conv config (minutes per shape)"
     if contender == "fused-triton" and not on_gpu:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -93,7 +116,40 @@ def build_runner(contender: str, case: Case, setting: Setting, base: Optional[nn
         return reason
     if case.level == "conv":
         return _conv_runner(contender, case, setting, inputs)
+    if graph_base(contender) is not None:
+        return _graph_runner(graph_base(contender), case, setting, base, inputs)
     return _module_runner(contender, case, setting, base, inputs)
+
+
+def _graph_runner(contender: str, case: Case, setting: Setting, base: nn.Module, inputs: dict):
+    """``contender``'s step captured into one CUDA graph, checked against the same steps run eagerly.
+
+    Built here: warm-up steps, the capture (peak memory taken over it: a replay allocates
+    nothing, its memory is the graph's pool) and ``GRAPH_CHECK_STEPS`` replays, each
+    compared with a twin of the contender stepped eagerly from the same start.
+    """
+    runner = _module_runner(contender, case, setting, base, inputs)
+    if isinstance(runner, str):
+        return runner
+    twin = _module_runner(contender, case, setting, base, inputs)
+    graphed = GraphedStep(runner.step, capture=True, warmup=GRAPH_WARMUP)
+    device = setting.device
+    for _ in range(GRAPH_WARMUP):
+        graphed()
+        twin.step()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    graphed()                                            # capture, then replay
+    torch.cuda.synchronize(device)
+    peak = int(torch.cuda.max_memory_allocated(device))
+    twin.step()
+    worst = 0.0
+    for _ in range(GRAPH_CHECK_STEPS):
+        replayed, eager = graphed(), twin.step()
+        worst = max(worst, float((replayed.double() - eager.double()).abs().max()))
+    twin = None
+    return Runner(graphed, forward=runner.forward, state=runner.state, peak_memory_bytes=peak,
+                  notes={"graph_replay_max_abs_diff": worst})
 
 
 # -- units and models ----------------------------------------------------------------

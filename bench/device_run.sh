@@ -1,55 +1,197 @@
 #!/usr/bin/env bash
-# Everything the GPU machine runs, in order; every step is logged under $OUT and a failing
-# step never stops the next one. Usage (repository root on the device):
-#     OUT=/some/folder bash bench/device_run.sh [extra arguments for fused_vs_eager.py]
-# Environment: BENCH_ARGS (default --quick) and BENCH_MAX_MINUTES (default 6) shape the benchmark;
-# SKIP_BUILD=1, SKIP_TESTS=1, SKIP_BENCH=1, SKIP_MICRO=1 leave steps out.
+# Everything a GPU machine runs, in one command, packed into the few files that come back.
+# Usage (repository root on the device; bench/README.md has the plan and the expected times):
+#
+#     OUT=/folder bash bench/device_run.sh --budget [extra arguments for fused_vs_eager.py]
+#     OUT=/folder bash bench/device_run.sh          [extra arguments for fused_vs_eager.py]
+#
+# --budget (or BUDGET_S=<seconds>; --budget means 540, 9 minutes): one command that ends inside the
+#   budget on a bare machine, even if a step hangs. Steps, each under `timeout` with its own cap
+#   (CAP_<STEP>=seconds overrides) and never past the deadline less the packing reserve:
+#     environment | build (sm_90, 16 jobs) while the Triton tests run | GPU-marked tests | fused
+#     backends' tests | compute-sanitizer memcheck, racecheck over a sample of the CUDA operator
+#     tests (tiny shapes; SAMPLE_MEMCHECK=3 / SAMPLE_RACECHECK=2 cases per test function) |
+#     benchmark (BENCH_ARGS; default: the headline selection with the +graph contenders,
+#     --max-minutes from the time left) | pack.
+#   The tests and sanitizers leave the benchmark at least BENCH_MIN_S (150) seconds.
+# Without --budget: no deadline; the whole test suite, the benchmark (--quick) and bench/micro.
+# Either way logs, JUnit XML and benchmark outputs go to a work folder ($WORK, default a temporary
+# one), and bench/pack_outputs.py packs them into $OUT: summary.txt, device_run.tar.gz and the
+# benchmark's results.json / report.md / speedup.png (at most 8 files, 16 MiB each, flat).
+# $OUT/summary.txt is rewritten after every step, so a killed command still returns the steps so far.
+#
+# DRY_RUN=1 (automatic when torch sees no GPU) runs everything the GPU is not needed for: no build,
+# Triton and fused-backend tests collected only, the GPU-marked tests (they skip), the sanitizer
+# steps' pytest without compute-sanitizer, the benchmark's CPU smoke run on one tiny unit.
+# Other switches: SKIP_BUILD=1 (a warm machine that built already), SKIP_TESTS=1, SKIP_SANITIZER=1,
+# SKIP_BENCH=1, SKIP_MICRO=1; TEST_TIMEOUT (seconds per test, default 60); FUSED_PREACT_GIT_COMMIT
+# (the commit, recorded where the copied tree has no .git).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:?set OUT to the folder that comes back}"
-mkdir -p "$OUT"
-SUMMARY="$OUT/steps.txt"
-: > "$SUMMARY"
-
-step() {   # step NAME COMMAND...: run, log stdout+stderr to $OUT/NAME.log, record the exit status
-    local name="$1"; shift
-    local start=$SECONDS
-    echo "== $name: $*" | tee -a "$SUMMARY"
-    "$@" > "$OUT/$name.log" 2>&1
-    local rc=$?
-    echo "   $name: exit $rc after $((SECONDS - start)) s" | tee -a "$SUMMARY"
-    tail -n 5 "$OUT/$name.log" | sed 's/^/   | /'
-    return 0
-}
-
-step environment bash -c 'nvidia-smi; python --version; python -c "import torch, triton; \
-print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"; \
-git log --oneline -3; git status --short'
-
-if [ "${SKIP_BUILD:-0}" != 1 ]; then
-    step build env MAX_JOBS=16 pip install --no-deps --no-build-isolation -e .
+BUDGET_S="${BUDGET_S:-}"
+if [ "${1:-}" = "--budget" ]; then
+    shift
+    BUDGET_S="${BUDGET_S:-540}"
 fi
+export PYTHONUNBUFFERED=1
+if [ -z "${PYTHON:-}" ]; then   # the interpreter that holds torch (python3 on the device machines)
+    for candidate in python3 python; do
+        if "$candidate" -c "import torch" 2> /dev/null; then PYTHON=$candidate; break; fi
+    done
+    PYTHON="${PYTHON:-python3}"
+fi
+WORK="${WORK:-$(mktemp -d /tmp/device_run.XXXXXX)}"
+mkdir -p "$OUT" "$WORK"
+STEPS="$WORK/steps.txt"
+: > "$STEPS"
+START=$SECONDS
+# shellcheck source=bench/device_steps.sh
+. bench/device_steps.sh   # note, step, step_background, finish_background: caps, deadline, log
 
-wheel=$(ls .wheels/nvidia_cudnn_frontend-*cp312*.whl 2>/dev/null | head -n 1)
-if [ -n "$wheel" ]; then
-    step cudnn_frontend pip install --no-deps "$wheel"
+if [ -z "${DRY_RUN:-}" ]; then
+    if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2> /dev/null; then
+        DRY_RUN=0
+    else
+        DRY_RUN=1
+    fi
+fi
+dry() { [ "$DRY_RUN" = 1 ]; }
+
+# -- pytest with a per-test time limit (pytest-timeout where installed, else tests/conftest.py's alarm)
+TEST_TIMEOUT="${TEST_TIMEOUT:-60}"
+if "$PYTHON" -c "import pytest_timeout" 2> /dev/null; then
+    PER_TEST=(--timeout="$TEST_TIMEOUT" --timeout-method=signal)
 else
-    echo "== cudnn_frontend: no wheel in .wheels/ (run bench/fetch_cudnn_frontend.sh here first)" | tee -a "$SUMMARY"
+    PER_TEST=()
+    export FUSED_PREACT_TEST_TIMEOUT="$TEST_TIMEOUT"
 fi
+pytest_cmd() {   # pytest_cmd NAME ARGS...: sets CMD to one pytest run writing $WORK/junit-NAME.xml
+    local name="$1"; shift
+    CMD=("$PYTHON" -m pytest -q -rfEs -p no:cacheprovider ${PER_TEST[@]+"${PER_TEST[@]}"}
+         --junitxml="$WORK/junit-$name.xml" "$@")
+}
+COLLECT=""
+dry && COLLECT="--collect-only"
 
+MARKED=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
+TRITON_TESTS="tests/test_triton_ops.py tests/test_triton_bn.py tests/test_triton_conv.py"
+SANITIZED_TESTS="tests/test_conv1x1_cuda.py tests/test_cpp_ops.py"
+
+note "device run: $( dry && echo 'DRY RUN (no GPU: GPU steps left out) ' )budget ${BUDGET_S:-none} s, work folder $WORK"
+
+# -- 1. what the machine is ---------------------------------------------------------------------------
+step environment 30 bash -c "nvidia-smi || echo 'no nvidia-smi'; $PYTHON --version; \
+$PYTHON -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", \
+triton.__version__, \"gpu\", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'; \
+nvcc --version | tail -n 2 || echo 'no nvcc'; compute-sanitizer --version | head -n 2 || echo 'no compute-sanitizer'; \
+ncu --version | tail -n 1 || echo 'no ncu'; $PYTHON -c 'import pytest_timeout' 2>/dev/null && echo pytest-timeout \
+|| echo 'no pytest-timeout: tests/conftest.py alarm'; nproc; git rev-parse HEAD 2>/dev/null \
+|| echo \"no git here; commit given: \${FUSED_PREACT_GIT_COMMIT:-none}\"; git status --short 2>/dev/null | head -n 20"
+
+# -- 2. build (sm_90 only, 16 jobs) while the Triton tests, which need no extension, run on the GPU -------
+if [ "${SKIP_BUILD:-0}" != 1 ] && ! dry; then
+    step_background build "${CAP_BUILD:-300}" env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FUSED_PREACT_CUDA=1 \
+        bash -c "$PYTHON -m pip install -v --no-deps --no-build-isolation -e . && $PYTHON -c \
+'import torch; from fused_preact import _extension as e; print(\"extension built with CUDA:\", e.built_with_cuda()); \
+assert e.built_with_cuda(), e.unavailable_reason()'"
+else
+    note "== build: skipped ($(dry && echo 'dry run' || echo 'SKIP_BUILD=1'))"
+fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    FUSED_PREACT_AOT_ALL=1 step tests python -m pytest tests -q -ra --junitxml="$OUT/tests.xml"
+    if [ -n "$BUDGET_S" ]; then
+        # shellcheck disable=SC2086  # word lists
+        pytest_cmd triton $COLLECT $TRITON_TESTS
+        step tests-triton "${CAP_TESTS_TRITON:-150}" "${CMD[@]}"
+    fi
+fi
+finish_background
+
+wheel=$(ls .wheels/nvidia_cudnn_frontend-*cp312*.whl 2> /dev/null | head -n 1)
+if [ -n "$wheel" ] && ! dry; then
+    step cudnn_frontend 60 "$PYTHON" -m pip install --no-deps "$wheel"
 fi
 
+# -- 3. tests -------------------------------------------------------------------------------------------
+# the tests and sanitizers leave the benchmark at least BENCH_MIN_S (they are cut short, or skipped, first)
+[ "${SKIP_BENCH:-0}" != 1 ] && RESERVE="${BENCH_MIN_S:-150}"
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    if [ -n "$BUDGET_S" ]; then
+        # shellcheck disable=SC2086
+        pytest_cmd gpu -m gpu $MARKED
+        step tests-gpu "${CAP_TESTS_GPU:-100}" "${CMD[@]}"
+        # shellcheck disable=SC2086
+        pytest_cmd fused $COLLECT -m "not gpu" tests/test_fused_backends.py
+        step tests-fused "${CAP_TESTS_FUSED:-60}" "${CMD[@]}"
+    else
+        # shellcheck disable=SC2086
+        pytest_cmd all $COLLECT tests
+        step tests 0 env FUSED_PREACT_AOT_ALL=1 "${CMD[@]}"
+    fi
+fi
+
+# -- 4. compute-sanitizer over the CUDA operators at tiny shapes -------------------------------------------
+if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
+    sanitize() {   # sanitize TOOL...: compute-sanitizer's command prefix, or none in a dry run / without it
+        if dry || ! command -v compute-sanitizer > /dev/null; then
+            PREFIX=(env)
+        else
+            PREFIX=(compute-sanitizer --error-exitcode 1 --print-limit 30 "$@")
+        fi
+    }
+    if dry || ! command -v compute-sanitizer > /dev/null; then
+        note "== sanitizers: $(dry && echo 'dry run' || echo 'no compute-sanitizer'): their pytest runs without it"
+    fi
+    # the caching allocator hides out-of-bounds accesses inside its blocks: allocate each tensor on its own
+    sanitize --tool memcheck --leak-check no
+    # shellcheck disable=SC2086
+    pytest_cmd memcheck -m gpu $SANITIZED_TESTS
+    step memcheck "${CAP_MEMCHECK:-75}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        FUSED_PREACT_SAMPLE_PER_TEST="${SAMPLE_MEMCHECK:-3}" "${PREFIX[@]}" "${CMD[@]}"
+    sanitize --tool racecheck
+    # shellcheck disable=SC2086
+    pytest_cmd racecheck -m gpu $SANITIZED_TESTS
+    step racecheck "${CAP_RACECHECK:-50}" env FUSED_PREACT_SAMPLE_PER_TEST="${SAMPLE_RACECHECK:-2}" \
+        "${PREFIX[@]}" "${CMD[@]}"
+fi
+
+# -- 5. benchmark with whatever time is left ----------------------------------------------------------------
+RESERVE=0
+HEADLINE="unit/cifar/basic-16x32x32,model/cifar_resnet164,unit/cifar/basic-32x16x16,unit/cifar/basic-64x8x8"
+GRAPHED="eager,eager+graph,compile,fused-triton,fused-triton+graph,fused-cuda,fused-cuda+graph"
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
+    if dry; then
+        DEFAULT_BENCH="--quick --only unit/tiny/basic --mode train --contenders $GRAPHED"
+    elif [ -n "$BUDGET_S" ]; then
+        DEFAULT_BENCH="--quick --only $HEADLINE --mode train --dtype bf16,fp32 --contenders $GRAPHED"
+    else
+        DEFAULT_BENCH="--quick"
+    fi
+    remaining=$(left)
+    if [ -n "$BUDGET_S" ]; then
+        # start no case in the last 75 s (a case with torch.compile can take that long)
+        minutes=$(awk -v s="$remaining" 'BEGIN { m = (s - 75) / 60; if (m < 0.5) m = 0.5; printf "%.1f", m }')
+    else
+        minutes="${BENCH_MAX_MINUTES:-6}"
+    fi
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-    step benchmark python bench/fused_vs_eager.py ${BENCH_ARGS:---quick} \
-        --max-minutes "${BENCH_MAX_MINUTES:-6}" --out "$OUT/benchmark" "$@"
+    step benchmark "$remaining" "$PYTHON" bench/fused_vs_eager.py ${BENCH_ARGS:-$DEFAULT_BENCH} \
+        --max-minutes "$minutes" --out "$WORK/benchmark" "$@"
+    if [ -f "$WORK/benchmark/results.json" ] && [ ! -f "$WORK/benchmark/report.md" ]; then
+        step benchmark-report 20 "$PYTHON" -m bench.report "$WORK/benchmark"   # it was stopped: rebuild
+    fi
 fi
 
-if [ "${SKIP_MICRO:-0}" != 1 ]; then
-    step micro python -m pytest bench/micro --benchmark-only -q \
-        --benchmark-json="$OUT/micro.json" --benchmark-columns=min,median,max,rounds
+if [ -z "$BUDGET_S" ] && [ "${SKIP_MICRO:-0}" != 1 ] && ! dry; then
+    step micro 0 "$PYTHON" -m pytest bench/micro --benchmark-only -q \
+        --benchmark-json="$WORK/micro.json" --benchmark-columns=min,median,max,rounds
 fi
 
-echo "done; logs and results in $OUT" | tee -a "$SUMMARY"
+# -- 6. pack ---------------------------------------------------------------------------------------------------
+note "== pack (at $((SECONDS - START)) s): $WORK -> $OUT"
+"$PYTHON" bench/pack_outputs.py "$WORK" "$OUT"
+rc=$?
+echo "   pack: exit $rc after $((SECONDS - START)) s in all" | tee -a "$OUT/summary.txt"
+ls -l "$OUT"
+cat "$OUT/summary.txt"
+exit $rc

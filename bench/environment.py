@@ -5,6 +5,7 @@ traced to the machine and the code that produced it.
 """
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -24,9 +25,13 @@ def _run(command: list[str]) -> Optional[str]:
 
 
 def git_commit() -> str:
-    """HEAD of the project's checkout, with ``+dirty`` when tracked files differ from it."""
+    """HEAD of the project's checkout, with ``+dirty`` when tracked files differ from it; where there
+    is no checkout (a copied tree on a device machine), ``FUSED_PREACT_GIT_COMMIT`` as given."""
     commit = _run(["git", "rev-parse", "HEAD"])
     if commit is None:
+        given = os.environ.get("FUSED_PREACT_GIT_COMMIT", "").strip()
+        if given:
+            return f"{given} (from FUSED_PREACT_GIT_COMMIT: no git checkout here)"
         return "unknown (not a git checkout or git missing)"
     dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
     return commit + ("+dirty" if dirty else "")

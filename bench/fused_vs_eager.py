@@ -1,11 +1,13 @@
 """Fused pre-activation units against eager PyTorch and torch.compile, side by side.
 
     python bench/fused_vs_eager.py [--only unit,model/cifar_resnet164] [--dtype fp32,bf16]
+                                   [--mode train,infer] [--contenders eager,fused-cuda+graph,...]
                                    [--batch N] [--quick] [--out DIR] [--max-minutes M] [--list]
 
 Measures, in one run on the same inputs, every contender that can run (eager cuDNN,
-torch.compile default and max-autotune, the fused Triton and C++/CUDA backends, and
-at the conv level cuDNN's own fused scale-bias-ReLU-conv-genstats graph) at three
+torch.compile default and max-autotune, the fused Triton and C++/CUDA backends, eager
+and fused steps captured whole into a CUDA graph (``+graph``), and at the conv level
+cuDNN's own fused scale-bias-ReLU-conv-genstats graph) at three
 levels (one BN-ReLU-conv, one unit, whole models; training step and inference), and
 writes a console table, ``results.json``, ``report.md`` and ``speedup.png`` into
 ``--out``, each with the device, driver, versions and git commit. Contenders that
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as dt
 import gc
 import sys
@@ -33,7 +36,7 @@ import torch
 
 from bench import cases as catalogue
 from bench import environment, kernel_profile, measure, report
-from bench.contenders import COMPILE_MODE, LEVEL_CONTENDERS, Setting, build_runner
+from bench.contenders import CONTENDERS, LEVEL_CONTENDERS, Setting, build_runner, graph_base
 from bench.floors import operator_traffic, floor_seconds, fraction_of_floor
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,8 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--only", help="comma-separated levels (conv, unit, model), families (cifar, imagenet, "
                                        "tiny), kinds (basic, bottleneck), case names or globs")
-    parser.add_argument("--dtype", help="comma-separated fp32, bf16, fp16 (default: fp32,bf16 for units and "
-                                        "models and fp16 for convs on a GPU; fp32 on a CPU)")
+    parser.add_argument("--dtype", help="comma-separated fp32, bf16, fp16, run in this order (default: fp32,bf16 "
+                                        "for units and models and fp16 for convs on a GPU; fp32 on a CPU)")
+    parser.add_argument("--mode", help="comma-separated steps of units and models: train, infer (default both; "
+                                       "convs always run fwd)")
+    parser.add_argument("--contenders", help="comma-separated contenders to run (default: all of each level); "
+                                             "one named here runs even where --quick would skip it: "
+                                             + ", ".join(CONTENDERS))
     parser.add_argument("--batch", type=int, help="batch size of every case (default: 128 CIFAR, 64 ImageNet)")
     parser.add_argument("--quick", action="store_true", help="fewer cases and repeats, no max-autotune")
     parser.add_argument("--out", type=Path, help="output folder (default bench/results/<device>-<date>)")
@@ -61,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         args.dtypes = parse_dtypes(args.dtype)
+        args.modes = _parse_list(args.mode, "--mode", ("train", "infer"))
+        args.contender_names = _parse_list(args.contenders, "--contenders", CONTENDERS)
     except ValueError as error:
         parser.error(str(error))
     if args.batch is not None and args.batch <= 0:
@@ -83,6 +93,34 @@ def parse_dtypes(text):
     if not names or unknown:
         raise ValueError(f"--dtype must be a comma-separated list of {', '.join(DTYPES)}, got {text!r}")
     return [DTYPES[name] for name in dict.fromkeys(names)]
+
+
+def _parse_list(text, flag: str, allowed) -> "tuple | None":
+    """``"a,b"`` -> ("a", "b"), each one of ``allowed``; None stays None (everything)."""
+    if text is None:
+        return None
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in allowed]
+    if not names or unknown:
+        raise ValueError(f"{flag} must be a comma-separated list of {', '.join(allowed)}, got {text!r}")
+    return names
+
+
+def modes_for(case, requested) -> tuple:
+    """The steps of ``case`` to run: its own modes, narrowed by ``--mode`` (convs keep fwd)."""
+    if requested is None or case.level == "conv":
+        return case.modes
+    return tuple(mode for mode in case.modes if mode in requested)
+
+
+def jobs_in_order(selected, dtypes, modes, on_gpu: bool) -> list:
+    """(case, dtype, mode) in the order they run: the cases' order, and with ``--dtype`` given, all
+    cases of its first dtype before any of the next (a short budget measures the first dtype)."""
+    jobs = [(case, dtype, mode) for case in selected for dtype in dtypes_for(case.level, dtypes, on_gpu)
+            for mode in modes_for(case, modes)]
+    if dtypes is not None:
+        jobs.sort(key=lambda job: dtypes.index(job[1]))   # stable: the case order stays within a dtype
+    return jobs
 
 
 def dtypes_for(level: str, requested, on_gpu: bool) -> list:
@@ -160,8 +198,9 @@ def _max_abs_diff(out, reference):
 
 def measure_case(case, mode, dtype, setting_args, rates, log) -> tuple[list, list]:
     """Every contender of one (case, mode, dtype): result entries and kernel rows."""
-    device, quick, smoke = setting_args
-    setting = Setting(device, dtype, mode, quick, smoke)
+    device, quick, smoke, *rest = setting_args
+    named = rest[0] if rest else None
+    setting = Setting(device, dtype, mode, quick, smoke, frozenset(named or ()))
     warmup, repeats = REPEATS[case.level][2 if smoke else (1 if quick else 0)]
     torch.manual_seed(0)
     base = None
@@ -172,6 +211,8 @@ def measure_case(case, mode, dtype, setting_args, rates, log) -> tuple[list, lis
               "batch": case.batch, "input_shape": list(case.input_shape)}
     entries, kernels, reference = [], [], None
     for contender in LEVEL_CONTENDERS[case.level]:
+        if named is not None and contender not in named and contender != "eager":   # eager: the baseline
+            continue
         entry = {**common, "contender": contender}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -185,6 +226,9 @@ def measure_case(case, mode, dtype, setting_args, rates, log) -> tuple[list, lis
                 if contender == "eager":
                     reference = out.detach()
                 diff = _max_abs_diff(out.detach(), reference)
+                if graph_base(contender) is not None and mode == "train":
+                    diff = None    # its weights took steps while building; its check is in notes
+                entry.update(runner.notes)
                 if runner.forward is not None:
                     try:
                         saved = measure.saved_activation_bytes(runner.forward, runner.state)
@@ -197,7 +241,9 @@ def measure_case(case, mode, dtype, setting_args, rates, log) -> tuple[list, lis
                 entry["images_per_s"] = case.batch / (timing.median_ms * 1e-3)
                 if diff is not None and contender != "eager":
                     entry["max_abs_diff_vs_eager"] = diff
-                peak = measure.peak_memory_bytes(runner.step, device)
+                peak = runner.peak_memory_bytes
+                if peak is None:
+                    peak = measure.peak_memory_bytes(runner.step, device)
                 if peak is not None:
                     entry["peak_memory_bytes"] = peak
                 if case.level == "conv":
@@ -235,7 +281,7 @@ def main(argv=None) -> int:
         return 2
     if args.list:
         for case in selected:
-            print(f"{case.name:<48} batch {case.batch:<4} modes {','.join(case.modes)}")
+            print(f"{case.name:<48} batch {case.batch:<4} modes {','.join(modes_for(case, args.modes))}")
         return 0
 
     info = environment.describe(device)
@@ -255,20 +301,24 @@ def main(argv=None) -> int:
           + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in rates.matrix_flops_per_s.items()))
 
     run = report.Run(info=info, args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                                      if k != "dtypes"},
+                                      if k not in ("dtypes", "modes", "contender_names")},
                      created_utc=stamp.isoformat(timespec="seconds"), smoke=smoke, rates=rates.as_dict())
-    for case in selected:
-        for dtype in dtypes_for(case.level, args.dtypes, on_gpu):
-            for mode in case.modes:
-                if args.max_minutes is not None and time.monotonic() - started > 60 * args.max_minutes:
-                    run.skipped.append({"case": case.name, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
-                                        "reason": f"not started: --max-minutes {args.max_minutes} reached"})
-                    continue
-                entries, kernels = measure_case(case, mode, dtype, (device, args.quick, smoke), rates,
-                                                report.print_progress)
-                run.results += entries
-                run.kernels += kernels
-                report.write_json(run, out_dir)       # after every case: a killed run keeps what it measured
+    for case, dtype, mode in jobs_in_order(selected, args.dtypes, args.modes, on_gpu):
+        if args.max_minutes is not None and time.monotonic() - started > 60 * args.max_minutes:
+            run.skipped.append({"case": case.name, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
+                                "reason": f"not started: --max-minutes {args.max_minutes} reached"})
+            continue
+        current: list = []
+
+        def progress(entry, current=current):   # after every contender: a killed run keeps it
+            report.print_progress(entry)
+            current.append(entry)
+            report.write_json(dataclasses.replace(run, results=run.results + current), out_dir)
+        entries, kernels = measure_case(case, mode, dtype,
+                                        (device, args.quick, smoke, args.contender_names), rates, progress)
+        run.results += entries
+        run.kernels += kernels
+        report.write_json(run, out_dir)
     report.write_all(run, out_dir)
     print(f"\nwrote {out_dir}/results.json, report.md, speedup.png ({time.monotonic() - started:.0f} s)")
     return 0

@@ -1,4 +1,6 @@
 import os
+import signal
+import threading
 import zlib
 
 import pytest
@@ -21,3 +23,84 @@ if hasattr(torch._functorch.config, "error_on_custom_op_aliasing"):
 def _seed_per_test(request):
     """Each test draws its own random inputs, reproducibly (seeded by its id)."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# -- per-test time limit without pytest-timeout ----------------------------------------------------
+# bench/device_run.sh sets FUSED_PREACT_TEST_TIMEOUT (seconds) where pytest-timeout is not installed:
+# a test (its setup included) that runs longer fails with a message, and the run goes on. A hang
+# inside C code (a GPU wait) is not interrupted here: the script's per-step `timeout` ends that.
+def _alarm_seconds(item) -> float:
+    try:
+        seconds = float(os.environ.get("FUSED_PREACT_TEST_TIMEOUT", "0") or 0)
+    except ValueError:
+        raise pytest.UsageError("FUSED_PREACT_TEST_TIMEOUT must be a number of seconds, got "
+                                f"{os.environ['FUSED_PREACT_TEST_TIMEOUT']!r}")
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        return 0.0
+    try:
+        if item.config.getoption("timeout", None):   # pytest-timeout is doing it
+            return 0.0
+    except ValueError:
+        pass
+    return seconds
+
+
+def _with_alarm(item, phase):
+    seconds = _alarm_seconds(item)
+    if not seconds:
+        return None
+
+    def expire(signum, frame):
+        pytest.fail(f"{phase} ran over FUSED_PREACT_TEST_TIMEOUT={seconds:g} s", pytrace=False)
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    return previous
+
+
+def _clear_alarm(previous):
+    if previous is not None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    previous = _with_alarm(item, "setup")
+    try:
+        yield
+    finally:
+        _clear_alarm(previous)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    previous = _with_alarm(item, "the test")
+    try:
+        yield
+    finally:
+        _clear_alarm(previous)
+
+
+# -- a sample of each parametrized test ------------------------------------------------------------
+# FUSED_PREACT_SAMPLE_PER_TEST=N keeps N evenly spaced cases of each test function (all dtypes and
+# variants still drawn from): bench/device_run.sh runs the CUDA operator tests under compute-sanitizer,
+# which slows every kernel many times, on such a sample.
+@pytest.hookimpl(trylast=True)   # after -m and -k have deselected
+def pytest_collection_modifyitems(config, items):
+    text = os.environ.get("FUSED_PREACT_SAMPLE_PER_TEST", "").strip()
+    if not text:
+        return
+    if not text.isdigit() or int(text) < 1:
+        raise pytest.UsageError(f"FUSED_PREACT_SAMPLE_PER_TEST must be a positive integer, got {text!r}")
+    keep_per_test = int(text)
+    groups: dict = {}
+    for item in items:
+        groups.setdefault((item.path, getattr(item, "originalname", item.name)), []).append(item)
+    kept = set()
+    for group in groups.values():
+        step = len(group) / keep_per_test
+        kept.update(id(group[int(i * step)]) for i in range(min(keep_per_test, len(group))))
+    deselected = [item for item in items if id(item) not in kept]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if id(item) in kept]

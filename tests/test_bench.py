@@ -21,7 +21,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import cases, floors, kernel_profile, measure, report  # noqa: E402
+from bench import cases, contenders, floors, kernel_profile, measure, report  # noqa: E402
 from bench import fused_vs_eager as script  # noqa: E402
 
 SCRIPT = REPO / "bench" / "fused_vs_eager.py"
@@ -96,9 +96,22 @@ def test_contenders_that_cannot_run_are_listed_with_a_reason(smoke_run):
     for entry in not_run:
         assert entry["reason"].strip() and "samples_ms" not in entry and "median_ms" not in entry
     listed = {u["contender"] for u in data["unavailable"]}
-    assert {"compile", "compile-max-autotune", "cudnn-fe"} <= listed
+    assert {"compile", "compile-max-autotune", "cudnn-fe", "eager+graph", "fused-cuda+graph"} <= listed
+    graph_reasons = {u["reason"] for u in data["unavailable"] if u["contender"].endswith("+graph")}
+    assert graph_reasons == {"not run without a GPU: a CUDA graph captures GPU work only"}
     for item in data["unavailable"]:
         assert item["reason"] in done.stdout
+
+
+def test_report_is_rebuilt_from_the_json_of_a_run_stopped_early(smoke_run, tmp_path):
+    out_dir, _, data = smoke_run
+    (tmp_path / "results.json").write_text((out_dir / "results.json").read_text())
+    done = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path)], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "report.md").read_text() == (out_dir / "report.md").read_text()
+    assert (tmp_path / "speedup.png").read_bytes().startswith(b"\x89PNG")
+    assert data["info"]["git_commit"][:12] in done.stdout
 
 
 def test_smoke_run_through_the_triton_interpreter_measures_or_explains(tmp_path):
@@ -249,6 +262,9 @@ def test_only_selects_levels_and_rejects_what_matches_nothing():
         cases.select(catalogue, None, quick=False, batch=0)
     quick = cases.select(catalogue, None, quick=True, batch=None)
     assert 0 < len(quick) < len(catalogue)
+    ordered = cases.select(catalogue, "model/cifar_resnet164,unit/cifar/basic,basic-16x32x32", quick=False, batch=None)
+    assert [c.name for c in ordered] == ["model/cifar_resnet164", "unit/cifar/basic-16x32x32",
+                                         "unit/cifar/basic-32x16x16", "unit/cifar/basic-64x8x8"]
 
 
 def test_catalogue_has_the_issue_shapes():
@@ -265,6 +281,8 @@ def test_catalogue_has_the_issue_shapes():
     (["--batch", "0"], "--batch must be a positive integer"),
     (["--max-minutes", "-1"], "--max-minutes must be positive"),
     (["--device", "tpu"], "--device must be cuda or cpu"),
+    (["--mode", "backward"], "--mode must be a comma-separated list of train, infer"),
+    (["--contenders", "eager,cudnn"], "--contenders must be a comma-separated list of eager, eager+graph"),
 ])
 def test_bad_arguments_exit_with_a_message_naming_them(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -276,6 +294,53 @@ def test_bad_arguments_exit_with_a_message_naming_them(argv, message, capsys):
 def test_an_only_pattern_matching_nothing_exits_2_and_names_it(capsys):
     assert script.main(["--only", "nonexistent-shape", "--list"]) == 2
     assert "--only 'nonexistent-shape' matches no case" in capsys.readouterr().err
+
+
+def test_mode_and_contender_selection():
+    args = script.parse_args(["--mode", "train", "--contenders", "fused-cuda+graph,compile-max-autotune"])
+    (unit,) = cases.select(cases.gpu_cases(), "unit/cifar/basic-16x32x32", quick=True, batch=None)
+    (conv,) = cases.select(cases.gpu_cases(), "conv/cifar/3x3-16x32x32-to-16", quick=True, batch=None)
+    assert script.modes_for(unit, args.modes) == ("train",) and script.modes_for(conv, args.modes) == ("fwd",)
+    assert args.contender_names == ("fused-cuda+graph", "compile-max-autotune")
+    setting = contenders.Setting(torch.device("cuda"), torch.bfloat16, "train", True, False,
+                                 frozenset(args.contender_names))
+    assert contenders.static_reason("compile-max-autotune", unit, setting) is None    # named: --quick keeps it
+    quick = contenders.Setting(torch.device("cuda"), torch.bfloat16, "train", True, False)
+    assert "--quick" in contenders.static_reason("compile-max-autotune", unit, quick)
+    assert contenders.graph_base("fused-triton+graph") == "fused-triton" and contenders.graph_base("eager") is None
+
+
+def test_with_dtypes_given_all_cases_of_the_first_dtype_run_first():
+    selected = cases.select(cases.gpu_cases(), "unit/cifar/basic-16x32x32,model/cifar_resnet164", quick=True,
+                            batch=None)
+    jobs = script.jobs_in_order(selected, [torch.bfloat16, torch.float32], ("train",), True)
+    assert [(c.name.split("/")[-1], str(d)[6:], m) for c, d, m in jobs] == [
+        ("basic-16x32x32", "bfloat16", "train"), ("cifar_resnet164", "bfloat16", "train"),
+        ("basic-16x32x32", "float32", "train"), ("cifar_resnet164", "float32", "train")]
+    default = script.jobs_in_order(selected, None, None, True)
+    assert [(c.name.split("/")[-1], str(d)[6:], m) for c, d, m in default][:3] == [
+        ("basic-16x32x32", "float32", "train"), ("basic-16x32x32", "float32", "infer"),
+        ("basic-16x32x32", "bfloat16", "train")]
+
+
+def test_graph_contender_checks_its_replays_against_eager_steps(monkeypatch):
+    """The +graph runner's code path on a CPU: capture swapped for the same step run eagerly."""
+    from fused_preact.cuda_graph import GraphedStep
+    monkeypatch.setattr(contenders, "GraphedStep", lambda step, capture, warmup: GraphedStep(step, capture=False,
+                                                                                             warmup=warmup))
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 12345)
+    case = next(c for c in cases.smoke_cases() if c.name == "unit/tiny/basic-8x8x8")
+    setting = contenders.Setting(torch.device("cpu"), torch.float32, "train", True, True)
+    torch.manual_seed(0)
+    base = case.build().to(memory_format=torch.channels_last)
+    inputs = script.make_inputs(case, torch.float32, torch.device("cpu"), base)
+    runner = contenders._graph_runner("eager", case, setting, base, inputs)
+    assert runner.peak_memory_bytes == 12345
+    assert runner.notes["graph_replay_max_abs_diff"] == 0.0
+    first, second = runner.step(), runner.step()
+    assert first is second and first.shape == (case.batch, *case.input_shape)   # one static output
 
 
 def test_dtype_list_is_parsed_in_order_without_duplicates():

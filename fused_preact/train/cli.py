@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--amp", choices=AMP_MODES, default="off", help="autocast dtype (fp16 uses a GradScaler)")
     speed.add_argument("--channels-last", action="store_true", help="NHWC activations and weights")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed.add_argument("--cuda-graph", action="store_true",
+                       help="capture the whole training step (forward, backward, SGD step) in one CUDA graph "
+                            "after 3 eager steps and replay it (CUDA only; not with --amp fp16 or --log-signal)")
     speed.add_argument("--sync-bn", action="store_true",
                        help="batch statistics over all processes (fused units through their statistics hook)")
     speed.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -169,6 +172,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(str(error))
     if not 224 <= args.scale_range[0] <= args.scale_range[1]:
         parser.error(f"--scale-range must be 224 (the training crop) <= MIN <= MAX, got {tuple(args.scale_range)}")
+    if args.cuda_graph:
+        from .graph_step import refusal
+        reason = refusal(args)
+        if reason is not None:
+            parser.error(reason)
     return args
 
 

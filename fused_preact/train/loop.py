@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import dispatch
 from ..convert import convert_to_fused
 from ..models import create_model
-from . import checkpoint, distributed, plots, records
+from . import checkpoint, distributed, graph_step, plots, records
 from .augment import BatchAugment
 from .crop_eval import crop_errors
 from .cli import dataset_kind, unit_options
@@ -119,6 +119,11 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = not args.deterministic
         self.amp_dtype = AMP_DTYPES.get(args.amp)
+        self.cuda_graph = getattr(args, "cuda_graph", False)
+        if self.cuda_graph:   # parse_args refuses these too; a Namespace built elsewhere is checked here
+            reason = graph_step.refusal(args, self.device.type, processes.world_size)
+            if reason is not None:
+                raise ValueError(reason)
         self.resumed = checkpoint.load(self.resume_path) if self.resume_path else None
         if self.resumed is not None and self.resumed.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"--resume {str(self.resume_path)!r} is not a checkpoint of this trainer")
@@ -191,9 +196,15 @@ class Trainer:
     def build_optimizer(self) -> None:
         args = self.args
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum,
-                                         weight_decay=args.weight_decay)
+                                         weight_decay=args.weight_decay, fused=True if self.cuda_graph else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+        self.graphed_step = None
+        if self.cuda_graph:   # the whole step captured once (graph_step.py)
+            self.graphed_step = graph_step.CapturedTrainStep(
+                self.forward_model, self.optimizer, self.scheduler,
+                lambda logits, labels: compute_loss(logits, labels),   # looked up per call (tests patch it)
+                amp_dtype=self.amp_dtype, capture=self.device.type == "cuda")
 
     def backend_used(self) -> str:
         """The backend that runs the fused units on this device and dtype."""
@@ -273,6 +284,8 @@ class Trainer:
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        if self.graphed_step is not None:
+            return self.graphed_step(images, labels)
         with self.autocast():
             logits = self.forward_model(images)
             loss = compute_loss(logits, labels)
@@ -431,7 +444,8 @@ class Trainer:
         metrics = {
             "dataset": args.dataset, "arch": args.arch, "unit_options": unit_options(args),
             "backend": args.backend, "backend_used": self.backend_used(), "amp": args.amp,
-            "channels_last": args.channels_last, "compile": args.compile, "world_size": p.world_size,
+            "channels_last": args.channels_last, "compile": args.compile, "cuda_graph": self.cuda_graph,
+            "world_size": p.world_size,
             "iterations": it, "batch_size": args.batch_size, "test_error": test_error,
             "final_train_loss": self.history["train"][-1][1] if self.history["train"] else None,
             "wall_time_s": self.train_seconds, "images_per_s": self.train_images / max(self.train_seconds, 1e-9),
