@@ -30,9 +30,9 @@ from ..convert import convert_to_fused
 from ..models import create_model
 from . import checkpoint, distributed, plots, records
 from .augment import BatchAugment
-from .cli import dataset_kind, unit_options
 from .data import IMAGENET_MEAN, IMAGENET_STD, channel_stats, imagenet_datasets, load_cifar, \
     num_classes_of, synthetic_images
+from .options import dataset_kind, unit_options
 from .signal_log import SignalRecorder
 from .streams import DeviceStream, LoaderStream, device_eval_batches, loader_eval_batches
 
