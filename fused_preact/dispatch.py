@@ -116,7 +116,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 @torch.compiler.assume_constant_result   # evaluated once while tracing, never traced into
 def _triton_import_error() -> Optional[str]:
     try:
-        importlib.import_module("kernels.ops")   # imports triton, registers torch.ops.fused_preact_triton
+        importlib.import_module("fused_preact.kernels.ops")   # imports triton, registers torch.ops.fused_preact_triton
     except ImportError as error:
         return f"the Triton kernels cannot be imported ({error})"
     return None
@@ -124,7 +124,7 @@ def _triton_import_error() -> Optional[str]:
 
 @torch.compiler.assume_constant_result
 def _triton_interpreting() -> bool:
-    return importlib.import_module("kernels.runtime").interpreting()
+    return importlib.import_module("fused_preact.kernels.runtime").interpreting()
 
 
 def _triton_unavailable(x: torch.Tensor) -> Optional[str]:
