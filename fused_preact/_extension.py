@@ -112,10 +112,11 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.fused_preact.batch_stats(x)
 
 
-def warn_of_build_failure() -> None:
-    """One warning when the build recorded that the CUDA part failed to build (the CPU part was
-    built alone). A deliberate CPU-only build (FUSED_PREACT_CUDA=0, a CPU torch, no toolkit) is quiet."""
-    info = build_info()
+def warn_of_build_failure(info: Optional[dict] = None) -> None:
+    """One warning when the build record (default: this build's) says that the CUDA part failed to
+    build and the CPU part was built alone. A deliberate CPU-only build (FUSED_PREACT_CUDA=0, a CPU
+    torch, no toolkit) is quiet."""
+    info = build_info() if info is None else info
     failure = info and info.get("cuda_failure")
     if failure:
         warnings.warn(f"fused-preact: the C++ extension was built without its CUDA part: {failure}. "

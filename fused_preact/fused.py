@@ -31,7 +31,8 @@ class _FusedUnitMixin:
         statistics of x from the previous unit's epilogue and ``return_stats=True``
         returns ``(y, partials of y)`` for the next one (``None`` when not computed)."""
         check_unit_input(x, self.in_channels, type(self).__name__)
-        name = dispatch.resolve_backend(self.backend, x)
+        name = dispatch.resolve_backend(self.backend, x,
+                                        synchronized=getattr(self, "stats_group", None) is not None)
         if name == "eager":
             y, stats = super().forward(x), None
         else:
