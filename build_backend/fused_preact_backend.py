@@ -11,12 +11,12 @@ the build environment. With ``--no-build-isolation`` torch is importable anyway 
 
 Why not the other way, asking in ``get_requires_for_build_*`` for ``torch==<the installed version>``
 so that pip installs that torch into the isolated environment: measured on the 2-core dev machine
-(torch 2.14.1+cu130 from local disk, notes/packaging.md), that costs every `pip install -e .` about
-5 GB of temporary disk (torch with its nvidia-* and triton dependencies) and a minute or more of
-installing, rebuilds included, so a second install of an unchanged tree could not take under 20 s;
-and it needs a registry holding the exact build (a +cu130 or +cpu local version is not on PyPI; the GPU
-machine has no registry at all). It would also build against a second copy, which is the same torch
-only as long as pip resolves the same wheel.
+(torch 2.14.1 from local disk, notes/packaging.md), that costs every `pip install -e .` 5.4 GB of
+temporary disk (torch with its nvidia-* and triton dependencies) and 95 s of installing, rebuilds of
+an unchanged tree included (8 s this way); it needs a registry holding that exact build (local
+versions such as +cpu are not on PyPI, where `torch==2.x.y` is a CUDA build; the GPU machine has no
+registry at all); and it builds against a second copy, the same torch only while pip resolves the
+same wheel.
 
 When the target environment has no torch at all, the build stops at once with what to install
 (setup.py says the same when run directly): a package installed without its extension would only

@@ -140,7 +140,8 @@ def main(argv=None) -> None:
         print(line)
     print(f"\nunit forward+backward, batch {args.batch}, 64x32x32 channels_last, median of {args.repeats}:")
     print(f"  {'eager PyTorch':<19}{eager_ms:9.2f} ms")
-    print(f"  {f'fused ({backend})':<19}{fused_ms:9.2f} ms   speed-up {eager_ms / fused_ms:.2f}x")
+    label = f"fused ({backend}{', CPU' if device.type == 'cpu' and backend != 'eager' else ''})"
+    print(f"  {label:<19}{fused_ms:9.2f} ms   speed-up {eager_ms / fused_ms:.2f}x")
 
 
 if __name__ == "__main__":

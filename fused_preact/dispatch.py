@@ -14,9 +14,9 @@ Nothing outside this module touches ``kernels/`` or the extension's kernels.
 ``"auto"`` takes the first backend that can run the input, in the order of
 ``AUTO_ORDER``, and is not slower than eager there, and otherwise the eager path with a
 single warning that says why. On CPU tensors that excludes Triton's interpreter (a
-correctness tool, far slower than eager) and the C++ CPU kernels below the size where
-``bench/unit_cpu.py`` measured them not slower than eager (``CPU_AUTO_MIN_ELEMENTS``,
-figures in ``notes/cpp_ops.md``). An explicit backend always runs as asked.
+correctness tool, far slower than eager) and the C++ CPU kernels outside the sizes where
+``bench/unit_cpu.py`` measured them not slower than eager (``CPU_AUTO_MIN_ELEMENTS``:
+none so far, figures in ``notes/cpp_ops.md``). An explicit backend always runs as asked.
 """
 from __future__ import annotations
 
@@ -34,11 +34,14 @@ from .unit_ops import OPERATORS
 
 BACKENDS = ("auto", "triton", "cuda", "eager")
 AUTO_ORDER = ("cuda", "triton")
-# "auto" runs a CPU tensor with the C++ CPU kernels only from this many elements (N*C*H*W of the
-# unit's input) on, and only channels_last: below it, and for NCHW input (which the fused unit copies
-# to channels_last and back), bench/unit_cpu.py measured the whole unit's training step slower than
-# eager (notes/cpp_ops.md, "auto on CPU tensors").
-CPU_AUTO_MIN_ELEMENTS = 1 << 19
+# "auto" runs a CPU tensor with the C++ CPU kernels only when it is channels_last (the fused unit
+# copies NCHW input to channels_last and back) and has at least this many elements (N*C*H*W of the
+# unit's input); None: never. bench/unit_cpu.py measured the whole unit's training step, fused against
+# eager, at 2k to 2M elements (basic and bottleneck units, 16 to 256 channels, float32 and bf16
+# autocast) on the 2-core dev VM: no size at which the fused step was reliably not slower (quiet runs
+# 0.48-1.00x in float32; the few wins of 1.2-1.6x did not repeat; notes/cpp_ops.md, "auto on CPU
+# tensors"), so "auto" runs CPU tensors eager; backend="cuda" runs the C++ CPU kernels.
+CPU_AUTO_MIN_ELEMENTS: Optional[int] = None
 
 @dataclass(frozen=True)
 class UnitBackend:
@@ -91,6 +94,9 @@ def slower_than_eager(name: str, x: torch.Tensor) -> Optional[str]:
     if name == "triton":
         return ("on CPU tensors the Triton kernels run in Triton's interpreter, far slower than eager "
                 "(backend='triton' runs them)")
+    if name == "cuda" and CPU_AUTO_MIN_ELEMENTS is None:
+        return ("the C++ extension's CPU kernels measured slower than eager on CPU tensors "
+                "(backend='cuda' runs them)")
     if name == "cuda" and (x.numel() < CPU_AUTO_MIN_ELEMENTS
                            or not x.is_contiguous(memory_format=torch.channels_last)):
         return (f"the C++ extension's CPU kernels measured slower than eager on CPU inputs under "
@@ -114,7 +120,7 @@ def describe_auto(x: torch.Tensor) -> str:
     rule when it applies."""
     for name in AUTO_ORDER:
         if unavailable_reason(name, x) is None:
-            if x.device.type == "cpu" and name == "cuda":
+            if x.device.type == "cpu" and name == "cuda" and CPU_AUTO_MIN_ELEMENTS is not None:
                 return (f"{describe_backend(name, x.device)} for channels_last inputs of at least "
                         f"{CPU_AUTO_MIN_ELEMENTS:,} elements, eager PyTorch below")
             if slower_than_eager(name, x) is None:

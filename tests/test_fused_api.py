@@ -102,19 +102,25 @@ def test_auto_on_cpu_takes_the_cpp_kernels_only_where_they_measured_not_slower(m
     if not _cpp_cpu_kernels_run():
         pytest.skip("the C++ extension is not built")
     monkeypatch.setattr(dispatch, "_warned", set())
-    limit = dispatch.CPU_AUTO_MIN_ELEMENTS
-    big = torch.empty(1, 64, limit // 64 // 8, 8).contiguous(memory_format=torch.channels_last)
-    small = torch.empty(1, 64, limit // 64 // 8 - 1, 8).contiguous(memory_format=torch.channels_last)
-    assert big.numel() >= limit > small.numel()
+    small = torch.empty(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    big = torch.empty(32, 64, 32, 32).contiguous(memory_format=torch.channels_last)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        for x in (small, big, big.contiguous()):
+            expected = "eager" if dispatch.slower_than_eager("cuda", x) else "cuda"
+            assert dispatch.resolve_backend("auto", x) == expected
+        # the size rule as a mechanism, at a limit of 2**19 elements
+        monkeypatch.setattr(dispatch, "CPU_AUTO_MIN_ELEMENTS", 1 << 19)
         assert dispatch.resolve_backend("auto", big) == "cuda"
         assert dispatch.resolve_backend("auto", small) == "eager"
         assert dispatch.resolve_backend("auto", big.contiguous()) == "eager"    # NCHW
         assert dispatch.resolve_backend("auto", small) == "eager"
     said = [str(w.message) for w in caught if "eager PyTorch path" in str(w.message)]
-    assert len(said) == 1 and "backend='cuda' runs them" in said[0], said   # said once
+    assert len(said) <= 2 and all("backend='cuda' runs them" in m for m in said), said   # once per rule
+    assert len([m for m in said if "under 524,288 elements" in m]) == 1, said
     # an explicit backend is always honored; synchronized units (sync_batch_stats) need a fused path
+    monkeypatch.setattr(dispatch, "CPU_AUTO_MIN_ELEMENTS", None)
+    assert dispatch.resolve_backend("auto", big) == "eager"
     assert dispatch.resolve_backend("cuda", small) == "cuda"
     assert dispatch.resolve_backend("auto", small, synchronized=True) == "cuda"
 
@@ -128,7 +134,7 @@ def test_messages_say_which_kernels_run():
     assert dispatch.describe_backend("cuda", "cuda") == "cuda backend: C++ extension, CUDA kernels"
     assert "interpreter" in dispatch.describe_backend("triton", "cpu")
     assert dispatch.describe_backend("eager", "cpu") == "eager PyTorch"
-    if _cpp_cpu_kernels_run():
+    if _cpp_cpu_kernels_run() and dispatch.CPU_AUTO_MIN_ELEMENTS is not None:
         assert dispatch.describe_auto(torch.empty(1, 16, 8, 8)).startswith(
             "cuda backend: C++ extension, CPU kernels for channels_last inputs of at least")
 
