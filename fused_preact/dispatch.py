@@ -38,9 +38,10 @@ AUTO_ORDER = ("cuda", "triton")
 # copies NCHW input to channels_last and back) and has at least this many elements (N*C*H*W of the
 # unit's input); None: never. bench/unit_cpu.py measured the whole unit's training step, fused against
 # eager, at 2k to 2M elements (basic and bottleneck units, 16 to 256 channels, float32 and bf16
-# autocast) on the 2-core dev VM: no size at which the fused step was reliably not slower (quiet runs
-# 0.48-1.00x in float32; the few wins of 1.2-1.6x did not repeat; notes/cpp_ops.md, "auto on CPU
-# tensors"), so "auto" runs CPU tensors eager; backend="cuda" runs the C++ CPU kernels.
+# autocast) on the 2-core dev VM: no size at which the fused step was reliably not slower (three quiet
+# runs, float32: mostly 0.8-0.99x, 0.48-1.30x in all, no win repeated; bf16: 0.64-0.99x;
+# notes/cpp_ops.md, "auto on CPU tensors"), so "auto" runs CPU tensors eager; backend="cuda" runs the
+# C++ CPU kernels.
 CPU_AUTO_MIN_ELEMENTS: Optional[int] = None
 
 @dataclass(frozen=True)
