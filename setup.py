@@ -126,7 +126,7 @@ def tell_installing_user(message: str) -> None:
     with -v), so the line also goes to the controlling terminal when there is one. The same reason
     is recorded in the build info, and `import fused_preact` warns with it."""
     notice(message)
-    if os.environ.get("PIP_BUILD_TRACKER"):   # run by pip, which holds our stdout and stderr
+    if os.environ.get("PIP_BUILD_TRACKER") or os.environ.get("PIP_REQ_TRACKER"):   # run by pip (new, old)
         try:
             with open("/dev/tty", "w", encoding="utf-8") as tty:
                 tty.write(f"fused-preact: {message}\n")

@@ -7,8 +7,9 @@ build is not an error here: ``available()`` says whether it loaded and
 The build writes ``_build_info.json`` beside the extension (setup.py): the torch it was compiled
 against, and whether its CUDA part was built. The extension is loaded only under that same torch
 (a C++ extension built against another torch fails to load, or crashes, in ways that name neither
-version). When building the CUDA part failed, importing the package warns once with the reason
-recorded at build time (pip shows no output of a build that succeeded).
+version): importing the package then warns once naming both versions, and the ``cuda`` backend
+says the same when asked for. When building the CUDA part failed, importing the package warns once
+with the reason recorded at build time (pip shows no output of a build that succeeded).
 """
 from __future__ import annotations
 
@@ -125,4 +126,18 @@ def warn_of_build_failure(info: Optional[dict] = None) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
-warn_of_build_failure()
+def warn_at_import() -> None:
+    """At ``import fused_preact``: one warning when a built extension lies here that will not be
+    loaded (built against another torch, or without a build record), else when its CUDA part failed
+    to build. Nothing without a build."""
+    if importlib.util.find_spec("fused_preact._C") is None:
+        return
+    info = build_info()
+    reason = mismatch(info)
+    if reason is not None:
+        warnings.warn(f"fused-preact: {reason}", RuntimeWarning, stacklevel=3)
+    else:
+        warn_of_build_failure(info)
+
+
+warn_at_import()

@@ -52,6 +52,11 @@ def probe(tmp_path_factory):
             "report['registered'] = hasattr(torch.ops.fused_preact_triton, 'conv_bnrelu')\n"
             "report['other_kernels'] = [m for m in sys.modules if m == 'kernels' or m.startswith('kernels.')]\n"
             f"_extension.BUILD_INFO = {str(info)!r}\n"
+            "import warnings\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    _extension.warn_at_import()\n"
+            "report['import_warning'] = [str(w.message) for w in caught]\n"
             "report['available'] = _extension.available()\n"
             "report['so_loaded'] = 'fused_preact._C' in sys.modules\n"
             "report['reason'] = _extension.unavailable_reason()\n"
@@ -68,7 +73,10 @@ def test_fused_preact_finds_its_own_kernels_past_an_unrelated_top_level_kernels(
 
 
 def test_extension_built_against_another_torch_refuses_to_load_naming_both(probe):
+    if not _extension.available():
+        pytest.skip(f"no built extension here: {_extension.unavailable_reason()}")
     assert not probe["available"] and not probe["so_loaded"], "the .so was loaded"
+    assert len(probe["import_warning"]) == 1 and "built against torch 2.4.0+cu121" in probe["import_warning"][0]
     assert "built against torch 2.4.0+cu121 (CUDA 12.1)" in probe["reason"]
     assert f"this is torch {torch.__version__} (CUDA {torch.version.cuda})" in probe["reason"]
     assert "pip install -e ." in probe["reason"]
