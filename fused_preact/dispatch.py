@@ -147,8 +147,8 @@ def resolve_backend(requested: str, x: torch.Tensor, *, synchronized: bool = Fal
                 if reason is None:
                     return name
             reasons.append(f"{name}: {reason}")
-        message = ("fused-preact: 'auto' runs this input with the eager PyTorch path, as no fused kernel "
-                   "can run it faster (" + "; ".join(reasons) + ")")
+        message = ("fused-preact: 'auto' runs this input on the eager PyTorch path: no fused kernel runs it "
+                   "faster, or at all (" + "; ".join(reasons) + ")")
         # warn from eager code only: a warning would break a torch.compile(fullgraph=True) graph
         if message not in _warned and not torch.compiler.is_compiling():
             _warned.add(message)
