@@ -213,7 +213,7 @@ def _fused_operator(contender: str):
     namespace = OP_NAMESPACE[contender]
     try:
         if contender == "fused-triton":
-            importlib.import_module("kernels.ops")
+            importlib.import_module("fused_preact.kernels.ops")
         else:
             from fused_preact import _extension
             if not _extension.available():

@@ -3,19 +3,56 @@
 Importing the module registers the ``torch.ops.fused_preact`` operators. A missing
 build is not an error here: ``available()`` says whether it loaded and
 ``unavailable_reason()`` why not; callers that need it raise with that reason.
+
+The build writes ``_build_info.json`` beside the extension (setup.py): the torch it was compiled
+against, and whether its CUDA part was built. The extension is loaded only under that same torch
+(a C++ extension built against another torch fails to load, or crashes, in ways that name neither
+version): importing the package then warns once naming both versions, and the ``cuda`` backend
+says the same when asked for. When building the CUDA part failed, importing the package warns once
+with the reason recorded at build time (pip shows no output of a build that succeeded).
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
+import os
+import warnings
 from typing import Optional
 
 import torch  # the extension links against torch's libraries: load them first
 
 from . import cpu_instructions
 
+BUILD_INFO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")  # setup.py writes it
+REBUILD = "rebuild it: `pip install -e .` in a source checkout, else reinstall fused-preact"
+
 _module = None
 _reason: Optional[str] = None
 _tried = False
+
+
+def build_info() -> Optional[dict]:
+    """What the build recorded (``torch``, ``torch_cuda``, ``cuda``, ``cuda_not_built``,
+    ``cuda_failure``), or None when there is no record."""
+    try:
+        with open(BUILD_INFO, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def mismatch(info: Optional[dict]) -> Optional[str]:
+    """Why a built extension with build record ``info`` must not be loaded under this torch."""
+    if info is None:
+        return (f"the C++ extension fused_preact._C has no build record ({BUILD_INFO} is missing: built "
+                f"by an older setup.py?), so the torch it was built against is unknown; {REBUILD}")
+    built = f"{info.get('torch')} (CUDA {info.get('torch_cuda')})"
+    running = f"{torch.__version__} (CUDA {torch.version.cuda})"
+    if built != running:
+        return (f"the C++ extension fused_preact._C was built against torch {built} and this is torch "
+                f"{running}; {REBUILD}")
+    return None
 
 
 def load():
@@ -23,11 +60,17 @@ def load():
     global _module, _reason, _tried
     if not _tried:
         _tried = True
+        if importlib.util.find_spec("fused_preact._C") is None:
+            _reason = ("the C++ extension fused_preact._C is not built; build it with `pip install -e .` "
+                       "(in a source checkout)")
+            return None
+        _reason = mismatch(build_info())
+        if _reason is not None:
+            return None
         try:
             module = importlib.import_module("fused_preact._C")
         except ImportError as error:
-            _reason = (f"the C++ extension fused_preact._C is not built ({error}); "
-                       "run `pip install --no-build-isolation -e .`")
+            _reason = f"the C++ extension fused_preact._C does not load ({error}); {REBUILD}"
         else:
             missing = cpu_instructions.missing_flags(str(torch.ops.fused_preact.cpu_simd()))
             if missing:
@@ -68,3 +111,33 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not available():
         raise RuntimeError(f"batch_stats needs the C++ extension: {_reason}")
     return torch.ops.fused_preact.batch_stats(x)
+
+
+def warn_of_build_failure(info: Optional[dict] = None) -> None:
+    """One warning when the build record (default: this build's) says that the CUDA part failed to
+    build and the CPU part was built alone. A deliberate CPU-only build (FUSED_PREACT_CUDA=0, a CPU
+    torch, no toolkit) is quiet."""
+    info = build_info() if info is None else info
+    failure = info and info.get("cuda_failure")
+    if failure:
+        warnings.warn(f"fused-preact: the C++ extension was built without its CUDA part: {failure}. "
+                      "It runs CPU tensors only; fix the toolkit and rebuild (FUSED_PREACT_CUDA=1 makes "
+                      "this a build error, FUSED_PREACT_CUDA=0 builds the CPU part alone on purpose)",
+                      RuntimeWarning, stacklevel=3)
+
+
+def warn_at_import() -> None:
+    """At ``import fused_preact``: one warning when a built extension lies here that will not be
+    loaded (built against another torch, or without a build record), else when its CUDA part failed
+    to build. Nothing without a build."""
+    if importlib.util.find_spec("fused_preact._C") is None:
+        return
+    info = build_info()
+    reason = mismatch(info)
+    if reason is not None:
+        warnings.warn(f"fused-preact: {reason}", RuntimeWarning, stacklevel=3)
+    else:
+        warn_of_build_failure(info)
+
+
+warn_at_import()

@@ -89,16 +89,18 @@ def main(argv=None) -> None:
     print(f"pre-act ResNet-{args.depth} (CIFAR-10): {len(units)} bottleneck units, {params:,} parameters, "
           f"device {device}, torch {torch.__version__}")
 
-    # one unit of stage 1 at its real shape: 64 channels, 32x32
-    eager = PreActBottleneck(64, 64).to(device)
-    fused = FusedPreActBottleneck(64, 64, backend="auto").to(device)
-    fused.load_state_dict(eager.state_dict())
-    # channels_last, as between the units of a converted model (an NCHW input costs the fused unit
-    # a layout copy on the way in and one on the way back)
+    # one unit of stage 1 at its real shape: 64 channels, 32x32, channels_last, as between the units
+    # of a converted model (an NCHW input costs the fused unit a layout copy on the way in and one on
+    # the way back). The demo runs the first fused backend that can run it, whether or not "auto"
+    # would pick it at this size, and says what "auto" picks.
     x = torch.randn(args.batch, 64, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    backend = dispatch.available_backends(x)[0]
+    eager = PreActBottleneck(64, 64).to(device)
+    fused = FusedPreActBottleneck(64, 64, backend=backend).to(device)
+    fused.load_state_dict(eager.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        backend = dispatch.resolve_backend("auto", x)
+        auto = dispatch.resolve_backend("auto", x)
         fused_out = _train_step(fused, x)
         eager_out = _train_step(eager, x)
         exact_out = _float64_step(eager, x)
@@ -109,15 +111,18 @@ def main(argv=None) -> None:
     reference = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        convert_to_fused(model)
+        convert_to_fused(model, backend=backend)
         images = torch.randn(args.batch, 3, 32, 32, device=device)
         model_out = _train_step(model, images)
     reference_out = _train_step(reference, images)
     model_exact_out = _float64_step(reference, images)
 
-    print(f"\nbackend chosen by 'auto': {backend}"
-          + ("" if backend != "eager" else "  (no fused kernel can run here yet: "
-             + "; ".join(f"{n}: {dispatch.unavailable_reason(n, x)}" for n in dispatch.AUTO_ORDER) + ")"))
+    why_eager = "; ".join(f"{n}: {dispatch.unavailable_reason(n, x) or dispatch.slower_than_eager(n, x)}"
+                          for n in dispatch.AUTO_ORDER)
+    print(f"\nfused units run: {dispatch.describe_backend(backend, device)}"
+          + ("" if backend != "eager" else f"  (no fused kernel can run here: {why_eager})"))
+    print(f"backend='auto' on this input runs: {dispatch.describe_backend(auto, device)}"
+          + ("" if auto != "eager" or backend == "eager" else f"  ({why_eager})"))
     rows = [("unit output", [fused_out[0]], [eager_out[0]], [exact_out[0]]),
             ("unit input gradient", [fused_out[1]], [eager_out[1]], [exact_out[1]]),
             ("unit parameter gradients", fused_out[2], eager_out[2], exact_out[2]),
@@ -135,7 +140,8 @@ def main(argv=None) -> None:
         print(line)
     print(f"\nunit forward+backward, batch {args.batch}, 64x32x32 channels_last, median of {args.repeats}:")
     print(f"  {'eager PyTorch':<19}{eager_ms:9.2f} ms")
-    print(f"  {f'fused ({backend})':<19}{fused_ms:9.2f} ms   speed-up {eager_ms / fused_ms:.2f}x")
+    label = f"fused ({backend}{', CPU' if device.type == 'cpu' and backend != 'eager' else ''})"
+    print(f"  {label:<19}{fused_ms:9.2f} ms   speed-up {eager_ms / fused_ms:.2f}x")
 
 
 if __name__ == "__main__":

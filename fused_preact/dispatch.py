@@ -12,8 +12,11 @@ Nothing outside this module touches ``kernels/`` or the extension's kernels.
   tensors when built with CUDA, and CPU tensors through its C++ CPU kernels.
 
 ``"auto"`` takes the first backend that can run the input, in the order of
-``AUTO_ORDER``, and otherwise the eager path with a single warning that says why
-no kernel could run.
+``AUTO_ORDER``, and is not slower than eager there, and otherwise the eager path with a
+single warning that says why. On CPU tensors that excludes Triton's interpreter (a
+correctness tool, far slower than eager) and the C++ CPU kernels outside the sizes where
+``bench/unit_cpu.py`` measured them not slower than eager (``CPU_AUTO_MIN_ELEMENTS``:
+none so far, figures in ``notes/cpp_ops.md``). An explicit backend always runs as asked.
 """
 from __future__ import annotations
 
@@ -31,6 +34,15 @@ from .unit_ops import OPERATORS
 
 BACKENDS = ("auto", "triton", "cuda", "eager")
 AUTO_ORDER = ("cuda", "triton")
+# "auto" runs a CPU tensor with the C++ CPU kernels only when it is channels_last (the fused unit
+# copies NCHW input to channels_last and back) and has at least this many elements (N*C*H*W of the
+# unit's input); None: never. bench/unit_cpu.py measured the whole unit's training step, fused against
+# eager, at 2k to 2M elements (basic and bottleneck units, 16 to 256 channels, float32 and bf16
+# autocast) on the 2-core dev VM: no size at which the fused step was reliably not slower (three quiet
+# runs, float32: mostly 0.8-0.99x, 0.48-1.30x in all, no win repeated; bf16: 0.64-0.99x;
+# notes/cpp_ops.md, "auto on CPU tensors"), so "auto" runs CPU tensors eager; backend="cuda" runs the
+# C++ CPU kernels.
+CPU_AUTO_MIN_ELEMENTS: Optional[int] = None
 
 @dataclass(frozen=True)
 class UnitBackend:
@@ -75,11 +87,55 @@ def available_backends(x: torch.Tensor) -> list[str]:
     return [n for n in AUTO_ORDER if unavailable_reason(n, x) is None] + ["eager"]
 
 
-def resolve_backend(requested: str, x: torch.Tensor) -> str:
+def slower_than_eager(name: str, x: torch.Tensor) -> Optional[str]:
+    """Why ``"auto"`` leaves backend ``name`` out for input ``x`` although it can run it (it measured
+    slower than eager there); ``None`` when it does not."""
+    if x.device.type != "cpu":
+        return None
+    if name == "triton":
+        return ("on CPU tensors the Triton kernels run in Triton's interpreter, far slower than eager "
+                "(backend='triton' runs them)")
+    if name == "cuda" and CPU_AUTO_MIN_ELEMENTS is None:
+        return ("the C++ extension's CPU kernels measured slower than eager on CPU tensors "
+                "(backend='cuda' runs them)")
+    if name == "cuda" and (x.numel() < CPU_AUTO_MIN_ELEMENTS
+                           or not x.is_contiguous(memory_format=torch.channels_last)):
+        return (f"the C++ extension's CPU kernels measured slower than eager on CPU inputs under "
+                f"{CPU_AUTO_MIN_ELEMENTS:,} elements or not channels_last (backend='cuda' runs them)")
+    return None
+
+
+def describe_backend(name: str, device) -> str:
+    """What runs when backend ``name`` runs a tensor on ``device``, in words (for messages)."""
+    check_backend(name)
+    cpu = torch.device(device).type == "cpu"
+    if name == "cuda":
+        return f"cuda backend: C++ extension, {'CPU' if cpu else 'CUDA'} kernels"
+    if name == "triton":
+        return "triton backend: Triton kernels" + (" in Triton's interpreter on the CPU" if cpu else " on the GPU")
+    return "eager PyTorch" if name == "eager" else "auto: chosen per input"
+
+
+def describe_auto(x: torch.Tensor) -> str:
+    """What ``"auto"`` runs for inputs like ``x`` (its device and dtype), in words, with the CPU size
+    rule when it applies."""
+    for name in AUTO_ORDER:
+        if unavailable_reason(name, x) is None:
+            if x.device.type == "cpu" and name == "cuda" and CPU_AUTO_MIN_ELEMENTS is not None:
+                return (f"{describe_backend(name, x.device)} for channels_last inputs of at least "
+                        f"{CPU_AUTO_MIN_ELEMENTS:,} elements, eager PyTorch below")
+            if slower_than_eager(name, x) is None:
+                return describe_backend(name, x.device)
+    return describe_backend("eager", x.device)
+
+
+def resolve_backend(requested: str, x: torch.Tensor, *, synchronized: bool = False) -> str:
     """The concrete backend that runs ``x`` for a unit built with ``backend=requested``.
 
-    An explicit backend that cannot run raises; ``"auto"`` falls back to eager
-    with one warning per distinct reason.
+    An explicit backend that cannot run raises; ``"auto"`` falls back to eager with one warning
+    per distinct reason. ``synchronized``: the unit's BN statistics are synchronized across
+    processes (``sync_batch_stats``), which only the fused path does, so "auto" then takes any
+    fused backend that can run, slower or not.
     """
     check_backend(requested)
     if requested == "auto":
@@ -87,10 +143,12 @@ def resolve_backend(requested: str, x: torch.Tensor) -> str:
         for name in AUTO_ORDER:
             reason = unavailable_reason(name, x)
             if reason is None:
-                return name
+                reason = None if synchronized else slower_than_eager(name, x)
+                if reason is None:
+                    return name
             reasons.append(f"{name}: {reason}")
-        message = ("fused-preact: no fused kernel can run this input, so fused units run the eager "
-                   "PyTorch path (" + "; ".join(reasons) + ")")
+        message = ("fused-preact: 'auto' runs this input on the eager PyTorch path: no fused kernel runs it "
+                   "faster, or at all (" + "; ".join(reasons) + ")")
         # warn from eager code only: a warning would break a torch.compile(fullgraph=True) graph
         if message not in _warned and not torch.compiler.is_compiling():
             _warned.add(message)
@@ -116,7 +174,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 @torch.compiler.assume_constant_result   # evaluated once while tracing, never traced into
 def _triton_import_error() -> Optional[str]:
     try:
-        importlib.import_module("kernels.ops")   # imports triton, registers torch.ops.fused_preact_triton
+        importlib.import_module("fused_preact.kernels.ops")   # imports triton, registers torch.ops.fused_preact_triton
     except ImportError as error:
         return f"the Triton kernels cannot be imported ({error})"
     return None
@@ -124,7 +182,7 @@ def _triton_import_error() -> Optional[str]:
 
 @torch.compiler.assume_constant_result
 def _triton_interpreting() -> bool:
-    return importlib.import_module("kernels.runtime").interpreting()
+    return importlib.import_module("fused_preact.kernels.runtime").interpreting()
 
 
 def _triton_unavailable(x: torch.Tensor) -> Optional[str]:

@@ -32,7 +32,9 @@ class _FusedUnitMixin:
         returns ``(y, partials of y)`` for the next one (``None`` when not computed)."""
         check_unit_input(x, self.in_channels, type(self).__name__)
         # an empty batch does what eager does (kernels need rows): no kernel runs it
-        name = dispatch.resolve_backend(self.backend, x) if x.numel() else "eager"
+        name = dispatch.resolve_backend(self.backend, x,
+                                        synchronized=getattr(self, "stats_group", None) is not None) \
+            if x.numel() else "eager"
         if name == "eager":
             y, stats = super().forward(x), None
         else:

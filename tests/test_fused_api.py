@@ -76,20 +76,67 @@ def test_explicit_backend_that_cannot_run_says_why(backend):
         unit(torch.randn(1, 4, 8, 8))
 
 
-def test_auto_falls_back_to_eager_with_one_warning():
+def test_auto_falls_back_to_eager_with_one_warning(monkeypatch):
+    # a small CPU input: no fused backend runs it faster than eager (not built, Triton's interpreter,
+    # or the C++ CPU kernels below their size rule)
+    monkeypatch.setattr(dispatch, "_warned", set())   # what earlier tests had said
     x = torch.randn(2, 8, 6, 6)
-    if dispatch.available_backends(x) != ["eager"]:
-        pytest.skip("a fused backend can run here")
     unit = FusedPreActBottleneck(8, 8)
     reference = PreActBottleneck(8, 8)
     reference.load_state_dict(unit.state_dict())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        assert dispatch.resolve_backend("auto", x) == "eager"
         y = unit(x)
         unit(x)
         FusedPreActBlock(8, 8)(x)
     assert len([w for w in caught if "eager PyTorch path" in str(w.message)]) == 1
     torch.testing.assert_close(y, reference(x))
+
+
+def _cpp_cpu_kernels_run():
+    return dispatch.unavailable_reason("cuda", torch.empty(1, 4, 2, 2)) is None
+
+
+def test_auto_on_cpu_takes_the_cpp_kernels_only_where_they_measured_not_slower(monkeypatch):
+    if not _cpp_cpu_kernels_run():
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setattr(dispatch, "_warned", set())
+    small = torch.empty(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    big = torch.empty(32, 64, 32, 32).contiguous(memory_format=torch.channels_last)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x in (small, big, big.contiguous()):
+            expected = "eager" if dispatch.slower_than_eager("cuda", x) else "cuda"
+            assert dispatch.resolve_backend("auto", x) == expected
+        # the size rule as a mechanism, at a limit of 2**19 elements
+        monkeypatch.setattr(dispatch, "CPU_AUTO_MIN_ELEMENTS", 1 << 19)
+        assert dispatch.resolve_backend("auto", big) == "cuda"
+        assert dispatch.resolve_backend("auto", small) == "eager"
+        assert dispatch.resolve_backend("auto", big.contiguous()) == "eager"    # NCHW
+        assert dispatch.resolve_backend("auto", small) == "eager"
+    said = [str(w.message) for w in caught if "eager PyTorch path" in str(w.message)]
+    assert len(said) <= 2 and all("backend='cuda' runs them" in m for m in said), said   # once per rule
+    assert len([m for m in said if "under 524,288 elements" in m]) == 1, said
+    # an explicit backend is always honored; synchronized units (sync_batch_stats) need a fused path
+    monkeypatch.setattr(dispatch, "CPU_AUTO_MIN_ELEMENTS", None)
+    assert dispatch.resolve_backend("auto", big) == "eager"
+    assert dispatch.resolve_backend("cuda", small) == "cuda"
+    assert dispatch.resolve_backend("auto", small, synchronized=True) == "cuda"
+
+
+def test_auto_never_picks_the_triton_interpreter_for_cpu_tensors():
+    assert "interpreter" in dispatch.slower_than_eager("triton", torch.empty(64, 64, 64, 64))
+
+
+def test_messages_say_which_kernels_run():
+    assert dispatch.describe_backend("cuda", "cpu") == "cuda backend: C++ extension, CPU kernels"
+    assert dispatch.describe_backend("cuda", "cuda") == "cuda backend: C++ extension, CUDA kernels"
+    assert "interpreter" in dispatch.describe_backend("triton", "cpu")
+    assert dispatch.describe_backend("eager", "cpu") == "eager PyTorch"
+    if _cpp_cpu_kernels_run() and dispatch.CPU_AUTO_MIN_ELEMENTS is not None:
+        assert dispatch.describe_auto(torch.empty(1, 16, 8, 8)).startswith(
+            "cuda backend: C++ extension, CPU kernels for channels_last inputs of at least")
 
 
 def test_fused_unit_checks_its_input():

@@ -19,12 +19,12 @@ import torch
 
 import reference_ops
 from gpu_code import ARCHS, assert_no_spills, compile_triton
-from kernels import bn_backward_finish as finish_module
-from kernels import bn_finalize as finalize_module
-from kernels import channel_stats as stats_module
-from kernels.bn_backward_finish import bn_backward_finish
-from kernels.bn_finalize import bn_finalize
-from kernels.channel_stats import channel_stats, partial_rows
+from fused_preact.kernels import bn_backward_finish as finish_module
+from fused_preact.kernels import bn_finalize as finalize_module
+from fused_preact.kernels import channel_stats as stats_module
+from fused_preact.kernels.bn_backward_finish import bn_backward_finish
+from fused_preact.kernels.bn_finalize import bn_finalize
+from fused_preact.kernels.channel_stats import channel_stats, partial_rows
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.conv_bnrelu_fwd import STATS_ROWS, conv_bnrelu_fwd, stats_rows
-from kernels.conv_dgrad import conv_dgrad
-from kernels.conv_wgrad import conv_wgrad
-from kernels.runtime import interpreting
+from fused_preact.kernels.conv_bnrelu_fwd import STATS_ROWS, conv_bnrelu_fwd, stats_rows
+from fused_preact.kernels.conv_dgrad import conv_dgrad
+from fused_preact.kernels.conv_wgrad import conv_wgrad
+from fused_preact.kernels.runtime import interpreting
 from fused_preact.unit_ops import conv_output_size
 from tests import reference_ops as ref
 

@@ -27,7 +27,7 @@ import pytest
 from tests.gpu_code import ARCHS, assert_no_spills, assert_tensor_cores, sass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ("kernels.conv_bnrelu_fwd", "kernels.conv_dgrad", "kernels.conv_wgrad")
+MODULES = ("fused_preact.kernels.conv_bnrelu_fwd", "fused_preact.kernels.conv_dgrad", "fused_preact.kernels.conv_wgrad")
 
 
 def _all_variants():

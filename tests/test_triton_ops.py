@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-import kernels.ops  # noqa: F401  (registers the operators)
+import fused_preact.kernels.ops  # noqa: F401  (registers the operators)
 import reference_ops
 from fused_preact.unit_ops import OPERATORS, SCHEMAS
 
@@ -142,9 +142,10 @@ def test_fake_partial_rows_match_the_kernels():
 
 
 def test_importing_the_registration_loads_no_kernel():
-    code = ("import sys, kernels.ops, torch; "
+    code = ("import sys, fused_preact.kernels.ops, torch; "
             "assert hasattr(torch.ops.fused_preact_triton, 'bn_finalize'); "
-            "loaded = [m for m in sys.modules if m.startswith('kernels.') and m not in ('kernels.ops',)]; "
+            "loaded = [m for m in sys.modules if m.startswith('fused_preact.kernels.') "
+            "and m != 'fused_preact.kernels.ops']; "
             "assert not loaded, loaded")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

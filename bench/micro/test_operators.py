@@ -37,7 +37,7 @@ def _operator(provider: str, op: str, device: str):
         pytest.skip("Triton on a CPU needs TRITON_INTERPRET=1")
     try:
         if provider == "triton":
-            importlib.import_module("kernels.ops")
+            importlib.import_module("fused_preact.kernels.ops")
         else:
             from fused_preact import _extension
             if not _extension.available():

@@ -14,11 +14,10 @@ from typing import Optional, Sequence
 from ..dispatch import BACKENDS
 from ..units import ACTIVATIONS, BOTTLENECK_STRIDE_ON, PROJECTIONS, SHORTCUTS
 from .imagenet_transforms import IMAGENET_AUGMENTS, parse_crop
+from .options import dataset_kind
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
 AMP_MODES = ("off", "bf16", "fp16")
-UNIT_OPTIONS = ("activation", "shortcut", "projection", "stride_on", "scale_shortcut", "scale_residual",
-                "gate_bias", "dropout")
 DEFAULTS = {   # dataset kind -> recipe values that depend on it
     "cifar": {"arch": "cifar_resnet110", "batch_size": 128, "iters": 64000, "milestones": (32000, 48000),
               "eval_batch_size": 1000, "image_size": 32},
@@ -125,10 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def dataset_kind(dataset: str) -> str:
-    return "imagenet" if dataset == "imagenet" else "cifar"
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parsed flags with the dataset-dependent defaults filled in; bad combinations exit with a message."""
     parser = build_parser()
@@ -178,11 +173,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if reason is not None:
             parser.error(reason)
     return args
-
-
-def unit_options(args: argparse.Namespace) -> dict:
-    """The unit variant flags that were given, as keyword arguments of ``create_model``."""
-    return {name: getattr(args, name) for name in UNIT_OPTIONS if getattr(args, name, None) is not None}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

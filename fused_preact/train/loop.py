@@ -31,9 +31,9 @@ from ..models import create_model
 from . import checkpoint, distributed, graph_step, plots, records
 from .augment import BatchAugment
 from .crop_eval import crop_errors
-from .cli import dataset_kind, unit_options
 from .data import IMAGENET_MEAN, IMAGENET_STD, channel_stats, imagenet_datasets, load_cifar, \
     num_classes_of, synthetic_images
+from .options import dataset_kind, unit_options
 from .signal_log import SignalRecorder
 from .streams import DeviceStream, LoaderStream, device_eval_batches, loader_eval_batches
 
@@ -207,11 +207,11 @@ class Trainer:
                 amp_dtype=self.amp_dtype, capture=self.device.type == "cuda")
 
     def backend_used(self) -> str:
-        """The backend that runs the fused units on this device and dtype."""
+        """What runs the fused units on this device and dtype, in words (which kernels, CPU or GPU)."""
         probe = torch.empty(1, 16, 8, 8, device=self.device, dtype=self.amp_dtype or torch.float32)
         if self.args.backend != "auto":
-            return self.args.backend
-        return dispatch.available_backends(probe)[0]
+            return dispatch.describe_backend(self.args.backend, self.device)
+        return dispatch.describe_auto(probe)
 
     # -- state --------------------------------------------------------------
     def state(self, iteration: int) -> dict:
@@ -317,7 +317,7 @@ class Trainer:
         if p.main and not args.no_progress:
             from tqdm import tqdm
             progress = tqdm(total=self.total_iters, initial=start, unit="it", dynamic_ncols=True,
-                            desc=f"{args.arch} {self.backend_used()}")
+                            desc=f"{args.arch} {args.backend}")
         if p.main:
             print(f"{args.arch}: {self.parameters:,} parameters, backend {args.backend} "
                   f"(runs {self.backend_used()}), {self.total_iters} iterations of {args.batch_size} images, "
