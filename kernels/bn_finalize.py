@@ -67,9 +67,12 @@ def _bn_finalize_kernel(
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < channels
     acc_dtype = tl.float64 if FP64 else tl.float32
-    if not FP64:   # momentum and eps come as float64; BatchNorm's float32 kernels round them
-        momentum = tl.cast(momentum, tl.float32)
-        eps = tl.cast(eps, tl.float32)
+    # momentum and eps come as float64; BatchNorm's float32 kernels round them to float32.
+    # tl.full, not an assignment or tl.cast: Triton's interpreter passes a scalar argument as a
+    # Python float and turns `x = <Python float>` (and cast's input) into a float32 tensor,
+    # which rounded momentum to 0.1f in the float64 running-statistic update.
+    momentum = tl.full([1], momentum, acc_dtype)
+    eps = tl.full([1], eps, acc_dtype)
 
     # Everything below is relative to `origin`, the count-weighted mean of the first block: for
     # nearby values `pmean - origin` is exact, and the merged offset is a small, precise number.

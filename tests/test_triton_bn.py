@@ -222,6 +222,32 @@ def test_bn_finalize_follows_batchnorm2d_over_several_steps(momentum):
     assert bn.num_batches_tracked.item() == batches.item() == 4
 
 
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_bn_finalize_float64_running_statistics_follow_batchnorm2d(momentum):
+    """Float64 running statistics as nn.BatchNorm2d's to float64 rounding (1e-14), from random
+    running statistics so that both terms of the update count; 17 channels: two programs, one
+    partly masked. Momentum 0.1 must keep all its 53 bits (rounded to 0.1f the update is off by
+    about 2e-8); momentum=None averages with 1, 1/2, 1/3."""
+    channels = 17
+    bn = torch.nn.BatchNorm2d(channels, momentum=momentum).to(DEVICE).double().requires_grad_(False)
+    bn.weight.uniform_(0.5, 1.5)
+    bn.bias.uniform_(-0.5, 0.5)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 1.5)
+    running_mean, running_var = bn.running_mean.clone(), bn.running_var.clone()
+    batches = torch.zeros((), dtype=torch.long, device=DEVICE)
+    for step in range(3):
+        x = 0.5 + 1.5 * torch.randn(2, channels, 3, 5, dtype=torch.float64, device=DEVICE)
+        bn(x)
+        batches += 1   # as BatchNorm2d.forward, before the statistics are used
+        partials = channel_stats(x.permute(0, 2, 3, 1).contiguous())
+        bn_finalize(*partials, bn.weight, bn.bias, running_mean, running_var, batches,
+                    -1.0 if momentum is None else momentum, bn.eps)
+        assert running_mean.dtype == running_var.dtype == torch.float64
+        _close(running_mean, bn.running_mean, 1e-14, f"step {step}: running_mean")
+        _close(running_var, bn.running_var, 1e-14, f"step {step}: running_var")
+
 def test_bn_finalize_reads_nothing_back_to_the_host(monkeypatch):
     """No .item() / bool(tensor) / .tolist() / .cpu(): a training step stays capturable in a CUDA graph."""
     partials = _random_partials(300, 17)
