@@ -40,7 +40,7 @@ def _weights(out):
     return torch.load(out / "checkpoint.pt", weights_only=False)
 
 
-def test_two_epochs_learn_and_write_every_output(data, tmp_path):
+def test_two_epochs_learn_and_write_every_output(data, tmp_path, capsys):
     metrics = main(_argv(data, tmp_path, "--epochs", "2", "--log-signal", "--log-signal-every", "5"))
     losses = [loss for _, loss in metrics["train_curve"]]
     assert len(losses) == 2 * ITERS_PER_EPOCH // 2
@@ -54,6 +54,8 @@ def test_two_epochs_learn_and_write_every_output(data, tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["backend"] == "eager" and saved["peak_memory_bytes"] > 0 and saved["wall_time_s"] > 0
     assert saved["git_commit"] is None or len(saved["git_commit"]) >= 40
+    assert saved["units_fused"] == [3, 3]   # cifar_resnet8: one full pre-activation unit per stage
+    assert "convert_to_fused: 3 of 3 residual units fused" in capsys.readouterr().out
 
     # signal: every unit's input norm and gradient norm at iterations 1, 6 and 11
     signal_rows = list(csv.DictReader(open(tmp_path / "signal.csv")))
@@ -63,9 +65,12 @@ def test_two_epochs_learn_and_write_every_output(data, tmp_path):
     assert all(float(r["x_norm"]) > 0 and 0 < float(r["grad_norm"]) < math.inf for r in signal_rows)
 
 
-def test_log_signal_works_with_other_unit_variants(data, tmp_path):
+def test_log_signal_works_with_other_unit_variants(data, tmp_path, capsys, recwarn):
     metrics = main(_argv(data, tmp_path, "--iters", "2", "--activation", "original",
                          "--shortcut", "exclusive_gating", "--log-signal", "--log-signal-every", "1"))
+    # the units that have no fused form are named in the start line, not in a stray warning
+    assert "0 of 3 residual units fused; left eager: ResidualUnit x3" in capsys.readouterr().out
+    assert not [w for w in recwarn if "convert_to_fused" in str(w.message)]
     rows = list(csv.DictReader(open(tmp_path / "signal.csv")))
     assert len(rows) == 2 * 3 and all(float(r["grad_norm"]) > 0 for r in rows)
     assert metrics["iterations"] == 2

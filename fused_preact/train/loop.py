@@ -17,6 +17,7 @@ import os
 import resource
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -177,7 +178,10 @@ class Trainer:
         args, flags = self.args, self.model_flags()
         torch.manual_seed(args.seed)   # the same initial weights in every process
         model = create_model(flags.arch, num_classes=num_classes_of(flags.dataset), **unit_options(flags))
-        model = convert_to_fused(model, args.backend).to(self.device)
+        with warnings.catch_warnings():   # the start line says it, in this run's own words
+            warnings.filterwarnings("ignore", message="convert_to_fused:", category=RuntimeWarning)
+            model, self.conversion = convert_to_fused(model, args.backend, return_report=True)
+        model = model.to(self.device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.resumed is not None:
@@ -322,6 +326,7 @@ class Trainer:
             print(f"{args.arch}: {self.parameters:,} parameters, backend {args.backend} "
                   f"(runs {self.backend_used()}), {self.total_iters} iterations of {args.batch_size} images, "
                   f"{p.world_size} process(es) on {self.device.type}", flush=True)
+            print(self.conversion.summary(), flush=True)
 
         losses, wrongs = [], []
         epoch_loss, epoch_wrong, epoch_count = 0.0, 0.0, 0
@@ -443,7 +448,8 @@ class Trainer:
             test_loss, test_error = self.evaluate()
         metrics = {
             "dataset": args.dataset, "arch": args.arch, "unit_options": unit_options(args),
-            "backend": args.backend, "backend_used": self.backend_used(), "amp": args.amp,
+            "backend": args.backend, "backend_used": self.backend_used(),
+            "units_fused": [self.conversion.num_fused, self.conversion.num_units], "amp": args.amp,
             "channels_last": args.channels_last, "compile": args.compile, "cuda_graph": self.cuda_graph,
             "world_size": p.world_size,
             "iterations": it, "batch_size": args.batch_size, "test_error": test_error,
@@ -475,7 +481,9 @@ class Trainer:
         flags = self.model_flags()
         metrics = {"dataset": args.dataset, "arch": flags.arch, "checkpoint": str(self.resume_path),
                    "iteration": self.resumed["iteration"], "backend": args.backend,
-                   "backend_used": self.backend_used(), "test_loss": test_loss, "test_error": test_error,
+                   "backend_used": self.backend_used(),
+                   "units_fused": [self.conversion.num_fused, self.conversion.num_units],
+                   "test_loss": test_loss, "test_error": test_error,
                    "peak_memory_bytes": _peak_memory(self.device), "git_commit": records.git_commit()}
         if getattr(args, "eval_crops", None):
             metrics["crop_errors"] = crop_errors(self, args.eval_crops)
