@@ -19,6 +19,15 @@ if hasattr(torch._functorch.config, "error_on_custom_op_aliasing"):
     torch._functorch.config.error_on_custom_op_aliasing = True
 
 
+@pytest.fixture
+def one_cpu_thread():
+    """The 2 CPU cores are shared: threads only slow small convs down here (whole training runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed_per_test(request):
     """Each test draws its own random inputs, reproducibly (seeded by its id)."""

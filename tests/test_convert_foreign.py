@@ -18,6 +18,7 @@ import foreign_models as fm
 from fused_preact import convert, convert_to_fused, dispatch, models
 from fused_preact.fused import FusedPreActBlock, FusedPreActBottleneck, _FusedUnitMixin
 from fused_preact.recognize import UnitMatch, recognize
+from comparisons import perturb_bn, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -36,22 +37,6 @@ FORMS = [
     ("fb bottleneck 1x1 raw", lambda: fm.fb_preresnet(11, "Bottleneck", base=2, stride_on="1x1"), 12,
      3, FusedPreActBottleneck, {"raw_projection"}),
 ]
-
-
-def _perturb_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
-    return model
-
-
-def _error(got, expected):
-    scale = expected.double().abs().max().clamp_min(1e-6)
-    return ((got.double() - expected.double()).abs().max() / scale).item()
 
 
 def _need(backend, x):
@@ -76,22 +61,22 @@ def _assert_same_step(reference, converted, x):
         (y * dy.to(y.device)).sum().backward()
         results.append((y.cpu(), xd.grad.cpu(), model.state_dict(keep_vars=True)))
     (y0, dx0, state0), (y1, dx1, state1) = results
-    assert _error(y1, y0) <= 1e-10, "output"
-    assert _error(dx1, dx0) <= 1e-10, "input gradient"
+    assert relative_error(y1, y0) <= 1e-10, "output"
+    assert relative_error(dx1, dx0) <= 1e-10, "input gradient"
     assert list(state1) == list(state0)
     for name, t0 in state0.items():
         t1 = state1[name]
         if isinstance(t0, nn.Parameter):
-            assert _error(t1.grad.cpu(), t0.grad) <= 1e-10, f"{name}.grad"
+            assert relative_error(t1.grad.cpu(), t0.grad) <= 1e-10, f"{name}.grad"
         elif t0.is_floating_point():
-            assert _error(t1.detach().cpu(), t0) <= 1e-10, name
+            assert relative_error(t1.detach().cpu(), t0) <= 1e-10, name
         else:
             assert torch.equal(t1.cpu(), t0), name
 
 
 @pytest.mark.parametrize("name,build,size,units,fused_class,shortcuts", FORMS, ids=[f[0] for f in FORMS])
 def test_converts_and_keeps_state(name, build, size, units, fused_class, shortcuts):
-    model = _perturb_bn(build().double())
+    model = perturb_bn(build().double())
     unconverted = copy.deepcopy(model)
     state = copy.deepcopy(model.state_dict())
     params = list(model.parameters())
@@ -126,7 +111,7 @@ def test_converts_and_keeps_state(name, build, size, units, fused_class, shortcu
 def test_converted_model_computes_the_same_in_float64(backend, name, build, size, units, fused_class, shortcuts):
     x = torch.randn(2, 3, size, size, dtype=torch.float64) * 1.5 + 0.3
     _need(backend, x.to(DEVICE))
-    model = _perturb_bn(build().double())
+    model = perturb_bn(build().double())
     reference = copy.deepcopy(model)
     convert_to_fused(model, backend=backend).to(DEVICE)
     assert len(_fused_units(model)) == units

@@ -24,12 +24,7 @@ from fused_preact.train.imagenet_transforms import PCALighting, eval_transform, 
 TINY = 3.2e-5       # 64,000 x 3.2e-5 = 2 iterations (one epoch of 256 images), milestones at 1 and 2, no warm-up
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import torch
 from fused_preact import dispatch, convert_to_fused
 from fused_preact.fused import FusedPreActBlock, FusedPreActBottleneck
 from fused_preact.models import cifar_resnet
+from comparisons import perturb_bn, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["triton", "cuda"]
@@ -46,24 +47,8 @@ def test_backend_runs_on_this_machine(backend):
     assert dispatch.unavailable_reason(backend, torch.randn(2, 4, 5, 5, device=DEVICE)) is None
 
 
-def _perturb_bn(module):
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
-    return module
-
-
-def _error(got, expected):
-    scale = expected.double().abs().max().clamp_min(1e-6)
-    return ((got.double() - expected.double()).abs().max() / scale).item()
-
-
 def _close(got, expected, dtype, what, eager_error=0.0):
-    error, bound = _error(got, expected), max(RELATIVE_TOL[dtype], 3 * eager_error)
+    error, bound = relative_error(got, expected), max(RELATIVE_TOL[dtype], 3 * eager_error)
     assert error <= bound, f"{what}: max error {error:.3g} relative to max |value| (bound {bound:.3g})"
 
 
@@ -94,13 +79,13 @@ def compare_with_float64_eager(fused_unit, x, dtype, autocast=False):
         eager_unit = copy.deepcopy(fused_unit).to(DEVICE)
         eager_unit.backend = "eager"
         eager_unit, xe, ye = run(eager_unit)
-        eager_error = {"output": _error(ye.cpu(), y64), "input gradient": _error(xe.grad.cpu(), x64.grad)}
+        eager_error = {"output": relative_error(ye.cpu(), y64), "input gradient": relative_error(xe.grad.cpu(), x64.grad)}
         eager_params = dict(eager_unit.named_parameters())
         for name, p in reference.named_parameters():
-            eager_error[name] = _error(eager_params[name].grad.cpu(), p.grad)
+            eager_error[name] = relative_error(eager_params[name].grad.cpu(), p.grad)
         eager_buffers = dict(eager_unit.named_buffers())
         for name, b in reference.named_buffers():
-            eager_error[name] = _error(eager_buffers[name].cpu(), b)
+            eager_error[name] = relative_error(eager_buffers[name].cpu(), b)
     unit, xd, y = run(fused_unit.to(DEVICE))
 
     _close(y.cpu(), y64, dtype, "output", eager_error.get("output", 0.0))
@@ -132,7 +117,7 @@ UNITS = [
 def test_unit_float32(backend, name, make, shape, train):
     x = torch.randn(shape) * 1.5 + 0.5
     _need(backend, x.to(DEVICE))
-    compare_with_float64_eager(_perturb_bn(make(backend)).train(train), x, torch.float32)
+    compare_with_float64_eager(perturb_bn(make(backend)).train(train), x, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -146,7 +131,7 @@ def test_unit_bfloat16_autocast(backend, name, make, shape, request):
                                                   strict=False))
     x = torch.randn(shape)
     _need(backend, x.to(DEVICE, torch.bfloat16))
-    compare_with_float64_eager(_perturb_bn(make(backend)), x, torch.bfloat16, autocast=True)
+    compare_with_float64_eager(perturb_bn(make(backend)), x, torch.bfloat16, autocast=True)
 
 
 RAW_PROJECTION_UNITS = [
@@ -166,7 +151,7 @@ def test_raw_input_projection_float64(backend, name, make, shape, train):
     running statistics included."""
     x = torch.randn(shape, dtype=torch.float64) * 1.5 + 0.5
     _need(backend, x.to(DEVICE))
-    unit = _perturb_bn(make(backend)).double().train(train)
+    unit = perturb_bn(make(backend)).double().train(train)
     reference = copy.deepcopy(unit)
     reference.backend = "eager"
     dy = None
@@ -183,7 +168,7 @@ def test_raw_input_projection_float64(backend, name, make, shape, train):
     for (name, p), q in zip(reference.named_parameters(), unit.parameters()):
         _close(q.grad.cpu(), p.grad, torch.float64, f"{name}.grad")
     for (name, b), c in zip(reference.named_buffers(), unit.buffers()):
-        assert _error(c.cpu(), b) <= RELATIVE_TOL[torch.float64], name
+        assert relative_error(c.cpu(), b) <= RELATIVE_TOL[torch.float64], name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -256,7 +241,7 @@ def test_whole_cifar_resnet_of_fused_units(backend):
     """A CIFAR ResNet-8 whose units run fused, chained statistics included, against float64 eager."""
     x = torch.randn(3, 3, 9, 9)
     _need(backend, x.to(DEVICE))
-    model = _perturb_bn(cifar_resnet(8, num_classes=7))
+    model = perturb_bn(cifar_resnet(8, num_classes=7))
     reference = copy.deepcopy(model).double()
     fused = convert_to_fused(model, backend=backend).to(DEVICE)
     x64 = x.double().requires_grad_(True)
@@ -282,7 +267,7 @@ def test_gradients_match_float64_finite_differences(backend):
     x = torch.randn(2, 3, 5, 5)
     dtype = torch.float64 if dispatch.unavailable_reason(backend, x.double().to(DEVICE)) is None else torch.float32
     _need(backend, x.to(DEVICE, dtype))
-    unit = _perturb_bn(FusedPreActBlock(3, 4, stride=2, backend=backend)).to(DEVICE, dtype)
+    unit = perturb_bn(FusedPreActBlock(3, 4, stride=2, backend=backend)).to(DEVICE, dtype)
     reference = copy.deepcopy(unit).cpu().double()
     reference.backend = "eager"
     dy = torch.randn(2, 4, 3, 3, dtype=torch.float64)

@@ -13,12 +13,7 @@ from fused_preact.train import distributed, graph_step, loop, main, parse_args
 BATCH = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def _argv(tmp_path, backend="eager", *extra):

@@ -16,13 +16,7 @@ from fused_preact.train import loop
 ITERS_PER_EPOCH = 6     # 96 training images, batch 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The 2 CPU cores are shared: threads only slow small convs down here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

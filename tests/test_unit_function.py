@@ -8,21 +8,9 @@ import torch
 import reference_ops
 from fused_preact.unit_function import run_fused_unit
 from fused_preact.units import PreActBlock, PreActBottleneck
+from comparisons import perturb_bn
 
 TOL = dict(rtol=1e-9, atol=1e-9)
-
-
-def _perturb_bn(unit):
-    """Non-trivial BN parameters and running statistics (never the init values)."""
-    with torch.no_grad():
-        for m in unit.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                if m.running_mean is not None:
-                    m.running_mean.uniform_(-0.3, 0.3)
-                    m.running_var.uniform_(0.5, 2.0)
-    return unit
 
 
 def run_both(unit, x, *, fused_ops=reference_ops):
@@ -68,14 +56,14 @@ UNITS = [
 @pytest.mark.parametrize("name,make,shape", UNITS, ids=[u[0] for u in UNITS])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_matches_eager_in_float64(name, make, shape, train):
-    unit = _perturb_bn(make().double()).train(train)
+    unit = perturb_bn(make().double()).train(train)
     x = torch.randn(shape, dtype=torch.float64) * 1.5 + 0.3
     assert_same(*run_both(unit, x))
 
 
 @pytest.mark.parametrize("momentum", [None, 0.3])
 def test_running_statistics_over_several_steps(momentum):
-    unit = _perturb_bn(PreActBlock(4, 4).double())
+    unit = perturb_bn(PreActBlock(4, 4).double())
     for m in unit.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = momentum
@@ -100,7 +88,7 @@ def test_without_running_statistics_uses_batch_statistics_in_eval():
 
 
 def test_chained_statistics_equal_a_fresh_pass():
-    first, second = PreActBlock(4, 4).double(), _perturb_bn(PreActBlock(4, 4).double())
+    first, second = PreActBlock(4, 4).double(), perturb_bn(PreActBlock(4, 4).double())
     x = torch.randn(3, 4, 7, 7, dtype=torch.float64) + 2
     y, stats = run_fused_unit(reference_ops, copy.deepcopy(first), x, want_stats=True)
     chained, _ = run_fused_unit(reference_ops, copy.deepcopy(second), y, stats_in=stats)
@@ -113,7 +101,7 @@ def test_chained_statistics_equal_a_fresh_pass():
 
 
 def test_nchw_input_and_autocast_dtypes():
-    unit = _perturb_bn(PreActBlock(4, 4))
+    unit = perturb_bn(PreActBlock(4, 4))
     x = torch.randn(2, 4, 7, 7)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_e = copy.deepcopy(unit)(x)
