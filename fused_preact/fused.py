@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
+from .unit_function import process_count
 from .units import PreActBlock, PreActBottleneck, check_unit_input
 
 
@@ -36,10 +37,23 @@ class _FusedUnitMixin:
                                         synchronized=getattr(self, "stats_group", None) is not None) \
             if x.numel() else "eager"
         if name == "eager":
+            self._check_eager_can_synchronize(x)
             y, stats = super().forward(x), None
         else:
             y, stats = dispatch.run_unit(name, self, x, stats_in, return_stats)
         return (y, stats) if return_stats else y
+
+    def _check_eager_can_synchronize(self, x: torch.Tensor) -> None:
+        """The eager path normalizes with local statistics only: refuse it where ``sync_batch_stats``
+        promised the global batch's, rather than train on silently unsynchronized BNs."""
+        group = getattr(self, "stats_group", None)
+        if group is None or not self.training or x.numel() == 0 or process_count(group) == 1:
+            return
+        raise RuntimeError(
+            f"{type(self).__name__}: its BN statistics are synchronized across processes (sync_batch_stats), "
+            f"which only the fused kernels do, but this input runs on the eager path (backend={self.backend!r}, "
+            f"x on {x.device}, {x.dtype}). Use a backend that runs it (backend='cuda' or 'triton'), or "
+            f"nn.SyncBatchNorm on eager units instead of sync_batch_stats.")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend}"

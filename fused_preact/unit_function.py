@@ -96,7 +96,8 @@ def unit_plan(unit: nn.Module) -> UnitPlan:
 
 
 # -- synchronized statistics ---------------------------------------------------
-def _world(group) -> int:
+def process_count(group) -> int:
+    """Processes in ``group`` (1 without an initialized process group)."""
     if group is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return 1
     return torch.distributed.get_world_size(group)
@@ -110,7 +111,7 @@ def _gather_partials(partials: Partials, group) -> Partials:
     mean = (pmean * pcount[:, None]).sum(0) / n
     m2 = pm2.sum(0) + (pcount[:, None] * (pmean - mean) ** 2).sum(0)
     local = torch.cat([mean, m2, n.reshape(1)]).to(dtype)
-    rows = [torch.empty_like(local) for _ in range(_world(group))]
+    rows = [torch.empty_like(local) for _ in range(process_count(group))]
     torch.distributed.all_gather(rows, local, group=group)
     table = torch.stack(rows)
     channels = mean.numel()
@@ -170,7 +171,7 @@ class FusedUnitFunction(torch.autograd.Function):
         n_triples = len(plan.kernel_sizes)
         triples = [params[6 * i:6 * i + 6] for i in range(n_triples)]
         shortcut_weight = params[6 * n_triples]
-        world = _world(group)
+        world = process_count(group)
 
         h = x
         partials = (in_pmean, in_pm2, in_pcount) if in_pmean is not None else None
@@ -241,7 +242,7 @@ class FusedUnitFunction(torch.autograd.Function):
         conv_weights = saved[5 * n:6 * n]
         bn_weights = saved[6 * n:7 * n]
         shortcut_weight = saved[7 * n]
-        world = _world(group)
+        world = process_count(group)
         x = inputs[0]
         dy = dy.contiguous()
 

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import reference_ops
 from fused_preact import sync_batch_stats
 from fused_preact.fused import FusedPreActBottleneck
+from fused_preact.units import PreActBottleneck
 from fused_preact.unit_function import run_fused_unit
 
 WORLD = 2
@@ -68,3 +69,19 @@ def test_needs_an_initialized_process_group():
         sync_batch_stats(unit)
     with pytest.raises(ValueError, match="no fused units"):
         sync_batch_stats(torch.nn.Linear(2, 2), process_group=object())
+
+
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+def test_the_eager_path_of_a_synchronized_unit_refuses_to_run_unsynchronized(backend, monkeypatch):
+    """An eager forward would normalize with this process's statistics only."""
+    from fused_preact import fused
+
+    monkeypatch.setattr(fused, "process_count", lambda group: WORLD)   # as if in a 2-process group
+    monkeypatch.setattr(fused.dispatch, "resolve_backend", lambda *args, **kwargs: "eager")
+    unit = FusedPreActBottleneck(8, 8, backend=backend)
+    sync_batch_stats(unit, process_group=object())
+    x = torch.randn(4, 8, 5, 5)
+    with pytest.raises(RuntimeError, match="synchronized across processes .*only the fused kernels"):
+        unit(x)
+    unit.eval()   # running statistics: nothing to synchronize, eager is exact
+    torch.testing.assert_close(unit(x), PreActBottleneck.forward(unit, x))
