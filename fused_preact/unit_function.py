@@ -40,6 +40,7 @@ two per-channel sums before finishing. BN weight and bias gradients stay local
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -47,7 +48,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unit_ops import conv_output_size
 
 Partials = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -145,13 +145,19 @@ DOUBLE_BACKWARD_MESSAGE = (
 
 
 def _first_order_backward(backward):
-    """``once_differentiable``, raising a message that names the way out when asked for a graph."""
-    once = torch.autograd.function.once_differentiable(backward)
+    """``once_differentiable`` with a message that names the way out: the backward runs under
+    no_grad, and only differentiating its outputs again (not a ``create_graph=True`` pass that
+    never goes back through them) raises ``DOUBLE_BACKWARD_MESSAGE``."""
+    from torch._C import _functions
 
+    @functools.wraps(backward)
     def wrapper(ctx, *grads):
-        if torch.is_grad_enabled():   # the backward runs under grad mode only for create_graph=True
-            raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
-        return once(ctx, *grads)
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled() or not any(g is not None and g.requires_grad for g in grads):
+            return outputs
+        error = _functions.DelayedError(DOUBLE_BACKWARD_MESSAGE.encode(), len(outputs))
+        return error(*[None if t is None else t.detach().requires_grad_() for t in outputs])
     return wrapper
 
 

@@ -284,8 +284,9 @@ def test_converted_foreign_model_double_backward_and_empty_batch():
     if not any(u.backend != "eager" for u in _fused_units(model)):
         pytest.skip("the C++ extension is not built")
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="backend='eager'"):
-        torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+        grad.square().sum().backward()   # a gradient penalty through the fused units
     empty = torch.randn(0, 3, 8, 8)   # the model's own head cannot take it (view(0, -1)): its units can
 
     def trunk(net):
@@ -319,3 +320,21 @@ def test_own_unit_keeps_its_own_hooks_through_the_class_change():
     assert fused is unit and isinstance(unit, FusedPreActBlock)
     unit(torch.randn(2, 4, 5, 5))
     assert seen == [(2, 4, 5, 5)]
+
+
+def test_copies_between_the_ops_do_not_count_as_calls():
+    """``.clone()`` / ``.contiguous()`` on a conv output is the same value, not a second conv call."""
+    class CopyingBlock(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.bn1, self.bn2 = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+            self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+
+        def forward(self, x):
+            h = self.conv1(torch.relu(self.bn1(x))).clone()
+            return x + self.conv2(torch.relu(self.bn2(h))).contiguous()
+
+    _, report = convert_to_fused(nn.Sequential(CopyingBlock(8), CopyingBlock(8)), backend="eager",
+                                 return_report=True)
+    assert report.num_fused == 2, report.summary()
