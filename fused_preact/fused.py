@@ -32,28 +32,23 @@ class _FusedUnitMixin:
         statistics of x from the previous unit's epilogue and ``return_stats=True``
         returns ``(y, partials of y)`` for the next one (``None`` when not computed)."""
         check_unit_input(x, self.in_channels, type(self).__name__)
+        group = getattr(self, "stats_group", None)
+        # batch statistics shared across processes (sync_batch_stats): only the fused path does that
+        synchronized = group is not None and self.training and process_count(group) > 1
         # an empty batch does what eager does (kernels need rows): no kernel runs it
-        name = dispatch.resolve_backend(self.backend, x,
-                                        synchronized=getattr(self, "stats_group", None) is not None) \
-            if x.numel() else "eager"
+        name = dispatch.resolve_backend(self.backend, x, synchronized=synchronized) if x.numel() else "eager"
         if name == "eager":
-            self._check_eager_can_synchronize(x)
+            if synchronized and x.numel():
+                raise RuntimeError(
+                    f"{type(self).__name__}: its BN statistics are synchronized across processes "
+                    f"(sync_batch_stats), which only the fused kernels do, but this input runs on the eager "
+                    f"path (backend={self.backend!r}, x on {x.device}, {x.dtype}). Use a backend that runs it "
+                    f"(backend='cuda' or 'triton'), or nn.SyncBatchNorm on eager units instead of "
+                    f"sync_batch_stats.")
             y, stats = super().forward(x), None
         else:
             y, stats = dispatch.run_unit(name, self, x, stats_in, return_stats)
         return (y, stats) if return_stats else y
-
-    def _check_eager_can_synchronize(self, x: torch.Tensor) -> None:
-        """The eager path normalizes with local statistics only: refuse it where ``sync_batch_stats``
-        promised the global batch's, rather than train on silently unsynchronized BNs."""
-        group = getattr(self, "stats_group", None)
-        if group is None or not self.training or x.numel() == 0 or process_count(group) == 1:
-            return
-        raise RuntimeError(
-            f"{type(self).__name__}: its BN statistics are synchronized across processes (sync_batch_stats), "
-            f"which only the fused kernels do, but this input runs on the eager path (backend={self.backend!r}, "
-            f"x on {x.device}, {x.dtype}). Use a backend that runs it (backend='cuda' or 'triton'), or "
-            f"nn.SyncBatchNorm on eager units instead of sync_batch_stats.")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend}"
