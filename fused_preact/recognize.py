@@ -26,9 +26,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .unit_guard import float64_copy
+from .unit_guard import SAMPLE_SIZE, float64_copy
 
-SAMPLE_SIZE = 5       # odd, so strided convs meet an edge
 
 
 @dataclass(frozen=True)
@@ -117,6 +116,10 @@ class _Recorder(TorchDispatchMode):
         first = out[0] if isinstance(out, (tuple, list)) else out
         if not isinstance(first, torch.Tensor):
             return out
+        if name in _PASSTHROUGH_OPS and len(tracked) == 1:   # a copy or view: the same value, no new node
+            self.values[_key(first)] = tracked[0]
+            self.keep.append(first)
+            return out
         node = self._classify(name, args, kwargs, ids, tracked, kinds)
         self.track(first, node)
         if isinstance(out, (tuple, list)):       # BN's saved statistics etc. are no activations
@@ -153,9 +156,6 @@ class _Recorder(TorchDispatchMode):
             return _Node("relu", (tracked[0],), op=name)
         if name in _ADD_OPS and len(tracked) == 2 and kwargs.get("alpha", 1) == 1 and len(args) == 2:
             return _Node("add", tuple(tracked), op=name)
-        if name in _PASSTHROUGH_OPS and len(tracked) == 1:
-            node = self.nodes[tracked[0]]
-            return _Node(node.kind, node.inputs, node.module, node.op, node.extra)
         return _Node("other", tuple(tracked), op=name)
 
 

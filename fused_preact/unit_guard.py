@@ -10,7 +10,7 @@ tensors, so the copy's own ``named_parameters`` pair them up.
 
 The fused twin runs ``backend``: the C++ CPU kernels when the extension is built
 (they take float64), else the fused class's eager path, which still proves the
-mapping of weights, strides and shortcut. ``GUARD_BACKEND`` chooses explicitly, never
+mapping of weights, strides and shortcut. ``guard_backend()`` chooses explicitly, never
 ``"auto"`` (which may pick eager for small CPU inputs).
 """
 from __future__ import annotations
@@ -70,8 +70,9 @@ def _error(got: torch.Tensor, expected: torch.Tensor) -> float:
         return float("inf")
     if not expected.is_floating_point():
         return 0.0 if torch.equal(got, expected) else float("inf")
-    scale = expected.abs().max().clamp_min(1e-6) if expected.numel() else 1.0
-    return float(((got - expected).abs().max() / scale)) if expected.numel() else 0.0
+    if not expected.numel():
+        return 0.0
+    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-6))
 
 
 def _step(module: nn.Module, x: torch.Tensor, dy: Optional[torch.Tensor]):
