@@ -405,13 +405,12 @@ def _from_timm(unit: nn.Module, backend: str):
                 or downsample.conv.stride[0] != stride:
             return None, reason or "its downsample is not a bare pre-activated 1x1 projection"
 
-    device = convs[0].weight.device
-    if bottleneck:
-        fused = FusedPreActBottleneck(in_channels, out_channels, stride,
-                                      stride_on="1x1" if strides[0] != 1 else "3x3", backend=backend)
-    else:
-        fused = FusedPreActBlock(in_channels, out_channels, stride, backend=backend)
-    fused.to(device)
+    with torch.device("meta"):   # every tensor is replaced by timm's own below: no init, no RNG draws
+        if bottleneck:
+            fused = FusedPreActBottleneck(in_channels, out_channels, stride,
+                                          stride_on="1x1" if strides[0] != 1 else "3x3", backend=backend)
+        else:
+            fused = FusedPreActBlock(in_channels, out_channels, stride, backend=backend)
     for i, (conv, norm) in zip(names, zip(convs, norms)):
         getattr(fused, f"conv{i}").weight = conv.weight
         setattr(fused, f"bn{i}", _shared_batchnorm(norm))
@@ -423,6 +422,8 @@ def _from_timm(unit: nn.Module, backend: str):
     order = [timm_to_ours.get(n, n) for n in unit._modules if timm_to_ours.get(n, n) in fused._modules]
     fused._modules = OrderedDict((n, fused._modules[n]) for n in order + [n for n in fused._modules if n not in order])
     _keep_state_dict_names(fused, _TIMM_NAMES)
+    if any(t.is_meta for t in fused.state_dict(keep_vars=True).values()):
+        return None, "the fused unit would keep a tensor of its own"
     return fused, None
 
 

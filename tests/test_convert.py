@@ -64,7 +64,9 @@ def test_converts_timm_resnetv2(name):
     params_before = list(model.parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        rng = torch.get_rng_state()
         convert_to_fused(model, backend="eager")
+        assert torch.equal(torch.get_rng_state(), rng)        # converting draws no random numbers
         fused = [m for m in model.modules() if isinstance(m, (FusedPreActBlock, FusedPreActBottleneck))]
         assert len(fused) == (16 if name == "resnetv2_50" else 8)
         assert list(model.state_dict()) == list(state)      # timm's key names and order
