@@ -331,6 +331,11 @@ class SingleConvUnit(ResidualUnit):
     State names: ``conv1, bn1`` (plus ``shortcut``, ``gate`` ... as ``ResidualUnit``).
     """
 
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, **options):
+        if options.get("bottleneck"):
+            raise ValueError("SingleConvUnit has one 3x3 conv: bottleneck=True does not apply")
+        super().__init__(in_channels, out_channels, stride, **options)
+
     def _branch_convs(self, in_channels: int, out_channels: int, stride: int) -> list[nn.Conv2d]:
         return [conv3x3(in_channels, out_channels, stride)]
 

@@ -99,3 +99,8 @@ def test_names_depth_rule_and_fusing_leaves_it_eager():
         make_unit(16, 16, single_conv=True, bottleneck=True)
     net = convert_to_fused(create_model("cifar_resnet5_1layer"), "eager")
     assert all(type(u) is SingleConvUnit for u in net.units())
+
+
+def test_refuses_bottleneck():
+    with pytest.raises(ValueError, match="bottleneck=True"):
+        SingleConvUnit(16, 16, bottleneck=True)
