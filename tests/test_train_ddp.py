@@ -39,13 +39,9 @@ def data(tmp_path_factory):
 # "auto": fused units synchronize through fused_preact.sync_batch_stats (the integrator's hook).
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["eager", "auto"])
+@pytest.mark.usefixtures("one_cpu_thread")
 def test_two_gloo_processes_match_one_process(data, tmp_path, backend):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = main(_argv(data, tmp_path / "single", backend))
-    finally:
-        torch.set_num_threads(threads)
+    single = main(_argv(data, tmp_path / "single", backend))
     mp.spawn(_worker, args=(2, _free_port(), _argv(data, tmp_path / "ddp", backend)), nprocs=2, join=True)
 
     one = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=False)
