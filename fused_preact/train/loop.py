@@ -267,22 +267,31 @@ class Trainer:
         else:
             batches = loader_eval_batches(self.test_set, self.normalize, args.eval_batch_size, self.device,
                                           args.workers, p.rank, p.world_size)
+        loss, top1, _, _ = self.evaluate_batches(batches)
+        return loss, top1
+
+    def evaluate_batches(self, batches) -> tuple[float, float, float, int]:
+        """(mean loss, top-1 error, top-5 error, images) of the model over ``batches``, summed over
+        all processes."""
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        wrong = torch.zeros((), dtype=torch.float64, device=self.device)
+        wrong1 = torch.zeros_like(loss_sum)
+        wrong5 = torch.zeros_like(loss_sum)
         count = 0
         with torch.no_grad(), self.autocast():
             for images, labels in batches:
-                if args.channels_last:
+                if self.args.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 logits = self.model(images)
                 loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-                wrong += (logits.argmax(1) != labels).sum()
+                wrong1 += (logits.argmax(1) != labels).sum()
+                top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                wrong5 += (top5 != labels[:, None]).all(dim=1).sum()
                 count += labels.numel()
         self.model.train()
-        loss_sum, wrong, count = distributed.all_sum([loss_sum.item(), wrong.item(), float(count)],
-                                                     self.device, p)
-        return loss_sum / count, wrong / count
+        loss_sum, wrong1, wrong5, count = distributed.all_sum(
+            [loss_sum.item(), wrong1.item(), wrong5.item(), float(count)], self.device, self.processes)
+        return loss_sum / count, wrong1 / count, wrong5 / count, int(count)
 
     # -- training -------------------------------------------------------------
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
