@@ -126,28 +126,29 @@ def _graph_runner(contender: str, case: Case, setting: Setting, base: nn.Module,
 
     Built here: warm-up steps, the capture (peak memory taken over it: a replay allocates
     nothing, its memory is the graph's pool) and ``GRAPH_CHECK_STEPS`` replays, each
-    compared with a twin of the contender stepped eagerly from the same start.
+    compared with a twin of the contender stepped eagerly from the same start. The twin is
+    built from ``base`` (which no step changes) only after the capture, so the peak counts
+    the graphed contender alone, and is stepped as often as the graph was before the check.
     """
     runner = _module_runner(contender, case, setting, base, inputs)
     if isinstance(runner, str):
         return runner
-    twin = _module_runner(contender, case, setting, base, inputs)
     graphed = GraphedStep(runner.step, capture=True, warmup=GRAPH_WARMUP)
-    device = setting.device
     for _ in range(GRAPH_WARMUP):
         graphed()
-        twin.step()
+    device = setting.device
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     graphed()                                            # capture, then replay
     torch.cuda.synchronize(device)
     peak = int(torch.cuda.max_memory_allocated(device))
-    twin.step()
+    twin = _module_runner(contender, case, setting, base, inputs)
+    for _ in range(GRAPH_WARMUP + 1):                    # the warm-up steps and the captured one
+        twin.step()
     worst = 0.0
     for _ in range(GRAPH_CHECK_STEPS):
         replayed, eager = graphed(), twin.step()
         worst = max(worst, float((replayed.double() - eager.double()).abs().max()))
-    twin = None
     return Runner(graphed, forward=runner.forward, state=runner.state, peak_memory_bytes=peak,
                   notes={"graph_replay_max_abs_diff": worst})
 
