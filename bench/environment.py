@@ -5,13 +5,14 @@ traced to the machine and the code that produced it.
 """
 from __future__ import annotations
 
-import os
 import platform
 import subprocess
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from fused_preact.train import records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,18 +27,13 @@ def _run(command: list[str]) -> Optional[str]:
 
 def git_commit() -> str:
     """HEAD of the project's checkout, with ``+dirty`` when tracked files differ from it; where there
-    is no checkout (a copied tree on a device machine), ``FUSED_PREACT_GIT_COMMIT`` as given."""
-    commit = _run(["git", "rev-parse", "HEAD"])
-    if commit is None:
-        given = os.environ.get("FUSED_PREACT_GIT_COMMIT", "").strip()
-        if given:
-            return f"{given} (from FUSED_PREACT_GIT_COMMIT: no git checkout here)"
-        return "unknown (not a git checkout or git missing)"
-    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
-    return commit + ("+dirty" if dirty else "")
+    is no checkout (a copied tree on a device machine), ``FUSED_PREACT_GIT_COMMIT`` as given
+    (``fused_preact.train.records.git_commit``)."""
+    return records.git_commit() or "unknown (not a git checkout or git missing)"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows of it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -66,7 +62,7 @@ def describe(device: torch.device) -> dict:
     """Everything that identifies this run's hardware and software."""
     device = torch.device(device)
     info = {
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {_cpu_name()}"),
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu_name()}"),
         "device_type": device.type,
         "driver": _driver_version() if device.type == "cuda" else "n/a (CPU run)",
         "cuda": torch.version.cuda or "none (CPU build of torch)",
@@ -87,5 +83,9 @@ def describe(device: torch.device) -> dict:
 def one_line(info: dict) -> str:
     """The identification in one line, for titles and footers."""
     return (f"{info['device']} | driver {info['driver']} | torch {info['torch']} | triton {info['triton']} "
-            f"| CUDA {info['cuda']} | commit {info['git_commit'][:12]}"
-            + ("+dirty" if info["git_commit"].endswith("+dirty") else ""))
+            f"| CUDA {info['cuda']} | commit {short_commit(info['git_commit'])}")
+
+
+def short_commit(commit: str) -> str:
+    """``git_commit()`` cut to 12 characters, keeping its ``+dirty``."""
+    return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")

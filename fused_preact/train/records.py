@@ -58,14 +58,25 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def git_commit() -> Optional[str]:
-    """The commit of the checkout this package runs from (``+dirty`` with local changes), or None."""
-    here = Path(__file__).resolve().parent
+def _git(*args: str) -> Optional[str]:
+    """What ``git *args`` prints in this package's checkout, or None where it fails."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_commit() -> Optional[str]:
+    """The commit of the checkout this package runs from (``+dirty`` when tracked files differ from it);
+    where there is no checkout (a copied tree on a device machine), ``FUSED_PREACT_GIT_COMMIT`` as
+    given; None when neither is there."""
+    commit = _git("rev-parse", "HEAD")
+    if commit is None:
+        given = os.environ.get("FUSED_PREACT_GIT_COMMIT", "").strip()
+        if given:
+            return f"{given} (from FUSED_PREACT_GIT_COMMIT: no git checkout here)"
+        return None
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
     return commit + ("+dirty" if dirty else "")
