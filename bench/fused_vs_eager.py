@@ -198,8 +198,7 @@ def _max_abs_diff(out, reference):
 
 def measure_case(case, mode, dtype, setting_args, rates, log) -> tuple[list, list]:
     """Every contender of one (case, mode, dtype): result entries and kernel rows."""
-    device, quick, smoke, *rest = setting_args
-    named = rest[0] if rest else None
+    device, quick, smoke, named = setting_args
     setting = Setting(device, dtype, mode, quick, smoke, frozenset(named or ()))
     warmup, repeats = REPEATS[case.level][2 if smoke else (1 if quick else 0)]
     torch.manual_seed(0)

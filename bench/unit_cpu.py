@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
-import subprocess
-import time
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):            # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from bench import environment
+from bench.bn_relu_cpu import median_seconds
 from fused_preact import _extension
 from fused_preact.fused import FusedPreActBlock, FusedPreActBottleneck
 from fused_preact.units import PreActBlock, PreActBottleneck
@@ -67,15 +70,10 @@ def measure(case, repeats, bf16=False):
         x = x.contiguous(memory_format=torch.channels_last)
     g = torch.randn_like(x)
     sides = {"eager": lambda: step(eager, x, g, bf16), "fused": lambda: step(fused, x, g, bf16)}
-    for fn in list(sides.values()) * 2:
+    for fn in sides.values():   # the first of two warm-up calls each; median_seconds makes the second
         fn()
-    times = {name: [] for name in sides}
-    for _ in range(repeats):
-        for name, fn in sides.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(spent) for name, spent in times.items()}, x.numel()
+    seconds = median_seconds(list(sides.values()), repeats)
+    return {name: spent * 1e3 for name, spent in zip(sides, seconds)}, x.numel()
 
 
 def main(argv=None):
@@ -93,9 +91,9 @@ def main(argv=None):
     for case in cases:
         if case not in CASES:
             raise SystemExit(f"--only: unknown case {case!r}; cases: {', '.join(CASES)}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"extension CPU code {_extension.cpu_simd()}, commit {commit or '?'}; median of {args.repeats}, alternating"
+    commit = environment.short_commit(environment.git_commit())
+    print(f"{environment.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"extension CPU code {_extension.cpu_simd()}, commit {commit}; median of {args.repeats}, alternating"
           + (", bf16 autocast" if args.bf16 else ", float32")
           + f"; load average {os.getloadavg()[0]:.1f} before")
     measure("bottle64-b8-16", 3)   # warm-up: the first oneDNN calls of a process are slow

@@ -104,14 +104,10 @@ def state_of(folder: Path) -> str:
     return "new"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def execute(run: Run, *, nproc: int = 1, subprocess: bool = False) -> str:
     """Run (or continue, or skip) one run; returns its state afterwards, or ``interrupted``."""
+    from ..train.records import write_json
+
     state = state_of(run.folder)
     record_path = run.folder / "run.json"
     if record_path.exists():
@@ -123,8 +119,8 @@ def execute(run: Run, *, nproc: int = 1, subprocess: bool = False) -> str:
         print(f"{run.experiment.name} seed {run.seed}: {state} before, not repeated ({run.folder})", flush=True)
         return state
     run.folder.mkdir(parents=True, exist_ok=True)
-    _write_json(record_path, {"experiment": run.experiment.name, "seed": run.seed, "scale": run.scale,
-                              "units_per_stage": run.units_per_stage, "config": run.config, "argv": run.argv})
+    write_json(record_path, {"experiment": run.experiment.name, "seed": run.seed, "scale": run.scale,
+                             "units_per_stage": run.units_per_stage, "config": run.config, "argv": run.argv})
     argv = run.argv + (["--resume"] if state == "started" else [])
     arch = run.experiment.arch_with(run.units_per_stage)
     size = f" [as {arch}]" if arch != run.experiment.arch else ""
