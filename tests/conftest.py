@@ -1,3 +1,4 @@
+import contextlib
 import os
 import signal
 import threading
@@ -54,40 +55,35 @@ def _alarm_seconds(item) -> float:
     return seconds
 
 
-def _with_alarm(item, phase):
+@contextlib.contextmanager
+def _alarm(item, phase):
+    """Fail ``phase`` of ``item`` once it runs over FUSED_PREACT_TEST_TIMEOUT (when set)."""
     seconds = _alarm_seconds(item)
     if not seconds:
-        return None
+        yield
+        return
 
     def expire(signum, frame):
         pytest.fail(f"{phase} ran over FUSED_PREACT_TEST_TIMEOUT={seconds:g} s", pytrace=False)
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
-    return previous
-
-
-def _clear_alarm(previous):
-    if previous is not None:
+    try:
+        yield
+    finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_setup(item):
-    previous = _with_alarm(item, "setup")
-    try:
+    with _alarm(item, "setup"):
         yield
-    finally:
-        _clear_alarm(previous)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
-    previous = _with_alarm(item, "the test")
-    try:
+    with _alarm(item, "the test"):
         yield
-    finally:
-        _clear_alarm(previous)
 
 
 # -- a sample of each parametrized test ------------------------------------------------------------
