@@ -20,6 +20,20 @@ if hasattr(torch._functorch.config, "error_on_custom_op_aliasing"):
     torch._functorch.config.error_on_custom_op_aliasing = True
 
 
+# -- the default run and the full sweep -------------------------------------------------------------
+# The default run covers every code path once; tests marked ``full`` (the cross products: every shape x
+# dtype x variant x backend, long interpreter sweeps, convergence runs) run only when asked for:
+# ``pytest --full`` (or FUSED_PREACT_FULL_TESTS=1: everything), or ``pytest -m full`` (only them).
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False,
+                     help="also run the tests marked 'full' (the whole cross-product sweep)")
+
+
+def full_run_requested(config) -> bool:
+    return (config.getoption("--full") or os.environ.get("FUSED_PREACT_FULL_TESTS", "") == "1"
+            or "full" in (config.getoption("markexpr") or ""))
+
+
 @pytest.fixture
 def one_cpu_thread():
     """The 2 CPU cores are shared: threads only slow small convs down here (whole training runs)."""
@@ -92,6 +106,11 @@ def pytest_runtest_call(item):
 # which slows every kernel many times, on such a sample.
 @pytest.hookimpl(trylast=True)   # after -m and -k have deselected
 def pytest_collection_modifyitems(config, items):
+    if not full_run_requested(config):
+        sweep = [item for item in items if item.get_closest_marker("full") is not None]
+        if sweep:
+            config.hook.pytest_deselected(items=sweep)
+            items[:] = [item for item in items if item.get_closest_marker("full") is None]
     text = os.environ.get("FUSED_PREACT_SAMPLE_PER_TEST", "").strip()
     if not text:
         return
