@@ -101,9 +101,10 @@ def unit_plan(unit: nn.Module) -> UnitPlan:
         shortcut, pad_channels = "pad", unit.pad_shortcut.extra_channels
     else:
         shortcut, pad_channels = "identity", 0
-    if unit.shortcut is not None and tuple(unit.shortcut.padding) != (0, 0):
+    projection_padding = getattr(unit.shortcut, "padding", (0, 0))   # a 1x1's "same"/"valid" pad nothing
+    if not isinstance(projection_padding, str) and tuple(projection_padding) != (0, 0):
         raise ValueError(f"{type(unit).__name__}: the shortcut projection has padding "
-                         f"{tuple(unit.shortcut.padding)}; the fused unit runs 1x1 projections without padding "
+                         f"{tuple(projection_padding)}; the fused unit runs 1x1 projections without padding "
                          f"(explicit padding, conv_padding, applies to the branch convs only)")
     paddings = getattr(unit, "conv_padding", None)
     return UnitPlan(kernel_sizes=tuple(c.kernel_size[0] for c in convs),
