@@ -336,6 +336,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _takes_padding(ops: Any) -> bool:
+    """Whether the backend's conv_bnrelu takes ``padding`` (an extension built before it does not)."""
+    overload = getattr(ops.conv_bnrelu, "default", None)
+    return overload is None or any(a.name == "padding" for a in overload._schema.arguments)
+
+
 def run_fused_unit(ops: Any, unit: nn.Module, x: torch.Tensor, stats_in: Optional[Partials] = None,
                    want_stats: bool = False) -> tuple[torch.Tensor, Optional[Partials]]:
     """Run full pre-activation ``unit`` on ``x`` with a backend's operators.
@@ -350,6 +356,9 @@ def run_fused_unit(ops: Any, unit: nn.Module, x: torch.Tensor, stats_in: Optiona
     convs = [getattr(unit, f"conv{i}") for i in range(1, unit.num_convs + 1)]
     plan = unit_plan(unit)
     check_branch_shape(plan, x.shape[2], x.shape[3], type(unit).__name__)
+    if plan.paddings is not None and not torch.compiler.is_compiling() and not _takes_padding(ops):
+        raise RuntimeError(f"{type(unit).__name__}: conv_padding is set, but this build of the operators "
+                           f"({getattr(ops, 'name', ops)}) predates their padding argument: rebuild the extension")
     for bn in bns:  # as nn.BatchNorm2d.forward, before the statistics are used
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)

@@ -14,6 +14,7 @@ largest magnitude of each compared tensor (float64 sums of at most a few hundred
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ import reference_ops as ref
 from comparisons import perturb_bn, relative_error
 from fused_preact import dispatch
 from fused_preact.fused import FusedPreActBlock, FusedPreActBottleneck
+from fused_preact.unit_function import run_fused_unit
 from fused_preact.unit_ops import padded_output_shape
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -285,6 +287,11 @@ def test_conv_padding_is_checked():
     if dispatch.unavailable_reason("cuda", x) is None:
         with pytest.raises(ValueError, match="conv_padding"):
             unit(x)
+    # operators built before the padding argument (an old extension build) are named, not misused
+    old = SimpleNamespace(name="old_build", conv_bnrelu=SimpleNamespace(
+        default=SimpleNamespace(_schema=SimpleNamespace(arguments=[SimpleNamespace(name="x")]))))
+    with pytest.raises(RuntimeError, match="predates their padding argument"):
+        run_fused_unit(old, unit, torch.randn(2, 4, 8, 8))
     # a shortcut projection with padding is refused
     unit.shortcut.padding = (1, 1)
     unit.conv_padding = None
