@@ -13,11 +13,24 @@
 // Precision: the weight is rounded to the activation dtype; on CUDA the convolution runs in that
 // dtype (fp32 accumulation), on the CPU bfloat16 / float16 data are convolved in fp32 (the
 // operands hold exactly the rounded values), so y is rounded once, after the residual add.
+// Padding: the operators' optional `padding` ([left, right, top, bottom], zero after the BN-ReLU)
+// defaults to K / 2 per side. Symmetric padding is ATen's own conv padding (no copy; the default
+// path is unchanged). Asymmetric padding loses its part past the last window first (a stride-2
+// "SAME" (0, 1) pad of an odd size is never read, and becomes symmetric); if still asymmetric, the
+// forward and wgrad pad the activated temporary with zeros (one more copy of it), and dgrad runs
+// the transposed conv with the smaller side's padding and crops the gradient of the larger side's
+// rows and columns in the NHWC copy it makes anyway. The 1x1 tensor-core kernels run only
+// unpadded 1x1 convs.
 // Saves nothing: the temporaries are freed before returning.
 #include <ATen/ops/add.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <utility>
+#include <vector>
 
 #include "unit_ops.h"
 #ifdef WITH_CUDA
@@ -48,6 +61,33 @@ Tensor conv_weight(const Tensor& weight, at::ScalarType dtype, at::ScalarType co
 // An empty statistics tensor for activations like `like`.
 Tensor empty_float(const Tensor& like) {
   return at::empty({0}, like.options().dtype(stat_dtype(like.scalar_type())));
+}
+
+// The padding after the last row (column) that a window reads, at most `after`: what a conv of
+// `size` rows with `before` + `after` padding uses of it (the output size does not change).
+int64_t reached_after(int64_t size, int64_t before, int64_t after, int64_t k, int64_t stride) {
+  const int64_t out = (size + before + after - k) / stride + 1;
+  return std::min(after, std::max<int64_t>(0, (out - 1) * stride + k - before - size));
+}
+
+// The checked padding of a conv of a height x width input; asymmetric padding without its unread
+// bottom/right part.
+ConvPadding read_padding(const char* op, at::OptionalIntArrayRef padding, int64_t k,
+                         int64_t stride, int64_t height, int64_t width) {
+  ConvPadding pad = conv_padding(op, padding, k);
+  if (pad.symmetric()) return pad;
+  pad.bottom = reached_after(height, pad.top, pad.bottom, k, stride);
+  pad.right = reached_after(width, pad.left, pad.right, k, stride);
+  return pad;
+}
+
+// The activated NHWC input of a conv with `pad` and the symmetric padding ATen adds to it:
+// itself and (top, left) when `pad` is symmetric, else a zero-padded copy and no padding.
+std::pair<Tensor, std::vector<int64_t>> padded_input(const Tensor& activated, const ConvPadding& pad) {
+  if (pad.symmetric()) return {activated, {pad.top, pad.left}};
+  // NHWC: (C before, C after, W before, W after, H before, H after)
+  return {at::constant_pad_nd(activated, {0, 0, pad.left, pad.right, pad.top, pad.bottom}, 0),
+          {0, 0}};
 }
 
 }  // namespace
@@ -103,17 +143,21 @@ bool fused_conv1x1(const Tensor& data, const Tensor& weight, int64_t k) {
 // ---- the composites ----------------------------------------------------------------------------
 
 Tensor4 conv_bnrelu(const Tensor& x, const Tensor& weight, const Tensor& scale, const Tensor& shift,
-                    const OptionalTensor& residual, int64_t stride, bool stats) {
-  const int64_t k = check_conv_bnrelu_args(x, weight, scale, shift, residual, stride);
+                    const OptionalTensor& residual, int64_t stride, bool stats,
+                    at::OptionalIntArrayRef padding) {
+  const int64_t k = check_conv_bnrelu_args(x, weight, scale, shift, residual, stride, padding);
+  const ConvPadding pad = read_padding("conv_bnrelu", padding, k, stride, x.size(1), x.size(2));
 #ifdef WITH_CUDA
-  if (fused_conv1x1(x, weight, k)) return conv1x1_bnrelu_cuda(x, weight, scale, shift, residual, stride, stats);
+  if (pad.zero() && fused_conv1x1(x, weight, k)) {
+    return conv1x1_bnrelu_cuda(x, weight, scale, shift, residual, stride, stats);
+  }
 #endif
   const at::ScalarType dtype = x.scalar_type(), compute = conv_dtype(x, dtype);
   Tensor conv_out;
   {
-    const Tensor activated = bn_relu_prologue(x, scale, shift, compute);
-    conv_out = nhwc_of(at::convolution(nchw_view(activated), conv_weight(weight, dtype, compute),
-                                       std::nullopt, {stride, stride}, {k / 2, k / 2}, {1, 1},
+    const auto [input, conv_pad] = padded_input(bn_relu_prologue(x, scale, shift, compute), pad);
+    conv_out = nhwc_of(at::convolution(nchw_view(input), conv_weight(weight, dtype, compute),
+                                       std::nullopt, {stride, stride}, conv_pad, {1, 1},
                                        /*transposed=*/false, {0, 0}, /*groups=*/1));
   }
   if (!stats && !residual.has_value() && compute == dtype) {
@@ -125,38 +169,47 @@ Tensor4 conv_bnrelu(const Tensor& x, const Tensor& weight, const Tensor& scale, 
 Tensor3 conv_dgrad(const Tensor& dy, const Tensor& weight, const OptionalTensor& h,
                    const OptionalTensor& scale, const OptionalTensor& shift,
                    const OptionalTensor& mean, const OptionalTensor& invstd,
-                   const OptionalTensor& add, int64_t stride, int64_t height, int64_t width) {
+                   const OptionalTensor& add, int64_t stride, int64_t height, int64_t width,
+                   at::OptionalIntArrayRef padding) {
   const int64_t k = check_conv_dgrad_args(dy, weight, h, scale, shift, mean, invstd, add, stride,
-                                          height, width);
+                                          height, width, padding);
+  const ConvPadding pad = read_padding("conv_dgrad", padding, k, stride, height, width);
 #ifdef WITH_CUDA
-  if (fused_conv1x1(dy, weight, k)) {
+  if (pad.zero() && fused_conv1x1(dy, weight, k)) {
     return conv1x1_dgrad_cuda(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width);
   }
 #endif
   const at::ScalarType dtype = dy.scalar_type(), compute = conv_dtype(dy, dtype);
-  const int64_t pad = k / 2;
-  // conv_input_grad as a transposed convolution; output_padding picks the input size among the
-  // `stride` sizes that give dy's.
-  const int64_t out_pad_h = height - ((dy.size(1) - 1) * stride - 2 * pad + k);
-  const int64_t out_pad_w = width - ((dy.size(2) - 1) * stride - 2 * pad + k);
-  const Tensor t = nhwc_of(at::convolution(nchw_view(dy.to(compute)),
-                                           conv_weight(weight, dtype, compute), std::nullopt,
-                                           {stride, stride}, {pad, pad}, {1, 1},
-                                           /*transposed=*/true, {out_pad_h, out_pad_w}, 1));
+  // conv_input_grad as a transposed convolution with the smaller side's padding: the gradient of
+  // the input extended by the rest of the padding (top - pad_h rows above, bottom - pad_h below;
+  // likewise columns), whose size output_padding (< stride) picks among the `stride` sizes that
+  // give dy's; the input's rows and columns are cropped from it.
+  const int64_t pad_h = std::min(pad.top, pad.bottom), pad_w = std::min(pad.left, pad.right);
+  const int64_t out_pad_h = height + pad.top + pad.bottom - ((dy.size(1) - 1) * stride + k);
+  const int64_t out_pad_w = width + pad.left + pad.right - ((dy.size(2) - 1) * stride + k);
+  const Tensor extended = at::convolution(nchw_view(dy.to(compute)),
+                                          conv_weight(weight, dtype, compute), std::nullopt,
+                                          {stride, stride}, {pad_h, pad_w}, {1, 1},
+                                          /*transposed=*/true, {out_pad_h, out_pad_w}, 1);
+  const Tensor t = nhwc_of(extended.narrow(2, pad.top - pad_h, height)
+                               .narrow(3, pad.left - pad_w, width));
   return dgrad_epilogue(t, add, h, scale, shift, mean, invstd, dtype);
 }
 
 Tensor conv_wgrad(const Tensor& dy, const Tensor& x, const Tensor& scale, const Tensor& shift,
-                  const Tensor& weight, int64_t stride) {
-  const int64_t k = check_conv_wgrad_args(dy, x, scale, shift, weight, stride);
+                  const Tensor& weight, int64_t stride, at::OptionalIntArrayRef padding) {
+  const int64_t k = check_conv_wgrad_args(dy, x, scale, shift, weight, stride, padding);
+  const ConvPadding pad = read_padding("conv_wgrad", padding, k, stride, x.size(1), x.size(2));
 #ifdef WITH_CUDA
-  if (fused_conv1x1(x, weight, k)) return conv1x1_wgrad_cuda(dy, x, scale, shift, weight, stride);
+  if (pad.zero() && fused_conv1x1(x, weight, k)) {
+    return conv1x1_wgrad_cuda(dy, x, scale, shift, weight, stride);
+  }
 #endif
   const at::ScalarType dtype = x.scalar_type(), compute = conv_dtype(x, dtype);
-  const Tensor activated = bn_relu_prologue(x, scale, shift, compute);
+  const auto [input, conv_pad] = padded_input(bn_relu_prologue(x, scale, shift, compute), pad);
   const Tensor dweight = std::get<1>(at::convolution_backward(
-      nchw_view(dy.to(compute)), nchw_view(activated), conv_weight(weight, dtype, compute),
-      std::nullopt, {stride, stride}, {k / 2, k / 2}, {1, 1}, /*transposed=*/false, {0, 0},
+      nchw_view(dy.to(compute)), nchw_view(input), conv_weight(weight, dtype, compute),
+      std::nullopt, {stride, stride}, conv_pad, {1, 1}, /*transposed=*/false, {0, 0},
       /*groups=*/1, {false, true, false}));
   return dweight.to(weight.scalar_type()).contiguous();
 }

@@ -63,12 +63,13 @@ TORCH_LIBRARY(fused_preact, m) {
         "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? num_batches_tracked, "
         "float momentum, float eps) -> (Tensor mean, Tensor invstd, Tensor scale, Tensor shift)");
   m.def("conv_bnrelu(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, "
-        "int stride, bool stats) -> (Tensor y, Tensor pmean, Tensor pm2, Tensor pcount)");
+        "int stride, bool stats, int[]? padding=None) "
+        "-> (Tensor y, Tensor pmean, Tensor pm2, Tensor pcount)");
   m.def("conv_dgrad(Tensor dy, Tensor weight, Tensor? h, Tensor? scale, Tensor? shift, "
-        "Tensor? mean, Tensor? invstd, Tensor? add, int stride, int height, int width) "
-        "-> (Tensor g, Tensor sum_g, Tensor sum_g_xhat)");
-  m.def("conv_wgrad(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor weight, int stride) "
-        "-> Tensor dweight");
+        "Tensor? mean, Tensor? invstd, Tensor? add, int stride, int height, int width, "
+        "int[]? padding=None) -> (Tensor g, Tensor sum_g, Tensor sum_g_xhat)");
+  m.def("conv_wgrad(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor weight, int stride, "
+        "int[]? padding=None) -> Tensor dweight");
   m.def("bn_backward_finish(Tensor g, Tensor h, Tensor mean, Tensor invstd, Tensor weight, "
         "Tensor sum_g, Tensor sum_g_xhat, float count, Tensor? add, bool batch_stats) -> Tensor dh");
   m.def("bn_relu_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual) -> Tensor");

@@ -95,9 +95,37 @@ c10::SymInt partial_count(const c10::SymInt& rows) {
 
 int64_t partial_count(int64_t rows) { return (rows + kRowsPerPartial - 1) / kRowsPerPartial; }
 
-c10::SymInt conv_output_size(const c10::SymInt& size, int64_t kernel_size, int64_t stride) {
-  return (size + 2 * (kernel_size / 2) - kernel_size) / stride + 1;
+c10::SymInt conv_output_size(const c10::SymInt& size, int64_t kernel_size, int64_t stride,
+                             int64_t before, int64_t after) {
+  return (size + (before + after - kernel_size)) / stride + 1;
 }
+
+ConvPadding conv_padding(const char* op, at::OptionalIntArrayRef padding, int64_t kernel_size) {
+  if (!padding.has_value()) {
+    const int64_t p = kernel_size / 2;
+    return {p, p, p, p};
+  }
+  const c10::IntArrayRef sides = *padding;
+  TORCH_CHECK(sides.size() == 4, op, ": padding must be 4 ints [left, right, top, bottom] (F.pad's ",
+              "order) or None, got ", sides.size(), " values ", sides);
+  for (const int64_t side : sides) {
+    TORCH_CHECK(side >= 0, op, ": padding must be non-negative, got ", sides);
+  }
+  return {sides[0], sides[1], sides[2], sides[3]};
+}
+
+namespace {
+
+// The padded input holds at least one K x K window.
+void check_padded_size(const char* op, const char* what, const c10::SymInt& height,
+                       const c10::SymInt& width, int64_t k, const ConvPadding& pad) {
+  TORCH_CHECK(height + (pad.top + pad.bottom) >= k && width + (pad.left + pad.right) >= k, op, ": ",
+              what, " of ", height, "x", width, " with padding [", pad.left, ", ", pad.right, ", ",
+              pad.top, ", ", pad.bottom, "] (left, right, top, bottom) is smaller than the ", k,
+              "x", k, " kernel");
+}
+
+}  // namespace
 
 // ---- per-operator checks -------------------------------------------------------------------
 
@@ -188,18 +216,21 @@ void check_bn_relu_backward_reduce_args(const Tensor& t, const Tensor& h, const 
 }
 
 int64_t check_conv_bnrelu_args(const Tensor& x, const Tensor& weight, const Tensor& scale,
-                               const Tensor& shift, const OptionalTensor& residual,
-                               int64_t stride) {
+                               const Tensor& shift, const OptionalTensor& residual, int64_t stride,
+                               at::OptionalIntArrayRef padding) {
   constexpr const char* op = "conv_bnrelu";
   const c10::SymInt cin = check_activation(op, "x", x);
   TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
   const int64_t k = check_conv_weight(op, weight, cin, "x", x);
+  const ConvPadding pad = conv_padding(op, padding, k);
+  check_padded_size(op, "x", x.sym_size(1), x.sym_size(2), k, pad);
   check_channel_vector(op, "scale", scale, cin, x);
   check_channel_vector(op, "shift", shift, cin, x);
   if (residual.has_value()) {
     check_nhwc_shape(op, "residual", *residual, x.sym_size(0),
-                     conv_output_size(x.sym_size(1), k, stride),
-                     conv_output_size(x.sym_size(2), k, stride), weight.sym_size(0), "x", x);
+                     conv_output_size(x.sym_size(1), k, stride, pad.top, pad.bottom),
+                     conv_output_size(x.sym_size(2), k, stride, pad.left, pad.right),
+                     weight.sym_size(0), "x", x);
   }
   return k;
 }
@@ -208,7 +239,7 @@ int64_t check_conv_dgrad_args(const Tensor& dy, const Tensor& weight, const Opti
                               const OptionalTensor& scale, const OptionalTensor& shift,
                               const OptionalTensor& mean, const OptionalTensor& invstd,
                               const OptionalTensor& add, int64_t stride, int64_t height,
-                              int64_t width) {
+                              int64_t width, at::OptionalIntArrayRef padding) {
   constexpr const char* op = "conv_dgrad";
   const c10::SymInt cout = check_activation(op, "dy", dy);
   TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
@@ -216,11 +247,15 @@ int64_t check_conv_dgrad_args(const Tensor& dy, const Tensor& weight, const Opti
               ": weight must be [Cout, Cin, K, K] with Cout = ", cout, " (dy's channels), got shape ",
               weight.sym_sizes());
   const int64_t k = check_conv_weight(op, weight, weight.sym_size(1), "dy", dy);
-  TORCH_CHECK(height >= 1 && width >= 1 &&
-                  conv_output_size(height, k, stride) == dy.sym_size(1) &&
-                  conv_output_size(width, k, stride) == dy.sym_size(2),
+  const ConvPadding pad = conv_padding(op, padding, k);
+  TORCH_CHECK(height >= 1 && width >= 1, op, ": height and width must be >= 1, got ", height,
+              ", ", width);
+  check_padded_size(op, "height x width", height, width, k, pad);
+  TORCH_CHECK(conv_output_size(height, k, stride, pad.top, pad.bottom) == dy.sym_size(1) &&
+                  conv_output_size(width, k, stride, pad.left, pad.right) == dy.sym_size(2),
               op, ": height and width (", height, ", ", width, ") do not give dy's spatial size (",
-              dy.sym_size(1), ", ", dy.sym_size(2), ") with K = ", k, " and stride ", stride);
+              dy.sym_size(1), ", ", dy.sym_size(2), ") with K = ", k, ", stride ", stride,
+              " and padding [", pad.left, ", ", pad.right, ", ", pad.top, ", ", pad.bottom, "]");
   const c10::SymInt cin = weight.sym_size(1), n = dy.sym_size(0);
   if (add.has_value()) check_nhwc_shape(op, "add", *add, n, height, width, cin, "dy", dy);
   if (h.has_value()) {
@@ -235,14 +270,19 @@ int64_t check_conv_dgrad_args(const Tensor& dy, const Tensor& weight, const Opti
 }
 
 int64_t check_conv_wgrad_args(const Tensor& dy, const Tensor& x, const Tensor& scale,
-                              const Tensor& shift, const Tensor& weight, int64_t stride) {
+                              const Tensor& shift, const Tensor& weight, int64_t stride,
+                              at::OptionalIntArrayRef padding) {
   constexpr const char* op = "conv_wgrad";
   const c10::SymInt cin = check_activation(op, "x", x);
   check_activation(op, "dy", dy);
   TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
   const int64_t k = check_conv_weight(op, weight, cin, "x", x);
-  check_nhwc_shape(op, "dy", dy, x.sym_size(0), conv_output_size(x.sym_size(1), k, stride),
-                   conv_output_size(x.sym_size(2), k, stride), weight.sym_size(0), "x", x);
+  const ConvPadding pad = conv_padding(op, padding, k);
+  check_padded_size(op, "x", x.sym_size(1), x.sym_size(2), k, pad);
+  check_nhwc_shape(op, "dy", dy, x.sym_size(0),
+                   conv_output_size(x.sym_size(1), k, stride, pad.top, pad.bottom),
+                   conv_output_size(x.sym_size(2), k, stride, pad.left, pad.right),
+                   weight.sym_size(0), "x", x);
   check_channel_vector(op, "scale", scale, cin, x);
   check_channel_vector(op, "shift", shift, cin, x);
   return k;
@@ -309,10 +349,13 @@ Tensor3 bn_relu_backward_reduce_meta(const Tensor& t, const Tensor& h, const Ten
 
 Tensor4 conv_bnrelu_meta(const Tensor& x, const Tensor& weight, const Tensor& scale,
                          const Tensor& shift, const OptionalTensor& residual, int64_t stride,
-                         bool stats) {
-  const int64_t k = check_conv_bnrelu_args(x, weight, scale, shift, residual, stride);
-  Tensor y = at::empty_symint({x.sym_size(0), conv_output_size(x.sym_size(1), k, stride),
-                               conv_output_size(x.sym_size(2), k, stride), weight.sym_size(0)},
+                         bool stats, at::OptionalIntArrayRef padding) {
+  const int64_t k = check_conv_bnrelu_args(x, weight, scale, shift, residual, stride, padding);
+  const ConvPadding pad = conv_padding("conv_bnrelu", padding, k);
+  Tensor y = at::empty_symint({x.sym_size(0),
+                               conv_output_size(x.sym_size(1), k, stride, pad.top, pad.bottom),
+                               conv_output_size(x.sym_size(2), k, stride, pad.left, pad.right),
+                               weight.sym_size(0)},
                               x.options());
   if (!stats) return {y, empty_statistic(x), empty_statistic(x), empty_statistic(x)};
   auto [pmean, pm2, pcount] = empty_partials_of(y);
@@ -322,8 +365,10 @@ Tensor4 conv_bnrelu_meta(const Tensor& x, const Tensor& weight, const Tensor& sc
 Tensor3 conv_dgrad_meta(const Tensor& dy, const Tensor& weight, const OptionalTensor& h,
                         const OptionalTensor& scale, const OptionalTensor& shift,
                         const OptionalTensor& mean, const OptionalTensor& invstd,
-                        const OptionalTensor& add, int64_t stride, int64_t height, int64_t width) {
-  check_conv_dgrad_args(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width);
+                        const OptionalTensor& add, int64_t stride, int64_t height, int64_t width,
+                        at::OptionalIntArrayRef padding) {
+  check_conv_dgrad_args(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width,
+                        padding);
   Tensor g = at::empty_symint({dy.sym_size(0), height, width, weight.sym_size(1)}, dy.options());
   if (!h.has_value()) return {g, empty_statistic(dy), empty_statistic(dy)};
   const auto options = stat_like(dy);
@@ -332,8 +377,8 @@ Tensor3 conv_dgrad_meta(const Tensor& dy, const Tensor& weight, const OptionalTe
 }
 
 Tensor conv_wgrad_meta(const Tensor& dy, const Tensor& x, const Tensor& scale, const Tensor& shift,
-                       const Tensor& weight, int64_t stride) {
-  check_conv_wgrad_args(dy, x, scale, shift, weight, stride);
+                       const Tensor& weight, int64_t stride, at::OptionalIntArrayRef padding) {
+  check_conv_wgrad_args(dy, x, scale, shift, weight, stride, padding);
   return at::empty_symint(weight.sym_sizes(), weight.options());
 }
 

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/OptionalArrayRef.h>
 
 #include <optional>
 #include <tuple>
@@ -68,18 +69,33 @@ void check_bn_backward_finish_args(const Tensor& g, const Tensor& h, const Tenso
 void check_bn_relu_backward_reduce_args(const Tensor& t, const Tensor& h, const Tensor& scale,
                                         const Tensor& shift, const Tensor& mean,
                                         const Tensor& invstd, const OptionalTensor& add);
-// These three return the conv's kernel size K.
+// Zero padding of a conv's activated input, per side, in F.pad's order of the operators'
+// `padding` argument ([left, right, top, bottom]).
+struct ConvPadding {
+  int64_t left, right, top, bottom;
+  bool symmetric() const { return left == right && top == bottom; }
+  bool zero() const { return left == 0 && right == 0 && top == 0 && bottom == 0; }
+};
+// The operators' `padding`: 4 non-negative ints, or K / 2 on every side when absent; raises a
+// c10::Error naming op and `padding` otherwise.
+ConvPadding conv_padding(const char* op, at::OptionalIntArrayRef padding, int64_t kernel_size);
+// These three return the conv's kernel size K; `padding` is checked with conv_padding, and the
+// padded input must hold one window (H + top + bottom >= K, likewise W).
 int64_t check_conv_bnrelu_args(const Tensor& x, const Tensor& weight, const Tensor& scale,
-                               const Tensor& shift, const OptionalTensor& residual, int64_t stride);
+                               const Tensor& shift, const OptionalTensor& residual, int64_t stride,
+                               at::OptionalIntArrayRef padding);
 int64_t check_conv_dgrad_args(const Tensor& dy, const Tensor& weight, const OptionalTensor& h,
                               const OptionalTensor& scale, const OptionalTensor& shift,
                               const OptionalTensor& mean, const OptionalTensor& invstd,
                               const OptionalTensor& add, int64_t stride, int64_t height,
-                              int64_t width);
+                              int64_t width, at::OptionalIntArrayRef padding);
 int64_t check_conv_wgrad_args(const Tensor& dy, const Tensor& x, const Tensor& scale,
-                              const Tensor& shift, const Tensor& weight, int64_t stride);
-// Output height / width of a conv with padding K // 2.
-c10::SymInt conv_output_size(const c10::SymInt& size, int64_t kernel_size, int64_t stride);
+                              const Tensor& shift, const Tensor& weight, int64_t stride,
+                              at::OptionalIntArrayRef padding);
+// Output height / width of a conv with `before` + `after` zero padding:
+// (size + before + after - K) / stride + 1.
+c10::SymInt conv_output_size(const c10::SymInt& size, int64_t kernel_size, int64_t stride,
+                             int64_t before, int64_t after);
 
 // ---- CPU -------------------------------------------------------------------------------------
 Tensor3 channel_stats_cpu(const Tensor& x);
@@ -123,13 +139,15 @@ Tensor3 dgrad_epilogue(const Tensor& conv_out, const OptionalTensor& add, const 
 
 // ---- conv composites (conv_ops.cpp), registered for CPU and CUDA -----------------------
 Tensor4 conv_bnrelu(const Tensor& x, const Tensor& weight, const Tensor& scale, const Tensor& shift,
-                    const OptionalTensor& residual, int64_t stride, bool stats);
+                    const OptionalTensor& residual, int64_t stride, bool stats,
+                    at::OptionalIntArrayRef padding);
 Tensor3 conv_dgrad(const Tensor& dy, const Tensor& weight, const OptionalTensor& h,
                    const OptionalTensor& scale, const OptionalTensor& shift,
                    const OptionalTensor& mean, const OptionalTensor& invstd,
-                   const OptionalTensor& add, int64_t stride, int64_t height, int64_t width);
+                   const OptionalTensor& add, int64_t stride, int64_t height, int64_t width,
+                   at::OptionalIntArrayRef padding);
 Tensor conv_wgrad(const Tensor& dy, const Tensor& x, const Tensor& scale, const Tensor& shift,
-                  const Tensor& weight, int64_t stride);
+                  const Tensor& weight, int64_t stride, at::OptionalIntArrayRef padding);
 
 // ---- Meta (unit_checks.cpp): checks and output shapes only -------------------------------------
 Tensor3 channel_stats_meta(const Tensor& x);
@@ -148,12 +166,13 @@ Tensor3 bn_relu_backward_reduce_meta(const Tensor& t, const Tensor& h, const Ten
                                      const OptionalTensor& add);
 Tensor4 conv_bnrelu_meta(const Tensor& x, const Tensor& weight, const Tensor& scale,
                          const Tensor& shift, const OptionalTensor& residual, int64_t stride,
-                         bool stats);
+                         bool stats, at::OptionalIntArrayRef padding);
 Tensor3 conv_dgrad_meta(const Tensor& dy, const Tensor& weight, const OptionalTensor& h,
                         const OptionalTensor& scale, const OptionalTensor& shift,
                         const OptionalTensor& mean, const OptionalTensor& invstd,
-                        const OptionalTensor& add, int64_t stride, int64_t height, int64_t width);
+                        const OptionalTensor& add, int64_t stride, int64_t height, int64_t width,
+                        at::OptionalIntArrayRef padding);
 Tensor conv_wgrad_meta(const Tensor& dy, const Tensor& x, const Tensor& scale, const Tensor& shift,
-                       const Tensor& weight, int64_t stride);
+                       const Tensor& weight, int64_t stride, at::OptionalIntArrayRef padding);
 
 }  // namespace fused_preact

@@ -9,8 +9,17 @@ their subclasses, so they hold the same modules under the same names: a
 or ``"auto"`` (the fastest backend that can run the input; eager, with one
 warning, when none can). The choice is made per call from the input, so a unit
 built on the CPU can move to a GPU. The backend is not part of the state.
+
+``conv_padding`` (not state either; ``None`` by default) describes nets that pad
+explicitly, e.g. ``F.pad`` / ``nn.ZeroPad2d`` before a ``padding=0`` conv, "SAME"
+padding of TensorFlow ports included: one ``(left, right, top, bottom)`` per branch
+conv (``conv1`` .. ``convN``), the total zero padding of that conv's activated input.
+The fused kernels pad per side in their prologue; the eager path runs ``F.pad`` and
+the conv without padding. Shortcut projections take no padding.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -23,9 +32,20 @@ class _FusedUnitMixin:
     """Forward through the dispatch layer; eager falls back to the reference unit."""
 
     backend: str
+    num_convs: int
 
     def _set_backend(self, backend: str) -> None:
         self.backend = dispatch.check_backend(backend)
+
+    @property
+    def conv_padding(self) -> Optional[tuple[tuple[int, int, int, int], ...]]:
+        """None (each branch conv pads ``K // 2`` per side) or one ``(left, right, top, bottom)``
+        per branch conv: the total zero padding of its activated input (see the module docstring)."""
+        return getattr(self, "_conv_padding", None)
+
+    @conv_padding.setter
+    def conv_padding(self, value) -> None:
+        self._conv_padding = check_conv_padding(value, self.num_convs, type(self).__name__)
 
     def forward(self, x: torch.Tensor, stats_in=None, return_stats: bool = False):
         """``y = unit(x)``. Inside a model of fused units, ``stats_in`` carries the partial
@@ -51,7 +71,26 @@ class _FusedUnitMixin:
         return (y, stats) if return_stats else y
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend}"
+        padding = "" if self.conv_padding is None else f", conv_padding={self.conv_padding}"
+        return f"{super().extra_repr()}, backend={self.backend}{padding}"
+
+
+def check_conv_padding(value, num_convs: int, unit_name: str) -> Optional[tuple[tuple[int, int, int, int], ...]]:
+    """``conv_padding`` checked: None, or ``num_convs`` entries of 4 non-negative ints each."""
+    if value is None:
+        return None
+    entries = tuple(value) if isinstance(value, (tuple, list)) else None
+    if entries is None or len(entries) != num_convs:
+        raise ValueError(f"{unit_name}: conv_padding must be None or {num_convs} (left, right, top, bottom) "
+                         f"tuples, one per branch conv, got {value!r}")
+    checked = []
+    for i, entry in enumerate(entries, start=1):
+        if (not isinstance(entry, (tuple, list)) or len(entry) != 4
+                or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in entry)):
+            raise ValueError(f"{unit_name}: conv_padding entry {i} (conv{i}) must be 4 non-negative ints "
+                             f"(left, right, top, bottom), got {entry!r}")
+        checked.append(tuple(entry))
+    return tuple(checked)
 
 
 class FusedPreActBlock(_FusedUnitMixin, PreActBlock):

@@ -25,6 +25,11 @@ subsampled NHWC rows, ``x[:, ::s, ::s, :] @ W^T``, and so is its weight gradient
 its data gradient is ``conv_dgrad`` without ``h`` and joins the input gradient in
 the first ``bn_backward_finish`` (as the identity shortcut's dy does).
 
+Explicit padding (``unit.conv_padding``, e.g. an ``F.pad`` before a ``padding=0``
+conv, asymmetric "SAME" padding too): each branch conv's ``(left, right, top,
+bottom)`` zero padding of its activated input goes to its three operators as their
+``padding`` argument; without it they take no such argument (``K // 2``).
+
 The backward is first-order only: differentiating it again (``create_graph=True``,
 gradient penalties) raises an error that says to use ``backend="eager"``.
 
@@ -70,6 +75,13 @@ class UnitPlan:
     shortcut_stride: int
     pad_channels: int
     bn: tuple[BatchNormMode, ...]
+    # per branch conv, the (left, right, top, bottom) zero padding of its activated input;
+    # None: K // 2 on every side (the operators' default)
+    paddings: Optional[tuple[tuple[int, int, int, int], ...]] = None
+
+    def padding_args(self, i: int) -> tuple:
+        """The trailing ``padding`` argument of conv ``i``'s operators: none for the default."""
+        return () if self.paddings is None else (list(self.paddings[i]),)
 
 
 def batchnorm_mode(bn: nn.BatchNorm2d) -> BatchNormMode:
@@ -89,10 +101,34 @@ def unit_plan(unit: nn.Module) -> UnitPlan:
         shortcut, pad_channels = "pad", unit.pad_shortcut.extra_channels
     else:
         shortcut, pad_channels = "identity", 0
+    if unit.shortcut is not None and tuple(unit.shortcut.padding) != (0, 0):
+        raise ValueError(f"{type(unit).__name__}: the shortcut projection has padding "
+                         f"{tuple(unit.shortcut.padding)}; the fused unit runs 1x1 projections without padding "
+                         f"(explicit padding, conv_padding, applies to the branch convs only)")
+    paddings = getattr(unit, "conv_padding", None)
     return UnitPlan(kernel_sizes=tuple(c.kernel_size[0] for c in convs),
                     strides=tuple(c.stride[0] for c in convs),
                     shortcut=shortcut, shortcut_stride=unit.stride, pad_channels=pad_channels,
-                    bn=tuple(batchnorm_mode(bn) for bn in bns))
+                    bn=tuple(batchnorm_mode(bn) for bn in bns),
+                    paddings=None if paddings is None else tuple(tuple(p) for p in paddings))
+
+
+def check_branch_shape(plan: UnitPlan, height: int, width: int, unit_name: str) -> None:
+    """With explicit padding, the branch's output must have the shortcut's height and width."""
+    if plan.paddings is None:
+        return
+    from .unit_ops import padded_output_shape
+    h, w = height, width
+    for k, s, padding in zip(plan.kernel_sizes, plan.strides, plan.paddings):
+        try:
+            h, w = padded_output_shape(h, w, k, s, padding)
+        except ValueError as error:
+            raise ValueError(f"{unit_name}: conv_padding {plan.paddings}: {error}") from None
+    s = plan.shortcut_stride
+    expected = ((height - 1) // s + 1, (width - 1) // s + 1)
+    if (h, w) != expected:
+        raise ValueError(f"{unit_name}: with conv_padding {plan.paddings} the residual branch turns a "
+                         f"{height}x{width} input into {h}x{w}, but the shortcut gives {expected[0]}x{expected[1]}")
 
 
 # -- synchronized statistics ---------------------------------------------------
@@ -219,7 +255,8 @@ class FusedUnitFunction(torch.autograd.Function):
             last = i == n_triples - 1
             emit_stats = want_stats if last else plan.bn[i + 1].batch_stats
             h_next, pmean, pm2, pcount = ops.conv_bnrelu(h, conv_weight, scale, shift,
-                                                         residual if last else None, plan.strides[i], emit_stats)
+                                                         residual if last else None, plan.strides[i], emit_stats,
+                                                         *plan.padding_args(i))
             inputs.append(h)
             stats.append((mean, invstd, scale, shift))
             counts.append(count)
@@ -258,7 +295,7 @@ class FusedUnitFunction(torch.autograd.Function):
             h, (mean, invstd, scale, shift) = inputs[i], stats[i]
             mode = plan.bn[i]
             height, width = h.shape[1], h.shape[2]
-            dweight = ops.conv_wgrad(g, h, scale, shift, conv_weights[i], plan.strides[i])
+            dweight = ops.conv_wgrad(g, h, scale, shift, conv_weights[i], plan.strides[i], *plan.padding_args(i))
             joining, shortcut_grad = None, None
             if i == 0:
                 if plan.shortcut == "projection":
@@ -276,7 +313,8 @@ class FusedUnitFunction(torch.autograd.Function):
                 else:
                     shortcut_grad = dy
             g_masked, sum_g, sum_g_xhat = ops.conv_dgrad(g, conv_weights[i], h, scale, shift, mean, invstd,
-                                                         joining, plan.strides[i], height, width)
+                                                         joining, plan.strides[i], height, width,
+                                                         *plan.padding_args(i))
             bn_weight = bn_weights[i]
             grads[6 * i + 0] = sum_g_xhat.to(bn_weight.dtype)
             grads[6 * i + 1] = sum_g.to(bn_weight.dtype)
@@ -310,6 +348,7 @@ def run_fused_unit(ops: Any, unit: nn.Module, x: torch.Tensor, stats_in: Optiona
     bns = [getattr(unit, f"bn{i}") for i in range(1, unit.num_convs + 1)]
     convs = [getattr(unit, f"conv{i}") for i in range(1, unit.num_convs + 1)]
     plan = unit_plan(unit)
+    check_branch_shape(plan, x.shape[2], x.shape[3], type(unit).__name__)
     for bn in bns:  # as nn.BatchNorm2d.forward, before the statistics are used
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)

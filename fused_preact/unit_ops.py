@@ -13,8 +13,15 @@ Conventions shared by every operator
   ``[N, C, H, W]`` tensor permuted with ``.permute(0, 2, 3, 1)``). Matrices of
   per-row data flatten them to ``[N*H*W, C]``.
 - A conv weight is the ``nn.Conv2d`` weight ``[Cout, Cin, K, K]`` with K in (1, 3),
-  any strides, float32 or the activation dtype. Padding is ``K // 2``, dilation 1,
-  groups 1, no bias. The op rounds the weight to the activation dtype before the
+  any strides, float32 or the activation dtype. Dilation 1, groups 1, no bias.
+  Padding: the three conv operators take an optional ``padding = [left, right, top,
+  bottom]`` (``F.pad``'s order for the last two dims: W sides, then H sides), four
+  non-negative ints, of zeros around the conv input's pre-activation (so an
+  ``F.pad`` / ``nn.ZeroPad2d`` before a ``padding=0`` conv, asymmetric "SAME"
+  padding too); ``None`` (the default) is ``K // 2`` on every side. The output is
+  ``Ho = (H + top + bottom - K) // stride + 1``, ``Wo = (W + left + right - K) //
+  stride + 1``; the padded input must hold one window (a clear error naming
+  ``padding`` otherwise). The op rounds the weight to the activation dtype before the
   product (as autocast does), accumulates in fp32, and returns weight gradients in
   the weight's own dtype.
 - The "pre-activation" of a conv input ``h`` is ``a = relu(scale[c] * h + shift[c])``
@@ -50,18 +57,20 @@ Operators (schemas as registered)
     incremented ``num_batches_tracked``). Nothing here reads a value back to the host.
 
 ``conv_bnrelu(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual,
-              int stride, bool stats) -> (Tensor y, Tensor pmean, Tensor pm2, Tensor pcount)``
-    ``y = conv(relu(scale * x + shift), weight, stride) (+ residual)``, NHWC, in
+              int stride, bool stats, int[]? padding=None)
+              -> (Tensor y, Tensor pmean, Tensor pm2, Tensor pcount)``
+    ``y = conv(pad(relu(scale * x + shift), padding), weight, stride) (+ residual)``, NHWC, in
     x's dtype. ``residual`` has y's shape and dtype and is added in the epilogue
     (fp32, before rounding y). With ``stats=True`` the epilogue also emits the
     partials of y's per-channel statistics (of the value after the residual add,
     as rounded and stored); with ``stats=False`` they are empty tensors.
 
 ``conv_dgrad(Tensor dy, Tensor weight, Tensor? h, Tensor? scale, Tensor? shift,
-             Tensor? mean, Tensor? invstd, Tensor? add, int stride, int height, int width)
-             -> (Tensor g, Tensor sum_g, Tensor sum_g_xhat)``
-    The data gradient of ``conv_bnrelu``'s convolution: ``t = conv_input_grad(dy,
-    weight)`` of NHWC shape ``[N, height, width, Cin]``, plus ``add`` when given
+             Tensor? mean, Tensor? invstd, Tensor? add, int stride, int height, int width,
+             int[]? padding=None) -> (Tensor g, Tensor sum_g, Tensor sum_g_xhat)``
+    The data gradient of ``conv_bnrelu``'s convolution (same ``stride`` and ``padding``):
+    ``t = conv_input_grad(dy, weight)`` of NHWC shape ``[N, height, width, Cin]`` (the
+    gradient of the unpadded input; ``height``/``width`` must give dy's size), plus ``add`` when given
     (a gradient that joins at the same point, e.g. the projection shortcut's). With
     ``h`` given (the conv's raw input, before its BN-ReLU): ``g = t * (scale * h +
     shift > 0)`` (the ReLU mask, recomputed) and the float32 ``[Cin]`` reductions
@@ -70,8 +79,8 @@ Operators (schemas as registered)
     empty tensors. ``g`` is in dy's dtype.
 
 ``conv_wgrad(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor weight,
-             int stride) -> Tensor dweight``
-    The weight gradient of ``conv_bnrelu``: the input's pre-activation is recomputed
+             int stride, int[]? padding=None) -> Tensor dweight``
+    The weight gradient of ``conv_bnrelu`` (same ``stride`` and ``padding``): the input's pre-activation is recomputed
     from ``x`` as it is loaded. ``weight`` is only read for its shape and dtype;
     ``dweight`` is ``[Cout, Cin, K, K]`` contiguous, in weight's dtype.
 
@@ -86,6 +95,8 @@ Operators (schemas as registered)
 """
 from __future__ import annotations
 
+from typing import Optional
+
 OPERATORS = ("channel_stats", "bn_finalize", "conv_bnrelu", "conv_dgrad", "conv_wgrad",
              "bn_backward_finish")
 
@@ -95,18 +106,50 @@ SCHEMAS = {
                     "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? num_batches_tracked, "
                     "float momentum, float eps) -> (Tensor mean, Tensor invstd, Tensor scale, Tensor shift)"),
     "conv_bnrelu": ("(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, "
-                    "int stride, bool stats) -> (Tensor y, Tensor pmean, Tensor pm2, Tensor pcount)"),
+                    "int stride, bool stats, int[]? padding=None) "
+                    "-> (Tensor y, Tensor pmean, Tensor pm2, Tensor pcount)"),
     "conv_dgrad": ("(Tensor dy, Tensor weight, Tensor? h, Tensor? scale, Tensor? shift, Tensor? mean, "
-                   "Tensor? invstd, Tensor? add, int stride, int height, int width) "
-                   "-> (Tensor g, Tensor sum_g, Tensor sum_g_xhat)"),
-    "conv_wgrad": ("(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor weight, int stride) "
-                   "-> Tensor dweight"),
+                   "Tensor? invstd, Tensor? add, int stride, int height, int width, "
+                   "int[]? padding=None) -> (Tensor g, Tensor sum_g, Tensor sum_g_xhat)"),
+    "conv_wgrad": ("(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor weight, int stride, "
+                   "int[]? padding=None) -> Tensor dweight"),
     "bn_backward_finish": ("(Tensor g, Tensor h, Tensor mean, Tensor invstd, Tensor weight, "
                            "Tensor sum_g, Tensor sum_g_xhat, float count, Tensor? add, bool batch_stats) "
                            "-> Tensor dh"),
 }
 
 
-def conv_output_size(size: int, kernel_size: int, stride: int) -> int:
-    """Output height/width of a conv with padding ``kernel_size // 2``."""
-    return (size + 2 * (kernel_size // 2) - kernel_size) // stride + 1
+Padding = tuple[int, int, int, int]   # (left, right, top, bottom)
+
+
+def conv_padding(padding, kernel_size: int) -> Padding:
+    """The conv operators' ``padding`` checked, as ``(left, right, top, bottom)``;
+    ``None`` is ``kernel_size // 2`` on every side. Raises ValueError naming ``padding``."""
+    if padding is None:
+        return (kernel_size // 2,) * 4
+    if isinstance(padding, (str, bytes)) or not hasattr(padding, "__len__") or len(padding) != 4:
+        raise ValueError(f"padding must be 4 ints [left, right, top, bottom] (F.pad's order) or None, "
+                         f"got {padding!r}")
+    if not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in padding):
+        raise ValueError(f"padding must be 4 non-negative ints [left, right, top, bottom], got {padding!r}")
+    return tuple(padding)
+
+
+def conv_output_size(size: int, kernel_size: int, stride: int, before: Optional[int] = None,
+                     after: Optional[int] = None) -> int:
+    """Output height/width of a conv with ``before`` + ``after`` zero padding
+    (``kernel_size // 2`` each when None)."""
+    before = kernel_size // 2 if before is None else before
+    after = kernel_size // 2 if after is None else after
+    return (size + before + after - kernel_size) // stride + 1
+
+
+def padded_output_shape(height: int, width: int, kernel_size: int, stride: int, padding) -> tuple[int, int]:
+    """``(Ho, Wo)`` of a conv operator's output for its (checked) ``padding``; raises ValueError
+    naming ``padding`` when the padded input holds no window."""
+    left, right, top, bottom = conv_padding(padding, kernel_size)
+    if height + top + bottom < kernel_size or width + left + right < kernel_size:
+        raise ValueError(f"padding {[left, right, top, bottom]} (left, right, top, bottom) of a {height}x{width} "
+                         f"input is smaller than the {kernel_size}x{kernel_size} kernel")
+    return (conv_output_size(height, kernel_size, stride, top, bottom),
+            conv_output_size(width, kernel_size, stride, left, right))

@@ -115,6 +115,12 @@ class PadShortcut(nn.Module):
 class ResidualUnit(nn.Module):
     """One residual unit of any variant in the paper (see the module docstring).
 
+    ``conv_padding`` (not an argument, not state; ``None`` here, set on fused units by
+    ``convert_to_fused`` for nets that pad explicitly): ``None``, or one ``(left, right,
+    top, bottom)`` per branch conv, the total zero padding of that conv's input, which
+    then runs as ``F.pad`` followed by the conv with padding 0 (its own ``padding`` is
+    not used).
+
     Args:
         in_channels, out_channels: channels of the unit's input and output.
         stride: spatial stride of the unit (1 or 2).
@@ -132,6 +138,9 @@ class ResidualUnit(nn.Module):
         gate_bias: initial gate bias ``b_g`` of the gating shortcuts.
         dropout: drop ratio of ``shortcut="dropout"``.
     """
+
+    # explicit zero padding of each branch conv's input, or None (each conv's own padding)
+    conv_padding = None
 
     def __init__(
         self,
@@ -216,21 +225,29 @@ class ResidualUnit(nn.Module):
             x = self.bn1(x)
         return F.relu(x)
 
+    def _branch_conv(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Branch conv ``i`` (1-based) of ``h``: with ``conv_padding``, ``F.pad`` by its entry and
+        the conv without padding; else the conv module itself."""
+        conv = getattr(self, f"conv{i}")
+        if self.conv_padding is None:
+            return conv(h)
+        return F.conv2d(F.pad(h, tuple(self.conv_padding[i - 1])), conv.weight, conv.bias, conv.stride, 0,
+                        conv.dilation, conv.groups)
+
     def _residual(self, x: torch.Tensor, preactivated: bool) -> torch.Tensor:
         h = x
         for i in range(1, self.num_convs + 1):
-            conv = getattr(self, f"conv{i}")
             last = i == self.num_convs
             if self.activation == "full_preact":           # BN -> ReLU -> conv
                 if not (i == 1 and preactivated):
                     h = F.relu(getattr(self, f"bn{i}")(h))
-                h = conv(h)
+                h = self._branch_conv(i, h)
             elif self.activation == "relu_only_preact":    # ReLU -> conv -> BN
                 if not (i == 1 and preactivated):
                     h = F.relu(h)
-                h = getattr(self, f"bn{i}")(conv(h))
+                h = getattr(self, f"bn{i}")(self._branch_conv(i, h))
             else:                                          # conv -> BN -> ReLU
-                h = conv(h)
+                h = self._branch_conv(i, h)
                 if not last:
                     h = F.relu(getattr(self, f"bn{i}")(h))
                 elif self.activation == "original":

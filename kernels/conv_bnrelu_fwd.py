@@ -1,8 +1,10 @@
-# conv_bnrelu_fwd: y = conv(relu(scale * x + shift), weight, stride) (+ residual), NHWC, with the
-# partial statistics of y for the next BN; the forward of a BN-ReLU-conv triple.
+# conv_bnrelu_fwd: y = conv(pad(relu(scale * x + shift)), weight, stride) (+ residual), NHWC, with
+# the partial statistics of y for the next BN; the forward of a BN-ReLU-conv triple.
 #
 #   x [N, H, W, Cin] contiguous, weight [Cout, Cin, K, K] (nn.Conv2d, any strides, float32 or
-#   x's dtype; rounded to x's dtype on load), scale/shift [Cin] float32, padding K // 2
+#   x's dtype; rounded to x's dtype on load), scale/shift [Cin] float32, zero padding
+#   (left, right, top, bottom) of the activated input (K // 2 each by default; any non-negative
+#   sides: the kernel takes the top and left ones, the output size carries the others)
 #   -> y [N, Ho, Wo, Cout] in x's dtype; pmean/pm2 [T, Cout], pcount [T] float32 when stats
 #
 # Implicit GEMM: rows are output pixels (M = N*Ho*Wo), columns output channels, the reduction
@@ -23,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import conv_common as cc
-from fused_preact.unit_ops import conv_output_size
+from fused_preact.unit_ops import conv_padding, padded_output_shape
 
 # Rows per partial-statistics row (divides every BLOCK_M).
 STATS_ROWS = 64
@@ -35,6 +37,7 @@ def _conv_bnrelu_fwd_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, residual_ptr, y_ptr, pmean_ptr, pm2_ptr, pcount_ptr,
     # sizes
     num_rows, height, width, cin, out_height, out_width, cout, kernel_size, stride, num_partials,
+    pad_top, pad_left,
     # weight strides (Cout, Cin, Kh, Kw)
     w_stride_co, w_stride_ci, w_stride_kh, w_stride_kw,
     # meta-parameters
@@ -54,9 +57,8 @@ def _conv_bnrelu_fwd_kernel(
     wo = rows % out_width
     ho = (rows // out_width) % out_height
     image_base = (rows // (out_width * out_height)) * height
-    pad = kernel_size // 2
-    hi_origin = ho * stride - pad
-    wi_origin = wo * stride - pad
+    hi_origin = ho * stride - pad_top
+    wi_origin = wo * stride - pad_left
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < cout
 
@@ -121,7 +123,8 @@ def stats_rows(n: int, out_height: int, out_width: int) -> int:
     return triton.cdiv(n * out_height * out_width, STATS_ROWS)
 
 
-def _check(x, weight, scale, shift, residual, stride) -> int:
+def _check(x, weight, scale, shift, residual, stride, padding) -> tuple:
+    """Checks the arguments; returns K and the output's (Ho, Wo)."""
     cc.check_activation("x", x)
     k = cc.check_weight(weight, x.dtype, x.device)
     if weight.shape[1] != x.shape[-1]:
@@ -130,22 +133,22 @@ def _check(x, weight, scale, shift, residual, stride) -> int:
     cc.check_channel_vector("scale", scale, x.shape[-1], vector_dtype, x.device)
     cc.check_channel_vector("shift", shift, x.shape[-1], vector_dtype, x.device)
     cc.check_stride(stride)
+    n, h, w, _ = x.shape
+    out_shape = padded_output_shape(h, w, k, stride, padding)
     if residual is not None:
         cc.check_activation("residual", residual, x.dtype)
         cc.check_same_device("residual", residual, x.device)
-        n, h, w, _ = x.shape
-        cc.check_shape("residual", residual,
-                       (n, conv_output_size(h, k, stride), conv_output_size(w, k, stride), weight.shape[0]))
-    return k
+        cc.check_shape("residual", residual, (n, *out_shape, weight.shape[0]))
+    return k, out_shape
 
 
 def conv_bnrelu_fwd(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                    residual: Optional[torch.Tensor], stride: int, stats: bool):
+                    residual: Optional[torch.Tensor], stride: int, stats: bool, padding=None):
     """``(y, pmean, pm2, pcount)``: the ``conv_bnrelu`` operator of ``fused_preact.unit_ops``."""
-    k = _check(x, weight, scale, shift, residual, stride)
+    k, (out_height, out_width) = _check(x, weight, scale, shift, residual, stride, padding)
+    pad_left, _, pad_top, _ = conv_padding(padding, k)
     n, height, width, cin = x.shape
     cout = weight.shape[0]
-    out_height, out_width = conv_output_size(height, k, stride), conv_output_size(width, k, stride)
     num_rows = n * out_height * out_width
     y = torch.empty(n, out_height, out_width, cout, dtype=x.dtype, device=x.device)
     partial_dtype = cc.stat_dtype(x.dtype)
@@ -165,7 +168,7 @@ def conv_bnrelu_fwd(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     kernel[grid](
         x, weight, scale, shift, residual if residual is not None else y, y, pmean, pm2, pcount,
         num_rows, height, width, cin, out_height, out_width, cout, k, stride, num_partials,
-        *weight.stride(),
+        pad_top, pad_left, *weight.stride(),
         HAS_RESIDUAL=residual is not None, STATS=bool(stats), STATS_ROWS=STATS_ROWS,
         **cc.dot_meta(x.dtype), **launch_meta)
     return y, pmean, pm2, pcount
@@ -174,7 +177,8 @@ def conv_bnrelu_fwd(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
 def aot_variants():
     """Every configuration ``conv_bnrelu_fwd`` can launch, for the ahead-of-time compile test.
 
-    Kernel size and stride are runtime sizes (one compile serves 1x1/3x3, stride 1/2).
+    Kernel size, stride and padding are runtime sizes (one compile serves 1x1/3x3, stride 1/2,
+    and every padding).
     """
     for dtype, io in cc.DTYPES.items():
         vector = "fp64" if dtype == torch.float64 else "fp32"
@@ -197,7 +201,8 @@ def aot_variants():
                                     "pm2_ptr": f"*{vector}", "pcount_ptr": f"*{vector}",
                                     **{s: "i32" for s in ("num_rows", "height", "width", "cin", "out_height",
                                                           "out_width", "cout", "kernel_size", "stride",
-                                                          "num_partials", "w_stride_co", "w_stride_ci",
+                                                          "num_partials", "pad_top", "pad_left",
+                                                          "w_stride_co", "w_stride_ci",
                                                           "w_stride_kh", "w_stride_kw")},
                                     **{c: "constexpr" for c in ("HAS_RESIDUAL", "STATS", "STATS_ROWS",
                                                                 "DOT_PRECISION", "UPCAST_DOT", *blocks)},

@@ -1,7 +1,8 @@
 # conv_dgrad: the data gradient of a BN-ReLU-conv triple, up to BN backward's two reductions.
 #
 #   dy [N, Ho, Wo, Cout] contiguous, weight [Cout, Cin, K, K] (nn.Conv2d, any strides, float32 or
-#   dy's dtype; rounded to dy's dtype on load), padding K // 2, stride 1 or 2
+#   dy's dtype; rounded to dy's dtype on load), stride 1 or 2, the forward's zero padding
+#   (left, right, top, bottom; K // 2 each by default): the kernel takes the top and left ones
 #   t = conv_input_grad(dy, weight)  [N, height, width, Cin]      (+ add, when given)
 #   with h (the conv's raw input) given:
 #     g = t * (scale * h + shift > 0)                             (the ReLU mask, recomputed)
@@ -25,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import conv_common as cc
-from fused_preact.unit_ops import conv_output_size
+from fused_preact.unit_ops import conv_padding, padded_output_shape
 
 
 @triton.jit
@@ -34,7 +35,7 @@ def _conv_dgrad_kernel(
     dy_ptr, w_ptr, h_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, add_ptr, g_ptr,
     partial_g_ptr, partial_g_xhat_ptr,
     # sizes
-    batch, height, width, cin, out_height, out_width, cout, kernel_size, stride,
+    batch, height, width, cin, out_height, out_width, cout, kernel_size, stride, pad_top, pad_left,
     # weight strides (Cout, Cin, Kh, Kw)
     w_stride_co, w_stride_ci, w_stride_kh, w_stride_kw,
     # meta-parameters
@@ -43,7 +44,6 @@ def _conv_dgrad_kernel(
 ):
     io_dtype = g_ptr.dtype.element_ty
     acc_dtype = partial_g_ptr.dtype.element_ty   # fp32, fp64 for fp64 activations
-    pad = kernel_size // 2
 
     # ---- the parity class (row parity, column parity) and its pixels ----
     parity_class = tl.program_id(1)
@@ -67,13 +67,14 @@ def _conv_dgrad_kernel(
     wi = wq * stride + parity_w
 
     # Taps reaching this class: kh = first_kh + stride * j (j < taps_h), from output row
-    # ho = (hi + pad - kh) / stride = hq + (parity_h + pad - first_kh) / stride - j; same for w.
-    first_kh = (parity_h + pad) % stride
-    first_kw = (parity_w + pad) % stride
+    # ho = (hi + pad_top - kh) / stride = hq + (parity_h + pad_top - first_kh) / stride - j; same
+    # for w with pad_left.
+    first_kh = (parity_h + pad_top) % stride
+    first_kw = (parity_w + pad_left) % stride
     taps_h = (kernel_size - first_kh + stride - 1) // stride
     taps_w = (kernel_size - first_kw + stride - 1) // stride
-    ho_origin = hq + (parity_h + pad - first_kh) // stride
-    wo_origin = wq + (parity_w + pad - first_kw) // stride
+    ho_origin = hq + (parity_h + pad_top - first_kh) // stride
+    wo_origin = wq + (parity_w + pad_left - first_kw) // stride
     image_base = image * out_height
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -131,7 +132,7 @@ _conv_dgrad_tuned = triton.autotune(
 )(_conv_dgrad_kernel)
 
 
-def _check(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width) -> int:
+def _check(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width, padding) -> int:
     cc.check_activation("dy", dy)
     k = cc.check_weight(weight, dy.dtype, dy.device)
     if weight.shape[0] != dy.shape[-1]:
@@ -141,10 +142,11 @@ def _check(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"{name} must be a positive int, got {size!r}")
     n, out_height, out_width, _ = dy.shape
-    expected = (conv_output_size(height, k, stride), conv_output_size(width, k, stride))
+    expected = padded_output_shape(height, width, k, stride, padding)
     if (out_height, out_width) != expected:
         raise ValueError(f"dy is {out_height}x{out_width} but a {k}x{k} stride-{stride} conv of a "
-                         f"{height}x{width} input gives {expected[0]}x{expected[1]}")
+                         f"{height}x{width} input with padding {list(conv_padding(padding, k))} "
+                         f"gives {expected[0]}x{expected[1]}")
     input_shape = (n, height, width, weight.shape[1])
     if add is not None:
         cc.check_activation("add", add, dy.dtype)
@@ -164,9 +166,10 @@ def _check(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width
 def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, h: Optional[torch.Tensor],
                scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], mean: Optional[torch.Tensor],
                invstd: Optional[torch.Tensor], add: Optional[torch.Tensor], stride: int, height: int,
-               width: int):
+               width: int, padding=None):
     """``(g, sum_g, sum_g_xhat)``: the ``conv_dgrad`` operator of ``fused_preact.unit_ops``."""
-    k = _check(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width)
+    k = _check(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width, padding)
+    pad_left, _, pad_top, _ = conv_padding(padding, k)
     n, out_height, out_width, cout = dy.shape
     cin = weight.shape[1]
     g = torch.empty(n, height, width, cin, dtype=dy.dtype, device=dy.device)
@@ -191,7 +194,8 @@ def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, h: Optional[torch.Tensor]
         shift if h is not None else partial_g, mean if h is not None else partial_g,
         invstd if h is not None else partial_g, add if add is not None else unused, g,
         partial_g, partial_g_xhat,
-        n, height, width, cin, out_height, out_width, cout, k, stride, *weight.stride(),
+        n, height, width, cin, out_height, out_width, cout, k, stride, pad_top, pad_left,
+        *weight.stride(),
         HAS_ADD=add is not None, HAS_H=h is not None, **cc.dot_meta(dy.dtype), **launch_meta)
     if h is None:
         empty = torch.empty(0, dtype=sum_dtype, device=dy.device)
@@ -202,7 +206,8 @@ def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, h: Optional[torch.Tensor]
 def aot_variants():
     """Every configuration ``conv_dgrad`` can launch, for the ahead-of-time compile test.
 
-    Kernel size and stride are runtime sizes (one compile serves 1x1/3x3, stride 1/2).
+    Kernel size, stride and padding are runtime sizes (one compile serves 1x1/3x3, stride 1/2,
+    and every padding).
     """
     for dtype, io in cc.DTYPES.items():
         vector = "fp64" if dtype == torch.float64 else "fp32"
@@ -226,8 +231,8 @@ def aot_variants():
                                     "partial_g_xhat_ptr": f"*{vector}",
                                     **{s: "i32" for s in ("batch", "height", "width", "cin", "out_height",
                                                           "out_width", "cout", "kernel_size", "stride",
-                                                          "w_stride_co", "w_stride_ci", "w_stride_kh",
-                                                          "w_stride_kw")},
+                                                          "pad_top", "pad_left", "w_stride_co",
+                                                          "w_stride_ci", "w_stride_kh", "w_stride_kw")},
                                     **{c: "constexpr" for c in ("HAS_ADD", "HAS_H", "DOT_PRECISION",
                                                                 "UPCAST_DOT", *blocks)},
                                 },

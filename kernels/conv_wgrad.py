@@ -1,7 +1,8 @@
 # conv_wgrad: the weight gradient of a BN-ReLU-conv triple, its input pre-activation recomputed.
 #
-#   dy [N, Ho, Wo, Cout], x [N, H, W, Cin] contiguous, scale/shift [Cin] float32, padding K // 2
-#   dW[co, ci, kh, kw] = sum over (n, ho, wo) of dy[n, ho, wo, co] * a[n, ho*s + kh - p, wo*s + kw - p, ci]
+#   dy [N, Ho, Wo, Cout], x [N, H, W, Cin] contiguous, scale/shift [Cin] float32, the forward's
+#   zero padding (left, right, top, bottom; K // 2 each by default)
+#   dW[co, ci, kh, kw] = sum over (n, ho, wo) of dy[n, ho, wo, co] * a[n, ho*s + kh - top, wo*s + kw - left, ci]
 #   with a = relu(scale * x + shift) rounded to x's dtype, zero in the padding
 #   -> dweight [Cout, Cin, K, K] contiguous, in weight's dtype
 #
@@ -20,7 +21,7 @@ import triton.language as tl
 
 from . import conv_common as cc
 from .runtime import interpreting
-from fused_preact.unit_ops import conv_output_size
+from fused_preact.unit_ops import conv_padding, padded_output_shape
 
 # Programs to aim for with split-K: a few waves of an H100 (132 SMs); the interpreter pays per program.
 TARGET_PROGRAMS = 4 * 132
@@ -37,6 +38,7 @@ def _conv_wgrad_kernel(
     dy_ptr, x_ptr, scale_ptr, shift_ptr, partial_ptr,
     # sizes
     num_rows, height, width, cin, out_height, out_width, cout, kernel_size, stride, rows_per_split,
+    pad_top, pad_left,
     # meta-parameters
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -53,7 +55,6 @@ def _conv_wgrad_kernel(
     split = tl.program_id(1)
     kh = tap // kernel_size
     kw = tap % kernel_size
-    pad = kernel_size // 2
 
     co = pid_co * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < cout
@@ -72,8 +73,8 @@ def _conv_wgrad_kernel(
         # dy^T tile [BLOCK_N, BLOCK_M]
         d = tl.load(dy_ptr + rows[None, :].to(tl.int64) * cout + co[:, None],
                     mask=row_ok[None, :] & co_ok[:, None], other=0.0)
-        hi = ho * stride + kh - pad
-        wi = wo * stride + kw - pad
+        hi = ho * stride + kh - pad_top
+        wi = wo * stride + kw - pad_left
         pixel_ok = row_ok & (hi >= 0) & (hi < height) & (wi >= 0) & (wi < width)
         a = cc.load_preact(x_ptr, scale_ptr, shift_ptr, (image * height + hi) * width + wi, pixel_ok, ci, cin, UPCAST_DOT)
         acc = tl.dot(cc.dot_operand(d, UPCAST_DOT), cc.dot_operand(a, UPCAST_DOT), acc,
@@ -101,7 +102,7 @@ def split_rows(num_rows: int, cin: int, cout: int, kernel_size: int) -> int:
     return triton.cdiv(quanta, splits) * SPLIT_ROW_QUANTUM
 
 
-def _check(dy, x, scale, shift, weight, stride) -> int:
+def _check(dy, x, scale, shift, weight, stride, padding) -> int:
     cc.check_activation("x", x)
     cc.check_activation("dy", dy, x.dtype)
     cc.check_same_device("dy", dy, x.device)
@@ -110,7 +111,7 @@ def _check(dy, x, scale, shift, weight, stride) -> int:
         raise ValueError(f"weight has {weight.shape[1]} input channels but x has {x.shape[-1]}")
     cc.check_stride(stride)
     n, h, w, _ = x.shape
-    cc.check_shape("dy", dy, (n, conv_output_size(h, k, stride), conv_output_size(w, k, stride), weight.shape[0]))
+    cc.check_shape("dy", dy, (n, *padded_output_shape(h, w, k, stride, padding), weight.shape[0]))
     vector_dtype = cc.stat_dtype(x.dtype)
     cc.check_channel_vector("scale", scale, x.shape[-1], vector_dtype, x.device)
     cc.check_channel_vector("shift", shift, x.shape[-1], vector_dtype, x.device)
@@ -118,9 +119,10 @@ def _check(dy, x, scale, shift, weight, stride) -> int:
 
 
 def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-               weight: torch.Tensor, stride: int) -> torch.Tensor:
+               weight: torch.Tensor, stride: int, padding=None) -> torch.Tensor:
     """``dweight [Cout, Cin, K, K]``: the ``conv_wgrad`` operator of ``fused_preact.unit_ops``."""
-    k = _check(dy, x, scale, shift, weight, stride)
+    k = _check(dy, x, scale, shift, weight, stride, padding)
+    pad_left, _, pad_top, _ = conv_padding(padding, k)
     n, height, width, cin = x.shape
     _, out_height, out_width, cout = dy.shape
     num_rows = n * out_height * out_width
@@ -139,7 +141,7 @@ def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: to
     kernel[grid](
         dy, x, scale, shift, partial,
         num_rows, height, width, cin, out_height, out_width, cout, k, stride, rows_per_split,
-        **cc.dot_meta(x.dtype), **launch_meta)
+        pad_top, pad_left, **cc.dot_meta(x.dtype), **launch_meta)
     # [split, tap, Cout, Cin] -> [Cout, Cin, K, K]
     dweight = partial.sum(0).permute(1, 2, 0).reshape(cout, cin, k, k)
     return dweight.to(weight.dtype).contiguous()
@@ -148,7 +150,8 @@ def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: to
 def aot_variants():
     """Every configuration ``conv_wgrad`` can launch, for the ahead-of-time compile test.
 
-    Kernel size and stride are runtime sizes; the weight is not read (only its shape and dtype).
+    Kernel size, stride and padding are runtime sizes; the weight is not read (only its shape
+    and dtype).
     """
     for dtype, io in cc.DTYPES.items():
         vector = "fp64" if dtype == torch.float64 else "fp32"
@@ -163,7 +166,8 @@ def aot_variants():
                         "dy_ptr": f"*{io}", "x_ptr": f"*{io}", "scale_ptr": f"*{vector}",
                         "shift_ptr": f"*{vector}", "partial_ptr": f"*{vector}",
                         **{s: "i32" for s in ("num_rows", "height", "width", "cin", "out_height", "out_width",
-                                              "cout", "kernel_size", "stride", "rows_per_split")},
+                                              "cout", "kernel_size", "stride", "rows_per_split",
+                                              "pad_top", "pad_left")},
                         **{c: "constexpr" for c in ("DOT_PRECISION", "UPCAST_DOT", *blocks)},
                     },
                     "constexprs": {"DOT_PRECISION": precision, "UPCAST_DOT": False, **blocks},

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fused_preact.unit_ops import SCHEMAS, conv_output_size
+from fused_preact.unit_ops import SCHEMAS, padded_output_shape
 
 NAMESPACE = "fused_preact_triton"
 
@@ -68,17 +68,17 @@ def _(pmean, pm2, pcount, weight, bias, running_mean, running_var, num_batches_t
 # ---- conv_bnrelu -----------------------------------------------------------------
 @_operator("conv_bnrelu")
 def conv_bnrelu(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
-                stride: int, stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                stride: int, stats: bool,
+                padding: Optional[list[int]] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from .conv_bnrelu_fwd import conv_bnrelu_fwd
-    return conv_bnrelu_fwd(x, weight, scale, shift, residual, stride, stats)
+    return conv_bnrelu_fwd(x, weight, scale, shift, residual, stride, stats, padding)
 
 
 @conv_bnrelu.register_fake
-def _(x, weight, scale, shift, residual, stride, stats):
+def _(x, weight, scale, shift, residual, stride, stats, padding=None):
     from .conv_bnrelu_fwd import stats_rows
     n, height, width, _ = x.shape
-    k = weight.shape[-1]
-    ho, wo = conv_output_size(height, k, stride), conv_output_size(width, k, stride)
+    ho, wo = padded_output_shape(height, width, weight.shape[-1], stride, padding)
     cout = weight.shape[0]
     y = x.new_empty(n, ho, wo, cout)
     dtype = _stat_dtype(x.dtype)
@@ -90,13 +90,14 @@ def _(x, weight, scale, shift, residual, stride, stats):
 @_operator("conv_dgrad")
 def conv_dgrad(dy: Tensor, weight: Tensor, h: Optional[Tensor], scale: Optional[Tensor],
                shift: Optional[Tensor], mean: Optional[Tensor], invstd: Optional[Tensor],
-               add: Optional[Tensor], stride: int, height: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+               add: Optional[Tensor], stride: int, height: int, width: int,
+               padding: Optional[list[int]] = None) -> tuple[Tensor, Tensor, Tensor]:
     from .conv_dgrad import conv_dgrad as launch
-    return launch(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width)
+    return launch(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width, padding)
 
 
 @conv_dgrad.register_fake
-def _(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width):
+def _(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width, padding=None):
     cin = weight.shape[1]
     g = dy.new_empty(dy.shape[0], height, width, cin)
     dtype = _stat_dtype(dy.dtype)
@@ -106,13 +107,14 @@ def _(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width):
 
 # ---- conv_wgrad ------------------------------------------------------------------
 @_operator("conv_wgrad")
-def conv_wgrad(dy: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride: int) -> Tensor:
+def conv_wgrad(dy: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride: int,
+               padding: Optional[list[int]] = None) -> Tensor:
     from .conv_wgrad import conv_wgrad as launch
-    return launch(dy, x, scale, shift, weight, stride)
+    return launch(dy, x, scale, shift, weight, stride, padding)
 
 
 @conv_wgrad.register_fake
-def _(dy, x, scale, shift, weight, stride):
+def _(dy, x, scale, shift, weight, stride, padding=None):
     return weight.new_empty(weight.shape)
 
 
