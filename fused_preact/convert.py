@@ -1,14 +1,21 @@
 """``convert_to_fused``: swap the eager pre-activation units of a model for fused ones.
 
 Which modules are units, and what they compute, is decided by the computation,
-not the class (``recognize``): any module holding BatchNorm2d and Conv2d children
-whose recorded run is a full pre-activation unit -- basic or bottleneck, stride
-on the first 1x1 or the 3x3, shortcut identity, 1x1 projection of the
-pre-activated input, or 1x1 projection of the raw input (bare conv or inside an
-``nn.Sequential``) -- is replaced by a fused unit that holds its very BatchNorm
+not the class (``recognize``): any module holding, anywhere in its subtree, a few
+BatchNorms and convs, whose recorded run from its input to its output is a full
+pre-activation unit -- basic or bottleneck, stride on the first 1x1 or the 3x3,
+shortcut identity, 1x1 projection of the pre-activated input, or 1x1 projection of
+the raw input (bare conv or inside an ``nn.Sequential``), convs with their own
+padding or behind an explicit zero pad of H/W (TensorFlow's "SAME", run as the
+fused unit's per-side ``conv_padding``) -- is replaced by a fused unit that holds its very BatchNorm
 and conv modules: the same parameter and buffer tensors (an optimizer built
 before the conversion keeps working), and a state_dict with the original's keys
 in the original's order, so checkpoints load with ``strict=True`` both ways.
+Nesting does not matter (pytorchcv's ``PreResUnit`` keeps its BN and conv two
+levels down, in ``body.conv1.bn`` ..., and its body returns a tuple): the walk goes
+from the model down, and the module fused is the smallest that computes the whole
+unit, input to residual sum; a module whose sum is one of its children's (an
+``nn.Sequential`` of units, a wrapper) is walked into.
 
 Two kinds are known by class: this project's ``PreActBlock`` / ``PreActBottleneck``
 change class in place, and timm's ``resnetv2`` units (whose BN-act layers the
@@ -17,9 +24,10 @@ recording would not see as a plain BatchNorm) get a fused unit with timm's key n
 Every distinct unit configuration is then checked once (``unit_guard``): original
 and fused copies in float64 on the CPU, training and eval. A unit that fails, or
 that computes something else, stays as it is, and ``convert_to_fused`` says so:
-one line "N of M residual units fused" (a log record when all are, else a
-RuntimeWarning naming, per class, why units were left eager), and the same as a
-``ConversionReport`` with ``return_report=True``.
+one line "N of M residual units fused" (M: every module found computing a residual
+sum, fused or not; a log record when all are, else a RuntimeWarning naming, per
+class, each reason once with its count), and the same as a ``ConversionReport``
+with ``return_report=True``.
 """
 from __future__ import annotations
 
