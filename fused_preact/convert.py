@@ -96,7 +96,7 @@ class ConversionReport:
                      for reason, count in reasons.items()]
             line += "; left eager: " + "; ".join(parts)
         if not self.num_units and self.unrecognized:
-            line += ("; found no residual unit among the modules holding BatchNorm and Conv2d children: "
+            line += ("; found no residual unit among the modules holding BatchNorm and Conv2d modules: "
                      + "; ".join(f"{path or '(model)'}: {why}" for path, why in self.unrecognized.items()))
         return line
 

@@ -322,7 +322,10 @@ def _record(replica: nn.Module, owners: dict, in_channels: int, size: int):
 
         def after(module, args, output, name=name):
             recorder.child_calls[name][-1][1] = len(recorder.nodes)
-        handles += [child.register_forward_pre_hook(before), child.register_forward_hook(after)]
+        try:
+            handles += [child.register_forward_pre_hook(before), child.register_forward_hook(after)]
+        except RuntimeError:   # a scripted child takes no hooks: its calls are not told apart
+            pass
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             with recorder:

@@ -135,6 +135,8 @@ def test_explicit_padding_fused_and_exact(backend, pad, one_cpu_thread):
                                                              ((0, 1, 0, 1), (1, 1, 1, 1))]
     assert [id(p) for p in model.parameters()] == [id(p) for p in params] and list(model.state_dict()) == keys
     fm.tf_same_preresnet(widths=(4, 8), pad=pad).load_state_dict(model.state_dict(), strict=True)
+    assert [u.conv_padding for u in _fused_units(copy.deepcopy(model))] == [u.conv_padding
+                                                                          for u in _fused_units(model)]
     for training in (True, False):
         reference.train(training), model.train(training)
         _assert_same_step(reference, model, x)

@@ -84,9 +84,14 @@ def _assert_same_step(reference, converted, x):
             assert torch.equal(t1, t0), name
 
 
-def _converted(build, backend):
-    """(unconverted reference, converted model, its report), every PreResUnit checked fused."""
+def _converted(build, backend, x):
+    """(unconverted reference, converted model, its report), every PreResUnit checked fused, after a
+    momentum step of an optimizer built before the conversion (its state must stay usable)."""
     model = _net(build)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model(x).square().mean().backward()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
     reference = copy.deepcopy(model)
     units = _units(model, "PreResUnit")
     params, buffers = list(model.parameters()), list(model.buffers())
@@ -99,6 +104,7 @@ def _converted(build, backend):
     # the very tensors, in the original order (an optimizer built before keeps working)
     assert [id(p) for p in model.parameters()] == [id(p) for p in params]
     assert [id(b) for b in model.buffers()] == [id(b) for b in buffers]
+    assert all(p in optimizer.state and "momentum_buffer" in optimizer.state[p] for p in model.parameters())
     # state_dict: the same keys in the same order; loads strictly into a fresh unconverted net
     assert list(model.state_dict()) == keys
     fresh = build()
@@ -119,7 +125,7 @@ def test_every_preres_unit_fused_and_exact_on_the_cpp_cpu_kernels(name, build, s
     """backend="cuda" on CPU tensors runs the extension's C++ CPU kernels; training then eval."""
     x = torch.randn(BATCH, 3, size, size, dtype=torch.float64) * 1.5 + 0.3
     _need("cuda", x)
-    reference, model, _ = _converted(build, "cuda")
+    reference, model, _ = _converted(build, "cuda", x)
     assert all(type(u) is fused_class for u in _fused_units(model))
     for training in (True, False):
         reference.train(training), model.train(training)
@@ -140,7 +146,7 @@ def test_fused_and_exact_on_the_triton_interpreter(name, build, size, fused_clas
     """backend="triton" on the CPU runs Triton's interpreter; training then eval."""
     x = torch.randn(BATCH, 3, size, size, dtype=torch.float64) * 1.5 + 0.3
     _need("triton", x)
-    reference, model, _ = _converted(build, "triton")
+    reference, model, _ = _converted(build, "triton", x)
     for training in (True, False):
         reference.train(training), model.train(training)
         _assert_same_step(reference, model, x)
