@@ -336,10 +336,7 @@ def _from_match(unit: nn.Module, match: UnitMatch, backend: str):
         ours_to_theirs[f"conv{i}"] = path
     fused.shortcut = shortcut      # also a projection where the shape does not change
     fused.shares_preact = match.shortcut == "projection"
-    if match.pads is not None:
-        if not hasattr(fused, "conv_padding"):
-            return None, ("it pads explicitly before its convolutions, and this version's fused unit has no "
-                          "per-side conv padding (conv_padding)")
+    if match.pads is not None:     # the explicit pads plus the convs' own, run by the fused unit
         fused.conv_padding = tuple(_total_padding(conv, pad) for conv, pad in zip(convs, match.pads))
     if shortcut is not None:
         ours_to_theirs["shortcut"] = match.shortcut_conv

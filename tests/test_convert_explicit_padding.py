@@ -17,16 +17,10 @@ from torch import nn
 import foreign_models as fm
 from comparisons import perturb_bn, relative_error
 from fused_preact import convert_to_fused, dispatch
-from fused_preact.fused import FusedPreActBlock, _FusedUnitMixin
+from fused_preact.fused import _FusedUnitMixin
 from fused_preact.recognize import recognize
 
 TOLERANCE = 1e-10
-
-
-def _need_conv_padding():
-    """The fused units' per-side padding (``conv_padding``), which the end-to-end tests run."""
-    if not hasattr(FusedPreActBlock(4, 4, backend="eager"), "conv_padding"):
-        pytest.skip("this version's fused units have no per-side conv padding (conv_padding)")
 
 
 def _need(backend, x):
@@ -123,7 +117,6 @@ def _assert_same_step(reference, converted, x):
 def test_explicit_padding_fused_and_exact(backend, pad, one_cpu_thread):
     """Both forms, (1, 1, 1, 1) and the stride-2 (0, 1, 0, 1), fused on the C++ CPU kernels and the
     Triton interpreter; training then eval; state and the very tensors kept."""
-    _need_conv_padding()
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64) * 1.5 + 0.3
     _need(backend, x)
     model = perturb_bn(fm.tf_same_preresnet(widths=(4, 8), pad=pad).double())
@@ -145,7 +138,6 @@ def test_explicit_padding_fused_and_exact(backend, pad, one_cpu_thread):
 def test_size_dependent_pad_stays_eager_the_rest_fuses():
     """TensorFlow's SAME computed per call: a stride-1 3x3 pads (1, 1, 1, 1) at every size (fused),
     a stride-2 one (1, 1, 1, 1) or (0, 1, 0, 1) by the size's parity (left eager)."""
-    _need_conv_padding()
     model = perturb_bn(fm.tf_same_preresnet(widths=(4, 8), pad="dynamic").double())
     reference = copy.deepcopy(model)
     with pytest.warns(RuntimeWarning, match=r"1 of 2 residual units fused .*; left eager: TFSamePreActBlock x1: its "

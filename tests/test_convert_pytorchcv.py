@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 pytest.importorskip("pytorchcv", reason="pytorchcv is a test dependency (requirements.txt)")
-from pytorchcv.models.preresnet import get_preresnet, preresnet18_wd4  # noqa: E402
+from pytorchcv.models.preresnet import PreResUnit, get_preresnet, preresnet18_wd4  # noqa: E402
 from pytorchcv.models.preresnet_cifar import (get_preresnet_cifar, preresnet20_cifar10,  # noqa: E402
                                               preresnet56_cifar10, preresnet164bn_cifar10)
 from pytorchcv.models.pyramidnet_cifar import get_pyramidnet_cifar  # noqa: E402
@@ -28,6 +28,7 @@ from pytorchcv.models.wrn_cifar import get_wrn_cifar  # noqa: E402
 from comparisons import perturb_bn, relative_error  # noqa: E402
 from fused_preact import convert_to_fused, dispatch  # noqa: E402
 from fused_preact.fused import FusedPreActBlock, FusedPreActBottleneck, _FusedUnitMixin  # noqa: E402
+from fused_preact.recognize import UnitMatch, recognize  # noqa: E402
 
 BATCH = 4
 TOLERANCE = 1e-10
@@ -172,3 +173,16 @@ def test_units_that_are_no_plain_preact_unit_stay_eager_counted_and_exact(build,
     assert not any("found no residual unit" in str(w.message) for w in record)
     x = torch.randn(BATCH, 3, 8, 8, dtype=torch.float64)
     assert torch.equal(model(x), reference(x))
+
+
+def test_preres_unit_is_matched_through_its_tuple_returning_body():
+    """The unit is the smallest module computing input -> residual sum: its body returns
+    ``(x, x_pre_activ)`` (no residual unit), the stage around it only contains it."""
+    unit = PreResUnit(8, 16, stride=2, bottleneck=False)
+    assert recognize(unit, 8).match == UnitMatch(
+        bns=("body.conv1.bn", "body.conv2.bn"), convs=("body.conv1.conv", "body.conv2.conv"),
+        shortcut="projection", shortcut_conv="identity_conv")
+    body = recognize(unit.body, 8)
+    assert not body.residual and body.reason == "its output is a tuple of tensors, not one residual sum"
+    stage = recognize(nn.Sequential(PreResUnit(8, 8, stride=1, bottleneck=True)), 8)
+    assert stage.residual and stage.inner == "0" and stage.match is None
