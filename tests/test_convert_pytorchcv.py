@@ -12,6 +12,7 @@ used here (CIFAR nets at 8 px, ImageNet nets at 64 px: 2 x 2 in the last stage) 
 batch 4, so every BN normalizes >= 16 values per channel.
 """
 import copy
+import re
 
 import pytest
 import torch
@@ -166,7 +167,7 @@ def test_units_that_are_no_plain_preact_unit_stay_eager_counted_and_exact(build,
     reference = copy.deepcopy(model)
     n = len(_units(model, unit_class))
     with pytest.warns(RuntimeWarning, match=rf"0 of {n} residual units fused; left eager: {unit_class} x{n}: "
-                                            + reason.replace("(", r"\(").replace(")", r"\)")) as record:
+                                            + re.escape(reason)) as record:
         _, report = convert_to_fused(model, return_report=True)
     assert n and report.num_units == n and report.num_fused == 0
     assert report.reasons_by_class() == {unit_class: {report.left_eager[_units(model, unit_class)[0]]: n}}
