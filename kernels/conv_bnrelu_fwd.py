@@ -4,7 +4,8 @@
 #   x [N, H, W, Cin] contiguous, weight [Cout, Cin, K, K] (nn.Conv2d, any strides, float32 or
 #   x's dtype; rounded to x's dtype on load), scale/shift [Cin] float32, zero padding
 #   (left, right, top, bottom) of the activated input (K // 2 each by default; any non-negative
-#   sides: the kernel takes the top and left ones, the output size carries the others)
+#   sides: the kernel takes the top and left ones, the output size carries the others; the
+#   EXPLICIT_PADDING switch reads them, the default variant computes K // 2 as before)
 #   -> y [N, Ho, Wo, Cout] in x's dtype; pmean/pm2 [T, Cout], pcount [T] float32 when stats
 #
 # Implicit GEMM: rows are output pixels (M = N*Ho*Wo), columns output channels, the reduction
@@ -41,7 +42,7 @@ def _conv_bnrelu_fwd_kernel(
     # weight strides (Cout, Cin, Kh, Kw)
     w_stride_co, w_stride_ci, w_stride_kh, w_stride_kw,
     # meta-parameters
-    HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr, STATS_ROWS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr, STATS_ROWS: tl.constexpr, EXPLICIT_PADDING: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -57,8 +58,13 @@ def _conv_bnrelu_fwd_kernel(
     wo = rows % out_width
     ho = (rows // out_width) % out_height
     image_base = (rows // (out_width * out_height)) * height
-    hi_origin = ho * stride - pad_top
-    wi_origin = wo * stride - pad_left
+    if EXPLICIT_PADDING:
+        hi_origin = ho * stride - pad_top
+        wi_origin = wo * stride - pad_left
+    else:
+        pad = kernel_size // 2
+        hi_origin = ho * stride - pad
+        wi_origin = wo * stride - pad
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < cout
 
@@ -114,7 +120,7 @@ def _conv_bnrelu_fwd_kernel(
 
 _conv_bnrelu_fwd_tuned = triton.autotune(
     configs=cc.autotune_configs(),
-    key=["num_rows", "cin", "cout", "kernel_size", "stride", "HAS_RESIDUAL", "STATS"],
+    key=["num_rows", "cin", "cout", "kernel_size", "stride", "HAS_RESIDUAL", "STATS", "EXPLICIT_PADDING"],
 )(_conv_bnrelu_fwd_kernel)
 
 
@@ -170,6 +176,7 @@ def conv_bnrelu_fwd(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
         num_rows, height, width, cin, out_height, out_width, cout, k, stride, num_partials,
         pad_top, pad_left, *weight.stride(),
         HAS_RESIDUAL=residual is not None, STATS=bool(stats), STATS_ROWS=STATS_ROWS,
+        EXPLICIT_PADDING=cc.explicit_padding(padding, k),
         **cc.dot_meta(x.dtype), **launch_meta)
     return y, pmean, pm2, pcount
 
@@ -177,9 +184,14 @@ def conv_bnrelu_fwd(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
 def aot_variants():
     """Every configuration ``conv_bnrelu_fwd`` can launch, for the ahead-of-time compile test.
 
-    Kernel size, stride and padding are runtime sizes (one compile serves 1x1/3x3, stride 1/2,
-    and every padding).
+    Kernel size and stride are runtime sizes (one compile serves 1x1/3x3, stride 1/2); each
+    configuration comes in two variants: the default padding K // 2 and per-side padding
+    (EXPLICIT_PADDING, ``_pad`` in the name).
     """
+    return cc.with_padding_variants(_unpadded_variants())
+
+
+def _unpadded_variants():
     for dtype, io in cc.DTYPES.items():
         vector = "fp64" if dtype == torch.float64 else "fp32"
         for weight_dtype in dict.fromkeys((torch.float32, dtype)):

@@ -79,10 +79,28 @@ def uses_tensor_cores(dtype: torch.dtype, precision: str) -> bool:
     return dtype in (torch.bfloat16, torch.float16) or (dtype == torch.float32 and precision == "tf32")
 
 
+def explicit_padding(padding, kernel_size: int) -> bool:
+    """The EXPLICIT_PADDING switch of the conv kernels: whether ``padding`` (checked, [left, right,
+    top, bottom] or None) differs from the default ``K // 2`` per side, whose variant computes its
+    offsets from the kernel size (the default path's code stays as it was)."""
+    return padding is not None and tuple(padding) != (kernel_size // 2,) * 4
+
+
 def dot_meta(dtype: torch.dtype) -> dict:
     """Constexprs of the product: its fp32 precision and the interpreter's upcast of 16-bit operands."""
     return {"DOT_PRECISION": dot_precision(dtype),
             "UPCAST_DOT": interpreting() and dtype in (torch.bfloat16, torch.float16)}
+
+
+def with_padding_variants(variants):
+    """Each ahead-of-time variant with ``EXPLICIT_PADDING`` off, then its twin with it on (per-side
+    padding read from the kernel's pad_top / pad_left), named with ``_pad`` before the tile."""
+    for v in variants:
+        signature = {**v["signature"], "EXPLICIT_PADDING": "constexpr"}
+        yield {**v, "signature": signature, "constexprs": {**v["constexprs"], "EXPLICIT_PADDING": False}}
+        switches, tile = v["name"].rsplit("_m", 1)
+        yield {**v, "name": f"{switches}_pad_m{tile}", "signature": signature,
+               "constexprs": {**v["constexprs"], "EXPLICIT_PADDING": True}}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 #   dy [N, Ho, Wo, Cout] contiguous, weight [Cout, Cin, K, K] (nn.Conv2d, any strides, float32 or
 #   dy's dtype; rounded to dy's dtype on load), stride 1 or 2, the forward's zero padding
 #   (left, right, top, bottom; K // 2 each by default): the kernel takes the top and left ones
+#   (read under the EXPLICIT_PADDING switch; the default variant computes K // 2 as before)
 #   t = conv_input_grad(dy, weight)  [N, height, width, Cin]      (+ add, when given)
 #   with h (the conv's raw input) given:
 #     g = t * (scale * h + shift > 0)                             (the ReLU mask, recomputed)
@@ -35,15 +36,23 @@ def _conv_dgrad_kernel(
     dy_ptr, w_ptr, h_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, add_ptr, g_ptr,
     partial_g_ptr, partial_g_xhat_ptr,
     # sizes
-    batch, height, width, cin, out_height, out_width, cout, kernel_size, stride, pad_top, pad_left,
+    batch, height, width, cin, out_height, out_width, cout, kernel_size, stride,
     # weight strides (Cout, Cin, Kh, Kw)
     w_stride_co, w_stride_ci, w_stride_kh, w_stride_kw,
+    # top and left zero padding (read with EXPLICIT_PADDING)
+    pad_top, pad_left,
     # meta-parameters
-    HAS_ADD: tl.constexpr, HAS_H: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_ADD: tl.constexpr, HAS_H: tl.constexpr, EXPLICIT_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     io_dtype = g_ptr.dtype.element_ty
     acc_dtype = partial_g_ptr.dtype.element_ty   # fp32, fp64 for fp64 activations
+    if EXPLICIT_PADDING:
+        pad_h = pad_top
+        pad_w = pad_left
+    else:
+        pad_h = kernel_size // 2
+        pad_w = pad_h
 
     # ---- the parity class (row parity, column parity) and its pixels ----
     parity_class = tl.program_id(1)
@@ -67,14 +76,14 @@ def _conv_dgrad_kernel(
     wi = wq * stride + parity_w
 
     # Taps reaching this class: kh = first_kh + stride * j (j < taps_h), from output row
-    # ho = (hi + pad_top - kh) / stride = hq + (parity_h + pad_top - first_kh) / stride - j; same
-    # for w with pad_left.
-    first_kh = (parity_h + pad_top) % stride
-    first_kw = (parity_w + pad_left) % stride
+    # ho = (hi + pad_h - kh) / stride = hq + (parity_h + pad_h - first_kh) / stride - j; same
+    # for w with pad_w.
+    first_kh = (parity_h + pad_h) % stride
+    first_kw = (parity_w + pad_w) % stride
     taps_h = (kernel_size - first_kh + stride - 1) // stride
     taps_w = (kernel_size - first_kw + stride - 1) // stride
-    ho_origin = hq + (parity_h + pad_top - first_kh) // stride
-    wo_origin = wq + (parity_w + pad_left - first_kw) // stride
+    ho_origin = hq + (parity_h + pad_h - first_kh) // stride
+    wo_origin = wq + (parity_w + pad_w - first_kw) // stride
     image_base = image * out_height
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -126,7 +135,7 @@ def _conv_dgrad_kernel(
 
 _conv_dgrad_tuned = triton.autotune(
     configs=cc.autotune_configs(),
-    key=["batch", "height", "width", "cin", "cout", "kernel_size", "stride", "HAS_ADD", "HAS_H"],
+    key=["batch", "height", "width", "cin", "cout", "kernel_size", "stride", "HAS_ADD", "HAS_H", "EXPLICIT_PADDING"],
     # tiles of different BLOCK_M fill different partial rows: clear them before each trial
     reset_to_zero=["partial_g_ptr", "partial_g_xhat_ptr"],
 )(_conv_dgrad_kernel)
@@ -194,9 +203,9 @@ def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, h: Optional[torch.Tensor]
         shift if h is not None else partial_g, mean if h is not None else partial_g,
         invstd if h is not None else partial_g, add if add is not None else unused, g,
         partial_g, partial_g_xhat,
-        n, height, width, cin, out_height, out_width, cout, k, stride, pad_top, pad_left,
-        *weight.stride(),
-        HAS_ADD=add is not None, HAS_H=h is not None, **cc.dot_meta(dy.dtype), **launch_meta)
+        n, height, width, cin, out_height, out_width, cout, k, stride, *weight.stride(), pad_top, pad_left,
+        HAS_ADD=add is not None, HAS_H=h is not None, EXPLICIT_PADDING=cc.explicit_padding(padding, k),
+        **cc.dot_meta(dy.dtype), **launch_meta)
     if h is None:
         empty = torch.empty(0, dtype=sum_dtype, device=dy.device)
         return g, empty, empty.clone()
@@ -206,9 +215,14 @@ def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, h: Optional[torch.Tensor]
 def aot_variants():
     """Every configuration ``conv_dgrad`` can launch, for the ahead-of-time compile test.
 
-    Kernel size, stride and padding are runtime sizes (one compile serves 1x1/3x3, stride 1/2,
-    and every padding).
+    Kernel size and stride are runtime sizes (one compile serves 1x1/3x3, stride 1/2); each
+    configuration comes in two variants: the default padding K // 2 and per-side padding
+    (EXPLICIT_PADDING, ``_pad`` in the name).
     """
+    return cc.with_padding_variants(_unpadded_variants())
+
+
+def _unpadded_variants():
     for dtype, io in cc.DTYPES.items():
         vector = "fp64" if dtype == torch.float64 else "fp32"
         for weight_dtype in dict.fromkeys((torch.float32, dtype)):
@@ -231,8 +245,8 @@ def aot_variants():
                                     "partial_g_xhat_ptr": f"*{vector}",
                                     **{s: "i32" for s in ("batch", "height", "width", "cin", "out_height",
                                                           "out_width", "cout", "kernel_size", "stride",
-                                                          "pad_top", "pad_left", "w_stride_co",
-                                                          "w_stride_ci", "w_stride_kh", "w_stride_kw")},
+                                                          "w_stride_co", "w_stride_ci", "w_stride_kh",
+                                                          "w_stride_kw", "pad_top", "pad_left")},
                                     **{c: "constexpr" for c in ("HAS_ADD", "HAS_H", "DOT_PRECISION",
                                                                 "UPCAST_DOT", *blocks)},
                                 },

@@ -1,7 +1,8 @@
 # conv_wgrad: the weight gradient of a BN-ReLU-conv triple, its input pre-activation recomputed.
 #
 #   dy [N, Ho, Wo, Cout], x [N, H, W, Cin] contiguous, scale/shift [Cin] float32, the forward's
-#   zero padding (left, right, top, bottom; K // 2 each by default)
+#   zero padding (left, right, top, bottom; K // 2 each by default; top and left read under the
+#   EXPLICIT_PADDING switch, the default variant computes K // 2 as before)
 #   dW[co, ci, kh, kw] = sum over (n, ho, wo) of dy[n, ho, wo, co] * a[n, ho*s + kh - top, wo*s + kw - left, ci]
 #   with a = relu(scale * x + shift) rounded to x's dtype, zero in the padding
 #   -> dweight [Cout, Cin, K, K] contiguous, in weight's dtype
@@ -40,7 +41,7 @@ def _conv_wgrad_kernel(
     num_rows, height, width, cin, out_height, out_width, cout, kernel_size, stride, rows_per_split,
     pad_top, pad_left,
     # meta-parameters
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    EXPLICIT_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # BLOCK_N output channels (rows of dW) x BLOCK_K input channels (columns); BLOCK_M is the
@@ -55,6 +56,12 @@ def _conv_wgrad_kernel(
     split = tl.program_id(1)
     kh = tap // kernel_size
     kw = tap % kernel_size
+    if EXPLICIT_PADDING:
+        pad_h = pad_top
+        pad_w = pad_left
+    else:
+        pad_h = kernel_size // 2
+        pad_w = pad_h
 
     co = pid_co * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < cout
@@ -73,8 +80,8 @@ def _conv_wgrad_kernel(
         # dy^T tile [BLOCK_N, BLOCK_M]
         d = tl.load(dy_ptr + rows[None, :].to(tl.int64) * cout + co[:, None],
                     mask=row_ok[None, :] & co_ok[:, None], other=0.0)
-        hi = ho * stride + kh - pad_top
-        wi = wo * stride + kw - pad_left
+        hi = ho * stride + kh - pad_h
+        wi = wo * stride + kw - pad_w
         pixel_ok = row_ok & (hi >= 0) & (hi < height) & (wi >= 0) & (wi < width)
         a = cc.load_preact(x_ptr, scale_ptr, shift_ptr, (image * height + hi) * width + wi, pixel_ok, ci, cin, UPCAST_DOT)
         acc = tl.dot(cc.dot_operand(d, UPCAST_DOT), cc.dot_operand(a, UPCAST_DOT), acc,
@@ -89,7 +96,7 @@ def _conv_wgrad_kernel(
 
 _conv_wgrad_tuned = triton.autotune(
     configs=cc.autotune_configs(),
-    key=["num_rows", "cin", "cout", "kernel_size", "stride", "rows_per_split"],
+    key=["num_rows", "cin", "cout", "kernel_size", "stride", "rows_per_split", "EXPLICIT_PADDING"],
 )(_conv_wgrad_kernel)
 
 
@@ -141,7 +148,8 @@ def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: to
     kernel[grid](
         dy, x, scale, shift, partial,
         num_rows, height, width, cin, out_height, out_width, cout, k, stride, rows_per_split,
-        pad_top, pad_left, **cc.dot_meta(x.dtype), **launch_meta)
+        pad_top, pad_left, EXPLICIT_PADDING=cc.explicit_padding(padding, k), **cc.dot_meta(x.dtype),
+        **launch_meta)
     # [split, tap, Cout, Cin] -> [Cout, Cin, K, K]
     dweight = partial.sum(0).permute(1, 2, 0).reshape(cout, cin, k, k)
     return dweight.to(weight.dtype).contiguous()
@@ -150,9 +158,14 @@ def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: to
 def aot_variants():
     """Every configuration ``conv_wgrad`` can launch, for the ahead-of-time compile test.
 
-    Kernel size, stride and padding are runtime sizes; the weight is not read (only its shape
-    and dtype).
+    Kernel size and stride are runtime sizes; each configuration comes in two variants: the
+    default padding K // 2 and per-side padding (EXPLICIT_PADDING, ``_pad`` in the name). The
+    weight is not read (only its shape and dtype).
     """
+    return cc.with_padding_variants(_unpadded_variants())
+
+
+def _unpadded_variants():
     for dtype, io in cc.DTYPES.items():
         vector = "fp64" if dtype == torch.float64 else "fp32"
         for precision in cc.precision_variants(dtype):
