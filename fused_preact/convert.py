@@ -1,14 +1,21 @@
 """``convert_to_fused``: swap the eager pre-activation units of a model for fused ones.
 
 Which modules are units, and what they compute, is decided by the computation,
-not the class (``recognize``): any module holding BatchNorm2d and Conv2d children
-whose recorded run is a full pre-activation unit -- basic or bottleneck, stride
-on the first 1x1 or the 3x3, shortcut identity, 1x1 projection of the
-pre-activated input, or 1x1 projection of the raw input (bare conv or inside an
-``nn.Sequential``) -- is replaced by a fused unit that holds its very BatchNorm
+not the class (``recognize``): any module holding, anywhere in its subtree, a few
+BatchNorms and convs, whose recorded run from its input to its output is a full
+pre-activation unit -- basic or bottleneck, stride on the first 1x1 or the 3x3,
+shortcut identity, 1x1 projection of the pre-activated input, or 1x1 projection of
+the raw input (bare conv or inside an ``nn.Sequential``), convs with their own
+padding or behind an explicit zero pad of H/W (TensorFlow's "SAME", run as the
+fused unit's per-side ``conv_padding``) -- is replaced by a fused unit that holds its very BatchNorm
 and conv modules: the same parameter and buffer tensors (an optimizer built
 before the conversion keeps working), and a state_dict with the original's keys
 in the original's order, so checkpoints load with ``strict=True`` both ways.
+Nesting does not matter (pytorchcv's ``PreResUnit`` keeps its BN and conv two
+levels down, in ``body.conv1.bn`` ..., and its body returns a tuple): the walk goes
+from the model down, and the module fused is the smallest that computes the whole
+unit, input to residual sum; a module whose sum is one of its children's (an
+``nn.Sequential`` of units, a wrapper) is walked into.
 
 Two kinds are known by class: this project's ``PreActBlock`` / ``PreActBottleneck``
 change class in place, and timm's ``resnetv2`` units (whose BN-act layers the
@@ -17,9 +24,10 @@ recording would not see as a plain BatchNorm) get a fused unit with timm's key n
 Every distinct unit configuration is then checked once (``unit_guard``): original
 and fused copies in float64 on the CPU, training and eval. A unit that fails, or
 that computes something else, stays as it is, and ``convert_to_fused`` says so:
-one line "N of M residual units fused" (a log record when all are, else a
-RuntimeWarning naming, per class, why units were left eager), and the same as a
-``ConversionReport`` with ``return_report=True``.
+one line "N of M residual units fused" (M: every module found computing a residual
+sum, fused or not; a log record when all are, else a RuntimeWarning naming, per
+class, each reason once with its count), and the same as a ``ConversionReport``
+with ``return_report=True``.
 """
 from __future__ import annotations
 
@@ -37,7 +45,7 @@ from torch import nn
 from . import dispatch
 from .fused import FUSED_CLASS, FusedPreActBlock, FusedPreActBottleneck, _FusedUnitMixin
 from .recognize import UnitMatch, recognize
-from .unit_guard import HOOK_DICTS, check_replacement, describe_backend, guard_backend
+from .unit_guard import HOOK_DICTS, SAMPLE_SIZE, check_replacement, describe_backend, guard_backend
 from .units import BOTTLENECK_EXPANSION
 
 logger = logging.getLogger(__name__)
@@ -88,7 +96,7 @@ class ConversionReport:
                      for reason, count in reasons.items()]
             line += "; left eager: " + "; ".join(parts)
         if not self.num_units and self.unrecognized:
-            line += ("; found no residual unit among the modules holding BatchNorm and Conv2d children: "
+            line += ("; found no residual unit among the modules holding BatchNorm and Conv2d modules: "
                      + "; ".join(f"{path or '(model)'}: {why}" for path, why in self.unrecognized.items()))
         return line
 
@@ -141,13 +149,16 @@ def _hooked(module: nn.Module, include_self: bool) -> bool:
 
 
 def _may_be_unit(module: nn.Module) -> bool:
-    """Owns a BatchNorm child and a conv, and is small enough to be one unit (<= 4 BNs)."""
-    if not any(isinstance(c, nn.modules.batchnorm._BatchNorm) for c in module.children()):
-        return False
-    subtree = list(module.modules())
-    bns = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in subtree)
-    convs = sum(isinstance(m, nn.modules.conv._ConvNd) for m in subtree)
-    return 1 <= bns <= 4 and 1 <= convs <= 5
+    """Holds, anywhere in its subtree, a BatchNorm and a conv, and is small enough to be one unit
+    (<= 4 BNs, <= 8 convs: a bottleneck with a projection and a squeeze-excitation block fits).
+    Nesting does not matter: pytorchcv's ``PreResUnit`` holds its BNs and convs two levels down."""
+    bns = convs = 0
+    for m in module.modules():
+        bns += isinstance(m, nn.modules.batchnorm._BatchNorm)
+        convs += isinstance(m, nn.modules.conv._ConvNd)
+        if bns > 4 or convs > 8:
+            return False
+    return bns >= 1 and convs >= 1
 
 
 def configuration_key(module: nn.Module) -> tuple:
@@ -199,15 +210,16 @@ class _Converter:
         return fused
 
     def _guarded(self, module: nn.Module, path: str, key: tuple, in_channels: int,
-                 build: Callable[[nn.Module, str], nn.Module], built: Optional[nn.Module] = None) -> nn.Module:
+                 build: Callable[[nn.Module, str], nn.Module], built: Optional[nn.Module] = None,
+                 size: int = SAMPLE_SIZE) -> nn.Module:
         """``build(module, backend)`` (or ``built``, the same made already) if the guard passes for
-        this configuration, else ``module``."""
+        this configuration (on a ``size`` x ``size`` sample), else ``module``."""
         if _hooked(module, include_self=build is not _change_class):   # a class change keeps its own hooks
             return self._left_eager(module, path, "it has forward or backward hooks, which fused kernels "
                                                   "would not run")
         if key not in self._checked:
             self._checked[key] = check_replacement(module, lambda copy: build(copy, self.backend), in_channels,
-                                                   self.report.guard_backend)
+                                                   self.report.guard_backend, size)
         verdict = self._checked[key]
         if verdict is not None:
             return self._left_eager(module, path, verdict)
@@ -236,6 +248,8 @@ class _Converter:
         if key not in self._recognized:
             self._recognized[key] = _recognize_any_width(module)
         recognition = self._recognized[key]
+        if recognition.inner is not None:    # its residual sum is a child's: the unit is further down
+            return None
         if not recognition.residual:
             if recognition.reason:
                 self.report.unrecognized[path] = recognition.reason
@@ -247,7 +261,8 @@ class _Converter:
         if fused is None:
             return self._left_eager(module, path, reason)
         return self._guarded(module, path, key, module.get_submodule(match.convs[0]).in_channels,
-                             lambda unit, backend: _from_match(unit, match, backend)[0], fused)
+                             lambda unit, backend: _from_match(unit, match, backend)[0], fused,
+                             recognition.size)
 
 
 def _recognize_any_width(module: nn.Module):
@@ -281,8 +296,8 @@ def _from_match(unit: nn.Module, match: UnitMatch, backend: str):
             return None, f"{path} is a {type(bn).__name__}, not a plain nn.BatchNorm2d"
         if not bn.affine:
             return None, f"{path} has no affine parameters (affine=False)"
-    for path, conv in zip(match.convs, convs):
-        reason = _plain_conv_reason(conv, path)
+    for path, conv, pad in zip(match.convs, convs, match.pads or (None,) * len(convs)):
+        reason = _plain_conv_reason(conv, path) if pad is None else _padded_conv_reason(conv, path, pad)
         if reason:
             return None, reason
     kernels = tuple(c.kernel_size[0] for c in convs)
@@ -321,6 +336,8 @@ def _from_match(unit: nn.Module, match: UnitMatch, backend: str):
         ours_to_theirs[f"conv{i}"] = path
     fused.shortcut = shortcut      # also a projection where the shape does not change
     fused.shares_preact = match.shortcut == "projection"
+    if match.pads is not None:     # the explicit pads plus the convs' own, run by the fused unit
+        fused.conv_padding = tuple(_total_padding(conv, pad) for conv, pad in zip(convs, match.pads))
     if shortcut is not None:
         ours_to_theirs["shortcut"] = match.shortcut_conv
     fused.training = unit.training     # the submodules keep their own modes
@@ -363,6 +380,28 @@ def _plain_conv_reason(conv: nn.Module, name: str) -> Optional[str]:
     if (conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1) or conv.kernel_size != (k, k)
             or conv.padding != (k // 2, k // 2) or conv.padding_mode != "zeros"):
         return f"{name} has bias, groups, dilation or padding other than a plain {k}x{k} conv"
+    return None
+
+
+def _total_padding(conv: nn.Conv2d, pad: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding of ``conv``'s input: the explicit ``pad`` plus its own."""
+    ph, pw = conv.padding
+    left, right, top, bottom = pad
+    return left + pw, right + pw, top + ph, bottom + ph
+
+
+def _padded_conv_reason(conv: nn.Module, name: str, pad: tuple[int, int, int, int]) -> Optional[str]:
+    """Why ``conv``, run on an explicitly zero-padded input, is no plain conv with per-side padding."""
+    if type(conv) is not nn.Conv2d:
+        return f"{name} is a {type(conv).__name__}, not a plain nn.Conv2d"
+    k = conv.kernel_size[0]
+    if (conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1) or conv.kernel_size != (k, k)
+            or isinstance(conv.padding, str) or conv.padding_mode != "zeros"):
+        return f"{name} has bias, groups, dilation or padding other than a plain {k}x{k} conv"
+    total = _total_padding(conv, pad)
+    if any(side > k // 2 for side in total):
+        return (f"{name}'s zero padding {total} (left, right, top, bottom; explicit pad {pad} and its own) "
+                f"is more than {k // 2} on a side")
     return None
 
 

@@ -8,6 +8,12 @@ the data flow between them, then matches that graph against the fused unit's mat
     h1 = conv_1(a1);  a2 = relu(bn_2(h1));  h2 = conv_2(a2)  [; a3 = relu(bn_3(h2)); h3 = conv_3(a3)]
     y  = h_n + s,     s = x | conv_s(a1) | conv_s(x)
 
+where each ``conv_i`` may take its activation through an explicit zero padding of H
+and W (``F.pad``, ``nn.ZeroPad2d``: ``aten.constant_pad_nd`` with value 0), as
+TensorFlow-ported code writes "SAME" padding before a ``padding=0`` conv; the match
+keeps those pads per conv (``UnitMatch.pads``), and a pad that changes with the
+input size (computed from ``x.shape``) is refused.
+
 A recording, not a symbolic trace, so Python control flow in ``forward``
 (``hasattr(self, "shortcut")``, ``if self.equalInOut``) is simply the branch that
 ran. Values are followed through in-place operators (``out += shortcut``,
@@ -16,6 +22,13 @@ gives its tensor a new value in the graph. Batch norms and convolutions are tied
 their modules by the parameter tensors they were called with, so attribute names
 never matter. The result names the module's own submodules by their paths, so
 one recording serves every unit of the same configuration.
+
+What counts is the module's input and its output: submodules may return tuples
+(pytorchcv's ``PreResBlock`` returns ``(x, x_pre_activ)``), the data flow is
+followed through them. A module whose residual sum is computed inside one of its
+children (an ``nn.Sequential`` of units, a wrapper) only contains a unit:
+``Recognition.inner`` names that child, so the smallest module holding the whole
+unit is the one fused.
 """
 from __future__ import annotations
 
@@ -37,6 +50,9 @@ class UnitMatch:
     convs: tuple[str, ...]          # conv_1 .. conv_n
     shortcut: str                   # "identity" | "projection" (of relu(bn_1(x))) | "raw_projection" (of x)
     shortcut_conv: Optional[str]    # the projection's conv, None for identity
+    # explicit zero padding (left, right, top, bottom) of each conv's activated input before the
+    # conv (its own padding not included); None when no conv has one
+    pads: Optional[tuple[tuple[int, int, int, int], ...]] = None
 
 
 @dataclass(frozen=True)
@@ -46,16 +62,20 @@ class Recognition:
     ``residual``: its output is a residual sum (possibly followed by one more
     op, as in post-activation units), so it counts as a residual unit.
     ``match``: how it maps onto a fused unit, or None with ``reason`` saying why not.
+    ``inner``: the direct child whose forward computed that residual sum, when it is
+    one of the children's (then the module only contains a unit, the child or deeper).
     """
     residual: bool
     match: Optional[UnitMatch] = None
     reason: Optional[str] = None
+    inner: Optional[str] = None
+    size: int = SAMPLE_SIZE         # the input size it was recorded at (the guard checks it there too)
 
 
 # -- the recording ------------------------------------------------------------------
 @dataclass
 class _Node:
-    kind: str                               # input | bn | relu | conv | add | dropout | random | other
+    kind: str                               # input | bn | relu | conv | pad | add | dropout | random | other
     inputs: tuple[int, ...] = ()
     module: Optional[str] = None            # path of the BN / conv module it ran
     op: str = ""                            # the ATen operator
@@ -83,6 +103,8 @@ class _Recorder(TorchDispatchMode):
         self.nodes: list[_Node] = []
         self.values: dict[tuple, int] = {}  # _key of a tensor -> node id of its current value
         self.keep: list = []                # every tensor seen stays alive, so no memory is reused
+        self.child_calls: dict[str, list] = {}   # direct child -> [first node, end node] of each call
+        self.input: Optional[torch.Tensor] = None
 
     def track(self, t: torch.Tensor, node: _Node) -> int:
         self.nodes.append(node)
@@ -146,6 +168,9 @@ class _Recorder(TorchDispatchMode):
             return _Node("conv", (ids[0],), self._owner(args[1]), name,
                          extra={"stride": tuple(stride), "padding": tuple(padding), "dilation": tuple(dilation),
                                 "transposed": transposed, "groups": groups, "bias": args[2] is not None})
+        if name == "constant_pad_nd" and ids[0] is not None and len(tracked) == 1:
+            value = args[2] if len(args) > 2 else kwargs.get("value", 0)
+            return _Node("pad", (ids[0],), op=name, extra={"pad": tuple(args[1]), "value": value})
         if name in _RELU_OPS and len(tracked) == 1:
             return _Node("relu", (tracked[0],), op=name)
         if name in ("clamp", "clamp_min", "clamp_", "clamp_min_") and len(tracked) == 1:
@@ -164,19 +189,43 @@ def _describe(node: _Node) -> str:
         return f"{node.module or 'a ' + node.kind}"
     if node.kind in ("relu", "add", "dropout", "input"):
         return {"relu": "a ReLU", "add": "a sum", "dropout": "dropout", "input": "the input"}[node.kind]
+    if node.op in ("mul", "mul_") and len(node.inputs) == 2:
+        return "aten.mul of two computed tensors (a gate or squeeze-excitation scale)"
     return f"aten.{node.op}"
 
 
 # -- matching ---------------------------------------------------------------------
+def _explicit_pad(nodes: list[_Node], at: int, conv_path: Optional[str]):
+    """(pad, id of the node it pads, None) for a zero pad of H/W at node ``at``; (None, at, None)
+    when ``at`` is no pad; (None, at, why) for a pad the fused unit cannot take."""
+    node = nodes[at]
+    if node.kind != "pad":
+        return None, at, None
+    widths, value = node.extra["pad"], node.extra["value"]
+    if value != 0:
+        return None, at, f"{conv_path} takes a constant pad of value {value}, not a zero padding"
+    if len(widths) % 2 or (len(widths) > 4 and any(widths[4:])):
+        return None, at, f"{conv_path} takes a pad of dimensions other than H and W ({list(widths)})"
+    if any(w < 0 for w in widths):
+        return None, at, f"{conv_path} takes a cropping pad (negative widths {list(widths)})"
+    left, right, top, bottom = (tuple(widths[:4]) + (0, 0))[:4]
+    return (left, right, top, bottom), node.inputs[0], None
+
+
 def _branch(nodes: list[_Node], end: int):
-    """The BN-ReLU-conv triples ending at node ``end``, first to last, or the reason they are not."""
+    """The (bn, relu node, conv, explicit pad) of each BN-ReLU-[pad-]conv ending at node ``end``,
+    first to last, or the reason they are not."""
     triples = []
     at = end
     while True:
         conv = nodes[at]
         if conv.kind != "conv":
-            return None, f"its residual branch ends in {_describe(conv)}, not a convolution"
-        act = nodes[conv.inputs[0]]
+            what = f"a BatchNorm ({conv.module})" if conv.kind == "bn" else _describe(conv)
+            return None, f"its residual branch ends in {what}, not a convolution"
+        pad, act_id, why = _explicit_pad(nodes, conv.inputs[0], conv.module)
+        if why:
+            return None, why
+        act = nodes[act_id]
         if act.kind == "dropout":
             return None, "it applies dropout between its convolutions (the fused unit has no dropout)"
         if act.kind != "relu":
@@ -184,7 +233,7 @@ def _branch(nodes: list[_Node], end: int):
         bn = nodes[act.inputs[0]]
         if bn.kind != "bn":
             return None, f"the ReLU before {conv.module} takes {_describe(bn)}, not a BatchNorm"
-        triples.append((bn.module, conv.inputs[0], conv.module))
+        triples.append((bn.module, act_id, conv.module, pad))
         source = nodes[bn.inputs[0]]
         if source.kind == "input":
             if len(triples) < 2:
@@ -214,14 +263,20 @@ def _match(nodes: list[_Node], out: int) -> tuple[Optional[UnitMatch], Optional[
     for branch_end, shortcut_end in (total.inputs, total.inputs[::-1]):
         triples, why = _branch(nodes, branch_end)
         if triples is None:
-            reasons.append(((nodes[branch_end].kind == "conv") + (nodes[branch_end].kind != "input"), why))
+            # how much this side looks like the branch: a conv, else any op but the input; a lone
+            # conv of the pre-activation (a projection, or a single-conv branch) less than an op
+            score = (nodes[branch_end].kind == "conv") + (nodes[branch_end].kind != "input")
+            if why.startswith("its residual branch is the single convolution"):
+                score = 0.5
+            reasons.append((score, why))
             continue
         shortcut, why = _shortcut(nodes, shortcut_end, triples[0][1])
         if shortcut is None:
             reasons.append((2, why))
             continue
+        pads = tuple(t[3] or (0, 0, 0, 0) for t in triples) if any(t[3] for t in triples) else None
         return UnitMatch(bns=tuple(t[0] for t in triples), convs=tuple(t[2] for t in triples),
-                         shortcut=shortcut[0], shortcut_conv=shortcut[1]), None
+                         shortcut=shortcut[0], shortcut_conv=shortcut[1], pads=pads), None
     # the reason from the side that looked like a branch, dropout first (the most specific)
     reasons.sort(key=lambda r: (not r[1].startswith("it applies dropout"), -r[0]))
     return None, reasons[0][1]
@@ -252,11 +307,60 @@ def _check_calls(nodes: list[_Node], match: UnitMatch, module: nn.Module) -> Opt
     return None
 
 
+def _record(replica: nn.Module, owners: dict, in_channels: int, size: int):
+    """(recorder, output, None) of one run of ``replica`` on a random (2, C, size, size) float64
+    input, with the node range each direct child's calls created; (None, None, why) when it
+    does not run."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, in_channels, size, size, generator=generator, dtype=torch.float64)
+    recorder = _Recorder(owners)
+    recorder.track(x, _Node("input"))
+    handles = []
+    for name, child in replica.named_children():
+        def before(module, args, name=name):
+            recorder.child_calls.setdefault(name, []).append([len(recorder.nodes), None])
+
+        def after(module, args, output, name=name):
+            recorder.child_calls[name][-1][1] = len(recorder.nodes)
+        try:
+            handles += [child.register_forward_pre_hook(before), child.register_forward_hook(after)]
+        except RuntimeError:   # a scripted child takes no hooks: its calls are not told apart
+            pass
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            with recorder:
+                y = replica(x)
+    except Exception as error:   # not a unit of this input: its forward says why
+        first_line = (str(error).splitlines() or [""])[0]
+        return None, None, (f"it does not run on a ({', '.join(map(str, x.shape))}) input: "
+                            f"{type(error).__name__}: {first_line}")
+    finally:
+        for handle in handles:
+            handle.remove()
+    recorder.input = x
+    return recorder, y, None
+
+
+def _computed_by_child(recorder: _Recorder, node: int) -> Optional[str]:
+    """The direct child whose call created ``node``, if any."""
+    for name, calls in recorder.child_calls.items():
+        if any(first <= node < (end if end is not None else len(recorder.nodes)) for first, end in calls):
+            return name
+    return None
+
+
+def _pads(nodes: list[_Node]) -> list:
+    return [n.extra["pad"] for n in nodes if n.kind == "pad"]
+
+
 def recognize(module: nn.Module, in_channels: int) -> Recognition:
     """Record ``module`` on a random float64 input of ``in_channels`` channels and match it.
 
     Runs a float64 CPU copy in training mode (so dropout shows), under the global
-    random state's fork (the caller's random stream is left as it was)."""
+    random state's fork (the caller's random stream is left as it was). A unit with
+    explicit padding is recorded once more at another input size, to refuse pads
+    computed from the input's shape. Every ``Recognition`` it returns is residual when the
+    module's output is a residual sum (one op after it counts too)."""
     replica = float64_copy(module)
     replica.train()
     owners = {}
@@ -264,19 +368,18 @@ def recognize(module: nn.Module, in_channels: int) -> Recognition:
         for attr, t in list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False)):
             if t is not None and t.numel():
                 owners[t.untyped_storage().data_ptr()] = (path, attr)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, in_channels, SAMPLE_SIZE, SAMPLE_SIZE, generator=generator, dtype=torch.float64)
-    recorder = _Recorder(owners)
-    recorder.track(x, _Node("input"))
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        try:
-            with recorder:
-                y = replica(x)
-        except Exception as error:   # not a unit of this input: its forward says why
-            first_line = (str(error).splitlines() or [""])[0]
-            return Recognition(False, reason=f"it does not run on a ({', '.join(map(str, x.shape))}) input: "
-                                             f"{type(error).__name__}: {first_line}")
-    nodes = recorder.nodes
+    # odd first (stride-2 rounding shows); an even size for units that run only there (a static
+    # "SAME" pad (0, 1, 0, 1) before a stride-2 conv beside a stride-2 projection)
+    size = SAMPLE_SIZE
+    recorder, y, why = _record(replica, owners, in_channels, size)
+    if recorder is None:
+        size = SAMPLE_SIZE + 1
+        recorder, y, _ = _record(replica, owners, in_channels, size)
+    if recorder is None:
+        return Recognition(False, reason=why)
+    nodes, x = recorder.nodes, recorder.input
+    if isinstance(y, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in y):
+        return Recognition(False, reason=f"its output is a {type(y).__name__} of tensors, not one residual sum")
     if not isinstance(y, torch.Tensor) or _key(y) not in recorder.values:
         return Recognition(False, reason="its output does not come from its input through operators it runs")
     out = recorder.values[_key(y)]
@@ -284,9 +387,13 @@ def recognize(module: nn.Module, in_channels: int) -> Recognition:
     if final.kind != "add":
         before = nodes[final.inputs[0]] if len(final.inputs) == 1 else None
         if before is not None and before.kind == "add":
+            inner = _computed_by_child(recorder, final.inputs[0])
             return Recognition(True, reason=f"its output is {_describe(final)} of the residual sum, not the sum "
-                                            f"itself (the fused unit is a full pre-activation unit)")
+                                            f"itself (the fused unit is a full pre-activation unit)", inner=inner)
         return Recognition(False, reason=f"its output is {_describe(final)}, not a residual sum")
+    inner = _computed_by_child(recorder, out)
+    if inner is not None:
+        return Recognition(True, reason=f"its residual sum is computed by its child {inner}", inner=inner)
     if recorder.values.get(_key(x)) != 0:
         return Recognition(True, reason="it modifies its input in place")
     match, reason = _match(nodes, out)
@@ -295,4 +402,10 @@ def recognize(module: nn.Module, in_channels: int) -> Recognition:
     reason = _check_calls(nodes, match, replica)
     if reason is not None:
         return Recognition(True, reason=reason)
-    return Recognition(True, match=match)
+    if match.pads is not None:
+        other_size = SAMPLE_SIZE + 1 if size == SAMPLE_SIZE else size + 2
+        other, _, why = _record(replica, owners, in_channels, other_size)
+        if other is None or _pads(other.nodes) != _pads(nodes):
+            seen = why or f"{_pads(nodes)} at {size} px, {_pads(other.nodes)} at {other_size} px"
+            return Recognition(True, reason=f"its explicit padding depends on the input size ({seen})")
+    return Recognition(True, match=match, size=size)

@@ -86,8 +86,9 @@ def _step(module: nn.Module, x: torch.Tensor, dy: Optional[torch.Tensor]):
 
 
 def check_replacement(unit: nn.Module, build: Callable[[nn.Module], nn.Module], in_channels: int,
-                      backend: str) -> Optional[str]:
-    """None when ``build(copy of unit)`` computes what ``unit`` does, else what differs."""
+                      backend: str, size: int = SAMPLE_SIZE) -> Optional[str]:
+    """None when ``build(copy of unit)`` computes what ``unit`` does, else what differs.
+    ``size``: the sample's height and width (a unit that runs on even sizes only gets an even one)."""
     generator = torch.Generator().manual_seed(0)
     original = float64_copy(unit)
     _perturb(original, generator)
@@ -98,7 +99,7 @@ def check_replacement(unit: nn.Module, build: Callable[[nn.Module], nn.Module], 
             fused._set_backend(backend)
         except Exception as error:   # a mapping the fused class cannot hold
             return f"the fused unit cannot be built ({type(error).__name__}: {error})"
-        x = torch.randn(2, in_channels, SAMPLE_SIZE, SAMPLE_SIZE, generator=generator, dtype=torch.float64) * 1.5 + 0.3
+        x = torch.randn(2, in_channels, size, size, generator=generator, dtype=torch.float64) * 1.5 + 0.3
         for training in (True, False):
             original.train(training)
             fused.train(training)

@@ -13,6 +13,11 @@ names, forward control flow, in-place ops), not copied:
   ``downsample`` = ``nn.Sequential(conv1x1)`` of the *raw* input, ``if self.downsample is
   not None``; ``stride_on`` places a bottleneck's stride on the 3x3 (the port) or the
   first 1x1 (the paper's Torch code).
+- ``tf_same_preresnet``: the way TensorFlow ports write "SAME" padding: ``padding=0`` convs after
+  an explicit zero pad, ``(1, 1, 1, 1)`` for a 3x3 of stride 1 and ``(0, 1, 0, 1)`` for a 3x3 of
+  stride 2 (TensorFlow's split for even inputs: the extra row and column at the bottom and right),
+  as an ``nn.ZeroPad2d`` module or an ``F.pad`` call; ``pad="dynamic"`` computes the pad from
+  the input's size on every call, as TensorFlow's SAME does.
 """
 import torch
 import torch.nn.functional as F
@@ -258,3 +263,66 @@ class FBPreResNet(nn.Module):
 
 def fb_preresnet(depth=20, block_name="BasicBlock", base=4, stride_on="3x3"):
     return FBPreResNet(depth, block_name=block_name, base=base, stride_on=stride_on)
+
+
+# -- TensorFlow ports: explicit "SAME" padding before padding=0 convs ------------------
+def same_pad(size, kernel, stride):
+    """TensorFlow's SAME padding of one dimension: (before, after)."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class TFSamePreActBlock(nn.Module):
+    def __init__(self, in_planes, planes, stride=1, pad="module", pad_value=0.0):
+        super().__init__()
+        self.stride, self.pad_kind, self.pad_value = stride, pad, pad_value
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=0, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=0, bias=False)
+        static = (0, 1, 0, 1) if stride == 2 else (1, 1, 1, 1)
+        if pad == "module":
+            self.pad1, self.pad2 = nn.ZeroPad2d(static), nn.ZeroPad2d(1)
+        self.static = static
+        self.downsample = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False)
+
+    def _pad(self, x, which, stride):
+        if self.pad_kind == "module":
+            return (self.pad1 if which == 1 else self.pad2)(x)
+        if self.pad_kind == "dynamic":
+            top, bottom = same_pad(x.shape[2], 3, stride)
+            left, right = same_pad(x.shape[3], 3, stride)
+            return F.pad(x, (left, right, top, bottom))
+        widths = self.static if which == 1 else (1, 1, 1, 1)
+        return F.pad(x, widths, value=self.pad_value)
+
+    def forward(self, x):
+        preact = F.relu(self.bn1(x))
+        shortcut = x if self.downsample is None else self.downsample(preact)
+        out = self.conv1(self._pad(preact, 1, self.stride))
+        out = self.conv2(self._pad(F.relu(self.bn2(out)), 2, 1))
+        return out + shortcut
+
+
+class TFSamePreResNet(nn.Module):
+    def __init__(self, widths=(4, 8), units_per_stage=1, pad="module", num_classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, widths[0], kernel_size=3, padding=1, bias=False)
+        blocks, in_planes = [], widths[0]
+        for i, width in enumerate(widths):
+            for j in range(units_per_stage):
+                blocks.append(TFSamePreActBlock(in_planes, width, 2 if i and not j else 1, pad))
+                in_planes = width
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = nn.BatchNorm2d(in_planes)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.norm(self.blocks(self.stem(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def tf_same_preresnet(widths=(4, 8), units_per_stage=1, pad="module"):
+    return TFSamePreResNet(widths, units_per_stage, pad)

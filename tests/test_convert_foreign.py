@@ -338,3 +338,37 @@ def test_copies_between_the_ops_do_not_count_as_calls():
     _, report = convert_to_fused(nn.Sequential(CopyingBlock(8), CopyingBlock(8)), backend="eager",
                                  return_report=True)
     assert report.num_fused == 2, report.summary()
+
+
+class _ReluAfter(nn.Module):           # a wrapper whose output is a ReLU of its child unit's sum
+    def __init__(self, c):
+        super().__init__()
+        self.inner = fm.KLPreActBlock(c, c)
+
+    def forward(self, x):
+        return torch.relu(self.inner(x))
+
+
+def test_the_smallest_module_holding_the_unit_is_fused():
+    """Candidates are found by their subtree (a unit nested in containers counts once, as its own
+    module): an nn.Sequential of one unit, and a wrapper that adds a ReLU after its child unit's
+    sum, each fuse the unit inside and stay themselves; every unit counted once."""
+    model = perturb_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Sequential(fm.KLPreActBlock(4, 4)),
+                                     _ReluAfter(4)).double())
+    reference = copy.deepcopy(model)
+    _, report = convert_to_fused(model, backend="eager", return_report=True)
+    assert report.fused == ["1.0", "2.inner"] and report.num_units == 2, report.summary()
+    assert type(model[1]) is nn.Sequential and type(model[2]) is _ReluAfter
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    assert relative_error(model(x), reference(x)) <= 1e-10
+
+
+def test_no_plain_unit_counts_as_n_of_n_never_found_no_unit():
+    """A model whose N residual units all stay eager says "0 of N" and names the reason once per
+    class with its count, not "found no residual unit"."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), *[_Scaled(4, 4) for _ in range(3)])
+    with pytest.warns(RuntimeWarning) as record:
+        _, report = convert_to_fused(model, return_report=True)
+    message = str(record[0].message)
+    assert "0 of 3 residual units fused; left eager: _Scaled x3: its residual branch ends in aten.mul" in message
+    assert "found no residual unit" not in message and report.num_units == 3
