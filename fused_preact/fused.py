@@ -9,13 +9,22 @@ their subclasses, so they hold the same modules under the same names: a
 or ``"auto"`` (the fastest backend that can run the input; eager, with one
 warning, when none can). The choice is made per call from the input, so a unit
 built on the CPU can move to a GPU. The backend is not part of the state.
+
+``memory`` chooses what the fused kernels keep for the backward: ``"default"`` the
+unit's input and the raw conv outputs that feed a BN, ``"min"`` the unit's input
+alone (plus per-channel statistics): the backward recomputes the rest with the
+forward kernels from the saved BN scale and shift, so gradients and running
+statistics are those of ``"default"`` (running statistics are updated once, unlike
+``torch.utils.checkpoint``, which re-runs BN in training mode). It applies where a
+fused backend runs the unit; the eager path (``backend="eager"``, or ``"auto"``
+falling back to eager) saves what eager PyTorch saves. Not part of the state either.
 """
 from __future__ import annotations
 
 import torch
 
 from . import dispatch
-from .unit_function import process_count
+from .unit_function import check_memory, process_count
 from .units import PreActBlock, PreActBottleneck, check_unit_input
 
 
@@ -23,9 +32,13 @@ class _FusedUnitMixin:
     """Forward through the dispatch layer; eager falls back to the reference unit."""
 
     backend: str
+    memory: str = "default"   # a unit that changed class in place (convert_to_fused) has no __init__ call
 
     def _set_backend(self, backend: str) -> None:
         self.backend = dispatch.check_backend(backend)
+
+    def _set_memory(self, memory: str) -> None:
+        self.memory = check_memory(memory)
 
     def forward(self, x: torch.Tensor, stats_in=None, return_stats: bool = False):
         """``y = unit(x)``. Inside a model of fused units, ``stats_in`` carries the partial
@@ -51,25 +64,27 @@ class _FusedUnitMixin:
         return (y, stats) if return_stats else y
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend}"
+        return f"{super().extra_repr()}, backend={self.backend}, memory={self.memory}"
 
 
 class FusedPreActBlock(_FusedUnitMixin, PreActBlock):
     """Fused full pre-activation basic unit; see ``PreActBlock`` for the math."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
-                 *, backend: str = "auto"):
+                 *, backend: str = "auto", memory: str = "default"):
         super().__init__(in_channels, out_channels, stride, projection)
         self._set_backend(backend)
+        self._set_memory(memory)
 
 
 class FusedPreActBottleneck(_FusedUnitMixin, PreActBottleneck):
     """Fused full pre-activation bottleneck unit; see ``PreActBottleneck`` for the math."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
-                 stride_on: str = "1x1", *, backend: str = "auto"):
+                 stride_on: str = "1x1", *, backend: str = "auto", memory: str = "default"):
         super().__init__(in_channels, out_channels, stride, projection, stride_on)
         self._set_backend(backend)
+        self._set_memory(memory)
 
 
 FUSED_CLASS = {PreActBlock: FusedPreActBlock, PreActBottleneck: FusedPreActBottleneck}

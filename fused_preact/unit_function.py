@@ -28,8 +28,18 @@ the first ``bn_backward_finish`` (as the identity shortcut's dy does).
 The backward is first-order only: differentiating it again (``create_graph=True``,
 gradient penalties) raises an error that says to use ``backend="eager"``.
 
-Saved for backward: x, the raw conv outputs that feed a BN (h_1 .. h_{n-1}) and
-per-channel statistics; no BN or ReLU output. Activations are NHWC inside; the
+Saved for backward (``memory="default"``): x, the raw conv outputs that feed a BN
+(h_1 .. h_{n-1}) and per-channel statistics (mean, invstd, scale, shift of each BN);
+no BN or ReLU output. ``memory="min"`` (``UnitPlan.recompute``) saves only x and the
+per-channel statistics; the backward first recomputes h_1 .. h_{n-1} in forward
+order with the forward's own kernel, ``conv_bnrelu(h_i, w_i, scale_i, shift_i)``,
+from the saved scale and shift (no batch statistics recomputed, ``bn_finalize``
+not called again: the running statistics are updated once, in the forward), then
+runs the same backward. The recomputed tensors are the forward's, bit for bit (same
+kernel, same inputs), so both modes give the same gradients; the cost is one more
+forward of the unit's first n-1 convolutions. Inside a model of fused units a unit's
+input is the previous unit's output, so each activation between units is saved once.
+Activations are NHWC inside; the
 unit takes and returns ``[N, C, H, W]`` tensors, the output in channels_last
 memory format (an NCHW-contiguous input is converted once).
 
@@ -51,6 +61,18 @@ from torch import nn
 
 Partials = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
+# What a fused unit keeps for its backward (the ``memory`` argument of the fused units,
+# ``convert_to_fused`` and the trainer): "default" saves x and the raw conv outputs h_1..h_{n-1},
+# "min" saves x alone and recomputes the h_i in the backward (see the module docstring).
+MEMORY_MODES = ("default", "min")
+
+
+def check_memory(memory: str) -> str:
+    """``memory`` if it is one of ``MEMORY_MODES``, else a ValueError naming the allowed values."""
+    if not isinstance(memory, str) or memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+    return memory
+
 
 @dataclass(frozen=True)
 class BatchNormMode:
@@ -70,6 +92,7 @@ class UnitPlan:
     shortcut_stride: int
     pad_channels: int
     bn: tuple[BatchNormMode, ...]
+    recompute: bool = False     # memory="min": save x only, recompute h_1..h_{n-1} in the backward
 
 
 def batchnorm_mode(bn: nn.BatchNorm2d) -> BatchNormMode:
@@ -92,7 +115,8 @@ def unit_plan(unit: nn.Module) -> UnitPlan:
     return UnitPlan(kernel_sizes=tuple(c.kernel_size[0] for c in convs),
                     strides=tuple(c.stride[0] for c in convs),
                     shortcut=shortcut, shortcut_stride=unit.stride, pad_channels=pad_channels,
-                    bn=tuple(batchnorm_mode(bn) for bn in bns))
+                    bn=tuple(batchnorm_mode(bn) for bn in bns),
+                    recompute=check_memory(getattr(unit, "memory", "default")) == "min")
 
 
 # -- synchronized statistics ---------------------------------------------------
@@ -136,6 +160,19 @@ def _raw_projection_wgrad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     acc = torch.promote_types(dy.dtype, torch.float32)
     rows = x[:, ::stride, ::stride, :].reshape(-1, x.shape[3]).to(acc)
     return (dy.reshape(-1, dy.shape[3]).to(acc).t() @ rows).reshape(weight.shape).to(weight.dtype)
+
+
+# -- memory="min": the conv inputs again, from x -------------------------------------
+def _recompute_inputs(ops: Any, plan: UnitPlan, x: torch.Tensor, stats, conv_weights) -> tuple:
+    """x, h_1 .. h_{n-1} as the forward computed them: the same ``conv_bnrelu`` on the same
+    inputs, with the scale and shift the forward used (saved, so no batch statistics are
+    recomputed and no running statistic is touched; no collective under synchronized BN).
+    No statistics are emitted: the forward already turned them into scale and shift."""
+    inputs = [x]
+    for i in range(len(plan.kernel_sizes) - 1):
+        scale, shift = stats[i][2], stats[i][3]
+        inputs.append(ops.conv_bnrelu(inputs[i], conv_weights[i], scale, shift, None, plan.strides[i], False)[0])
+    return tuple(inputs)
 
 
 DOUBLE_BACKWARD_MESSAGE = (
@@ -233,7 +270,8 @@ class FusedUnitFunction(torch.autograd.Function):
         flat_stats = [t for s in stats for t in s]
         conv_weights = [t[5] for t in triples]
         bn_weights = [t[0] for t in triples]
-        ctx.save_for_backward(*inputs, *flat_stats, *conv_weights, *bn_weights, shortcut_weight)
+        saved_inputs = inputs[:1] if plan.recompute else inputs   # memory="min": x alone
+        ctx.save_for_backward(*saved_inputs, *flat_stats, *conv_weights, *bn_weights, shortcut_weight)
         ctx.mark_non_differentiable(*out_stats)
         return (y, *out_stats)
 
@@ -243,11 +281,14 @@ class FusedUnitFunction(torch.autograd.Function):
         plan, ops, group = ctx.plan, ctx.ops, ctx.group
         n = len(plan.kernel_sizes)
         saved = ctx.saved_tensors
-        inputs = saved[:n]
-        stats = [saved[n + 4 * i:n + 4 * i + 4] for i in range(n)]
-        conv_weights = saved[5 * n:6 * n]
-        bn_weights = saved[6 * n:7 * n]
-        shortcut_weight = saved[7 * n]
+        k = 1 if plan.recompute else n     # saved inputs: x alone, or x, h_1 .. h_{n-1}
+        inputs = saved[:k]
+        stats = [saved[k + 4 * i:k + 4 * i + 4] for i in range(n)]
+        conv_weights = saved[k + 4 * n:k + 5 * n]
+        bn_weights = saved[k + 5 * n:k + 6 * n]
+        shortcut_weight = saved[k + 6 * n]
+        if plan.recompute:
+            inputs = _recompute_inputs(ops, plan, inputs[0], stats, conv_weights)
         world = process_count(group)
         x = inputs[0]
         dy = dy.contiguous()
