@@ -289,16 +289,23 @@ def write_png(run: dict, path: Path) -> Path:
     families = [("cifar", "CIFAR (32 px)"), ("imagenet", f"ImageNet ({run['imagenet_size']} px)")]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), squeeze=False)
     styles = {"fp32": "-", "bf16": "--"}
+    # a color and marker per contender, a line style per dtype (eager+checkpoint and fused-min save the
+    # same bytes: the cross shows through the circle)
+    looks = {"eager": ("tab:blue", "o", 6), "eager+checkpoint": ("tab:green", "x", 9),
+             "fused": ("tab:orange", "s", 6), "fused-min": ("tab:red", "o", 6)}
     for ax, (family, title) in zip(axes[0], families):
         entries = [e for e in run["results"] if e["arch"].startswith(family)]
         for contender in CONTENDERS:
+            color, marker, size = looks[contender]
             for dtype in DTYPES:
                 points = sorted((e["depth"], e["saved_bytes_per_image"] / 2**20) for e in entries
                                 if e["contender"] == contender and e["dtype"] == dtype)
                 if points:
-                    ax.plot(*zip(*points), styles[dtype], marker="o", label=f"{contender} {dtype}")
+                    ax.plot(*zip(*points), styles[dtype], color=color, marker=marker, markersize=size,
+                            fillstyle="none" if contender == "fused-min" else "full", label=f"{contender} {dtype}")
         ax.set_xlabel("depth (layers)")
         ax.set_ylabel("saved activations per image (MiB)")
+        ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         if entries:
