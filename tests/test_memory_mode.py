@@ -237,6 +237,25 @@ def test_training_step_compiles_without_graph_breaks():
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.full
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_unit_still_saves_its_input_alone(compiler):
+    """Under torch.compile the partitioner decides what the forward saves: the recompute must stay in
+    the backward (measured: inductor's min-cut partitioner keeps it there)."""
+    x = torch.randn(4, 16, 8, 8, device=DEVICE)
+    _need("cuda", x)
+    saved = {}
+    for memory in MEMORY_MODES:
+        unit = FusedPreActBottleneck(16, 16, backend="cuda", memory=memory).to(DEVICE)
+        compiled = torch.compile(unit, fullgraph=True, backend=compiler)
+        xi = x.clone().requires_grad_(True)
+        seen = memory_bench.saved_storages(lambda: compiled(xi), list(unit.parameters()) + list(unit.buffers()),
+                                           x.shape[0])
+        saved[memory] = sorted(s.nbytes for s in seen.values() if s.activation)
+    assert saved["min"] == [x.numel() * x.element_size()], saved
+    assert saved["default"] == sorted([x.numel() * x.element_size()] + 2 * [x.numel() * x.element_size() // 4])
+
+
 WORLD = 2
 
 
