@@ -323,6 +323,31 @@ def test_memory_reaches_every_fused_unit_and_is_not_state():
     assert memory_mode(parse_args(["--synthetic"])) == "default"
 
 
+def _train_losses(tmp_path, memory, iters):
+    from fused_preact.train import main
+    _need("cuda", torch.randn(1, 16, 4, 4))
+    metrics = main(["--synthetic", "--image-size", "8", "--batch-size", "4", "--synthetic-images", "8",
+                    "--arch", "cifar_resnet8", "--iters", str(iters), "--warmup-iters", "0", "--print-freq", "1",
+                    "--eval-batch-size", "4", "--eval-every", "1000", "--device", "cpu", "--no-progress",
+                    "--backend", "cuda", "--memory", memory, "--out", str(tmp_path / memory)])
+    assert metrics["memory"] == memory and metrics["units_fused"] == [3, 3]
+    return [loss for _, loss in metrics["train_curve"]]
+
+
+@pytest.mark.usefixtures("one_cpu_thread")
+def test_trainer_runs_memory_min(tmp_path):
+    losses = _train_losses(tmp_path, "min", 1)
+    assert len(losses) == 1 and torch.isfinite(torch.tensor(losses)).all()
+
+
+@pytest.mark.full
+@pytest.mark.usefixtures("one_cpu_thread")
+def test_trainer_memory_min_follows_the_default_mode_exactly(tmp_path):
+    """``--memory min`` reaches the fused units of the trainer's model; same kernels, same losses."""
+    curves = {memory: _train_losses(tmp_path, memory, 3) for memory in MEMORY_MODES}
+    assert len(curves["min"]) == 3 and curves["min"] == curves["default"]
+
+
 def test_bad_memory_value_names_the_allowed_values(capsys):
     assert MEMORY_MODES == ("default", "min")
     for make in (lambda: FusedPreActBlock(4, 4, memory="low"), lambda: FusedPreActBottleneck(4, 4, memory="low"),
