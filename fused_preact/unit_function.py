@@ -32,12 +32,13 @@ Saved for backward (``memory="default"``): x, the raw conv outputs that feed a B
 (h_1 .. h_{n-1}) and per-channel statistics (mean, invstd, scale, shift of each BN);
 no BN or ReLU output. ``memory="min"`` (``UnitPlan.recompute``) saves only x and the
 per-channel statistics; the backward first recomputes h_1 .. h_{n-1} in forward
-order with the forward's own kernel, ``conv_bnrelu(h_i, w_i, scale_i, shift_i)``,
-from the saved scale and shift (no batch statistics recomputed, ``bn_finalize``
-not called again: the running statistics are updated once, in the forward), then
-runs the same backward. The recomputed tensors are the forward's, bit for bit (same
-kernel, same inputs), so both modes give the same gradients; the cost is one more
-forward of the unit's first n-1 convolutions. Inside a model of fused units a unit's
+order with the forward's own call, ``conv_bnrelu(h_i, w_i, scale_i, shift_i, None,
+stride_i, stats_i)``, from the saved scale and shift (no batch statistics recomputed,
+``bn_finalize`` not called again: the running statistics are updated once, in the
+forward; the partials the call emits are dropped), then runs the same backward. The
+recomputed tensors are the forward's, bit for bit (same kernel and configuration, same
+inputs), so both modes give the same gradients; the cost is one more forward of the
+unit's first n-1 convolutions. Inside a model of fused units a unit's
 input is the previous unit's output, so each activation between units is saved once.
 Activations are NHWC inside; the
 unit takes and returns ``[N, C, H, W]`` tensors, the output in channels_last
@@ -164,14 +165,19 @@ def _raw_projection_wgrad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
 
 # -- memory="min": the conv inputs again, from x -------------------------------------
 def _recompute_inputs(ops: Any, plan: UnitPlan, x: torch.Tensor, stats, conv_weights) -> tuple:
-    """x, h_1 .. h_{n-1} as the forward computed them: the same ``conv_bnrelu`` on the same
-    inputs, with the scale and shift the forward used (saved, so no batch statistics are
-    recomputed and no running statistic is touched; no collective under synchronized BN).
-    No statistics are emitted: the forward already turned them into scale and shift."""
+    """x, h_1 .. h_{n-1} as the forward computed them, bit for bit: ``conv_bnrelu`` with the
+    forward's arguments, the scale and shift it used (saved: no batch statistics are recomputed,
+    no running statistic is touched, no collective runs under synchronized BN) and its ``stats``
+    flag too. The partials that flag makes the kernel emit are dropped (the forward already turned
+    them into scale and shift); the flag is kept because it selects the kernel variant, and on a
+    GPU the Triton backend's autotuned tile configuration (its key includes it), whose summation
+    order decides the last bits of h."""
     inputs = [x]
     for i in range(len(plan.kernel_sizes) - 1):
         scale, shift = stats[i][2], stats[i][3]
-        inputs.append(ops.conv_bnrelu(inputs[i], conv_weights[i], scale, shift, None, plan.strides[i], False)[0])
+        emit_stats = plan.bn[i + 1].batch_stats       # as the forward's conv i
+        inputs.append(ops.conv_bnrelu(inputs[i], conv_weights[i], scale, shift, None, plan.strides[i],
+                                      emit_stats)[0])
     return tuple(inputs)
 
 
