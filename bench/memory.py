@@ -180,12 +180,13 @@ def _fits(step: Callable[[int], None], batch: int) -> bool:
     try:
         step(batch)
         torch.cuda.synchronize()
-        return True
+        fits = True
     except torch.cuda.OutOfMemoryError:
-        return False
-    finally:
-        gc.collect()
-        torch.cuda.empty_cache()
+        fits = False
+    # here the exception and the frames it held (with the failed step's tensors) are gone
+    gc.collect()
+    torch.cuda.empty_cache()
+    return fits
 
 
 def largest_batch(step: Callable[[int], None], start: int, seconds: float) -> dict:
