@@ -360,3 +360,6 @@ def test_bad_memory_value_names_the_allowed_values(capsys):
         parse_args(["--synthetic", "--memory", "low"])
     error = capsys.readouterr().err
     assert "--memory" in error and "'low'" in error and "min" in error
+    with pytest.raises(SystemExit):
+        parse_args(["--synthetic", "--memory", "min", "--backend", "eager"])
+    assert "--memory min applies to the fused kernels" in capsys.readouterr().err

@@ -172,6 +172,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(str(error))
     if not 224 <= args.scale_range[0] <= args.scale_range[1]:
         parser.error(f"--scale-range must be 224 (the training crop) <= MIN <= MAX, got {tuple(args.scale_range)}")
+    if args.memory == "min" and args.backend == "eager":
+        parser.error("--memory min applies to the fused kernels, and --backend eager runs eager PyTorch (which "
+                     "saves what eager saves): use --backend auto, cuda or triton")
     if args.cuda_graph:
         from .graph_step import refusal
         reason = refusal(args)
