@@ -38,11 +38,12 @@ stride_i, stats_i)``, from the saved scale and shift (no batch statistics recomp
 forward; the partials the call emits are dropped), then runs the same backward. The
 recomputed tensors are the forward's, bit for bit (same kernel and configuration, same
 inputs), so both modes give the same gradients; the cost is one more forward of the
-unit's first n-1 convolutions. Inside a model of fused units a unit's
-input is the previous unit's output, so each activation between units is saved once.
-Activations are NHWC inside; the
-unit takes and returns ``[N, C, H, W]`` tensors, the output in channels_last
-memory format (an NCHW-contiguous input is converted once).
+unit's first n-1 convolutions. Inside a model of fused units a unit's input is the
+previous unit's output (the same storage), so each activation between units is saved
+once.
+
+Activations are NHWC inside; the unit takes and returns ``[N, C, H, W]`` tensors, the
+output in channels_last memory format (an NCHW-contiguous input is converted once).
 
 Synchronized BN (``stats_group``): the forward all-gathers each BN's merged
 statistics over the process group before finalizing; the backward all-reduces the
