@@ -104,14 +104,15 @@ def test_min_equals_default_every_form_and_mode(backend, case, train):
         assert relative_error(b.cpu(), a.cpu()) <= EXACT, f"{name}: tensor {i} differs"
 
 
+@pytest.mark.parametrize("backend", ["cuda", pytest.param("triton", marks=pytest.mark.full)])
 @pytest.mark.parametrize("precision", ["fp16", "bf16 autocast"])
-def test_min_equals_default_bitwise_in_half_precision(precision):
+def test_min_equals_default_bitwise_in_half_precision(precision, backend):
     """The backward recomputes h with the forward's kernel on the forward's inputs: the same bits."""
     for _, make, shape in (UNITS[1], UNITS[5]):
         if precision == "fp16":
-            default, low = _both_modes(make, "cuda", shape, torch.float16)
+            default, low = _both_modes(make, backend, shape, torch.float16)
         else:
-            default, low = _both_modes(make, "cuda", shape, torch.float32, autocast_dtype=torch.bfloat16)
+            default, low = _both_modes(make, backend, shape, torch.float32, autocast_dtype=torch.bfloat16)
         for i, (a, b) in enumerate(zip(default, low)):
             assert torch.equal(a, b), f"tensor {i} differs"
 
