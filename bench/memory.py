@@ -30,7 +30,8 @@ On a GPU (``--device cuda``) also, per contender: the peak memory of one trainin
 backward, ``torch.cuda.max_memory_allocated``, the model's parameters and gradients included), the
 largest batch whose step fits (doubling, then bisection to within 2%, at most ``--max-batch-seconds``
 per contender; ``exact: false`` when time ran out), and the median step time at ``--batch`` (the
-recompute's cost: ``fused-min`` against ``fused``).
+recompute's cost: ``fused-min`` against ``fused``, ``step_time_vs_fused``); ``--time`` measures the step
+time on the CPU too (the C++ CPU kernels: says nothing about a GPU).
 
 Outputs in ``--out`` (default ``bench/results/memory-<device>-<date>/``): ``memory.json`` (every figure
 with the batch, image size, device, versions and commit) and ``memory.png`` (saved bytes per image
@@ -230,6 +231,14 @@ def gpu_figures(model: nn.Module, arch: str, batch: int, size: int, amp: Optiona
     return figures
 
 
+def step_time(model: nn.Module, arch: str, batch: int, size: int, amp: Optional[torch.dtype],
+              device: torch.device, repeats: int) -> dict:
+    """Median time of one training step at ``batch`` (``--time`` on the CPU)."""
+    x, labels = batch_of(arch, batch, size, device)
+    return measure.time_call(lambda: training_step(model, x, labels, amp), device, warmup=1,
+                             repeats=repeats).as_dict()
+
+
 def measure_arch(arch: str, args, device: torch.device) -> list[dict]:
     """Every contender and dtype of one architecture (one set of weights, copied)."""
     torch.manual_seed(0)
@@ -256,6 +265,8 @@ def measure_arch(arch: str, args, device: torch.device) -> list[dict]:
             if device.type == "cuda":
                 entry.update(gpu_figures(model, arch, args.batch, size, amp, device, args.max_batch_seconds,
                                          args.repeats))
+            elif args.time:
+                entry["step_time"] = step_time(model, arch, args.batch, size, amp, device, args.repeats)
             entries.append(entry)
             print(one_line(entry), flush=True)
             del model
@@ -274,7 +285,9 @@ def one_line(e: dict) -> str:
     line = (f"{e['arch']:<20}{e['dtype']:<6}{e['contender']:<18}{e['saved_bytes'] / 2**20:>10.2f} MiB"
             f"{e.get('ratio_vs_eager', float('nan')):>8.3f}x eager")
     if "peak_step_bytes" in e:
-        line += f"  peak {e['peak_step_bytes'] / 2**30:.2f} GiB, step {e['step_time']['median_ms']:.1f} ms"
+        line += f"  peak {e['peak_step_bytes'] / 2**30:.2f} GiB"
+    if "step_time" in e:
+        line += f"  step {e['step_time']['median_ms']:.1f} ms"
     if "largest_batch" in e:
         line += f", largest batch {e['largest_batch']['largest_batch']}"
     return line
@@ -348,7 +361,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--imagenet-size", type=int, default=None, help="ImageNet image side (default 64 CPU, 224 GPU)")
     p.add_argument("--max-batch-seconds", type=float, default=60.0,
                    help="GPU: time for the largest-batch search per contender and dtype (0: no search)")
-    p.add_argument("--repeats", type=int, default=5, help="GPU: timed steps per contender")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per contender")
+    p.add_argument("--time", action="store_true",
+                   help="CPU: also the median training-step time per contender (always measured on a GPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     p.add_argument("--out", default=None, help="output folder")
     args = p.parse_args(argv)
@@ -393,7 +408,12 @@ def main(argv=None) -> dict:
     print(f"{environment.one_line(info)}; fused: {info['fused_backend']}; batch {args.batch}, "
           f"ImageNet at {args.imagenet_size} px", flush=True)
     for arch in args.models:
-        run["results"] += measure_arch(arch, args, args.device)
+        entries = measure_arch(arch, args, args.device)
+        for e in entries:
+            if "step_time_vs_fused" in e:
+                print(f"{arch} {e['dtype']}: fused-min step time {e['step_time_vs_fused']:.3f}x fused's "
+                      f"(the recompute)", flush=True)
+        run["results"] += entries
         records.write_json(out / JSON_NAME, run)     # rewritten per model: a killed run keeps what it had
     write_png(run, out / CHART_NAME)
     print(ratio_table(run["results"]))
