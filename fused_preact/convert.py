@@ -45,6 +45,7 @@ from torch import nn
 from . import dispatch
 from .fused import FUSED_CLASS, FusedPreActBlock, FusedPreActBottleneck, _FusedUnitMixin
 from .recognize import UnitMatch, recognize
+from .unit_function import check_memory
 from .unit_guard import HOOK_DICTS, SAMPLE_SIZE, check_replacement, describe_backend, guard_backend
 from .units import BOTTLENECK_EXPANSION
 
@@ -103,18 +104,22 @@ class ConversionReport:
     __str__ = summary
 
 
-def convert_to_fused(model: nn.Module, backend: str = "auto", *, return_report: bool = False):
+def convert_to_fused(model: nn.Module, backend: str = "auto", *, memory: str = "default",
+                     return_report: bool = False):
     """Replace every eager full pre-activation unit of ``model`` by its fused twin, in place.
 
     Returns the model (or, when ``model`` is itself a unit, its fused replacement);
     with ``return_report=True``, ``(model, ConversionReport)``. Outputs, gradients and
     running statistics stay what they were; units that would not are left eager and
-    named in a RuntimeWarning (and the report).
+    named in a RuntimeWarning (and the report). ``memory``: what the fused units keep
+    for the backward, ``"default"`` or ``"min"`` (their input alone; see ``fused``);
+    fused units already in ``model`` get ``backend`` and ``memory`` too.
     """
     dispatch.check_backend(backend)
+    check_memory(memory)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    converter = _Converter(backend)
+    converter = _Converter(backend, memory)
     with _one_thread():
         root = converter.convert(model, "")
         if root is None:
@@ -184,8 +189,9 @@ def configuration_key(module: nn.Module) -> tuple:
 
 
 class _Converter:
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, memory: str = "default"):
         self.backend = backend
+        self.memory = memory
         self.report = ConversionReport(guard_backend=guard_backend())
         self._recognized: dict[tuple, object] = {}    # configuration -> Recognition
         self._checked: dict[tuple, Optional[str]] = {}  # configuration -> guard's verdict
@@ -198,6 +204,10 @@ class _Converter:
                 self.visit(child, path)
             elif replacement is not child:
                 setattr(module, child_name, replacement)
+
+    def _with_memory(self, fused: nn.Module) -> nn.Module:
+        fused._set_memory(self.memory)
+        return fused
 
     def _left_eager(self, module: nn.Module, path: str, reason: str) -> nn.Module:
         self.report.classes[path] = type(module).__name__
@@ -218,13 +228,14 @@ class _Converter:
             return self._left_eager(module, path, "it has forward or backward hooks, which fused kernels "
                                                   "would not run")
         if key not in self._checked:
-            self._checked[key] = check_replacement(module, lambda copy: build(copy, self.backend), in_channels,
-                                                   self.report.guard_backend, size)
+            self._checked[key] = check_replacement(
+                module, lambda copy: self._with_memory(build(copy, self.backend)), in_channels,
+                self.report.guard_backend, size)
         verdict = self._checked[key]
         if verdict is not None:
             return self._left_eager(module, path, verdict)
         original_class = type(module).__name__
-        fused = built if built is not None else build(module, self.backend)
+        fused = self._with_memory(built if built is not None else build(module, self.backend))
         self.report.classes[path] = original_class
         self.report.fused.append(path)
         return fused
@@ -233,7 +244,7 @@ class _Converter:
         """The module that takes ``module``'s place (itself when left eager), or None when it is no unit."""
         if isinstance(module, _FusedUnitMixin):
             module._set_backend(self.backend)
-            return self._fused(module, path, module)
+            return self._fused(module, path, self._with_memory(module))
         if type(module) in FUSED_CLASS:
             return self._guarded(module, path, configuration_key(module), module.in_channels, _change_class)
         if _is_timm_preact_unit(module):

@@ -16,6 +16,15 @@ padding of TensorFlow ports included: one ``(left, right, top, bottom)`` per bra
 conv (``conv1`` .. ``convN``), the total zero padding of that conv's activated input.
 The fused kernels pad per side in their prologue; the eager path runs ``F.pad`` and
 the conv without padding. Shortcut projections take no padding.
+
+``memory`` chooses what the fused kernels keep for the backward: ``"default"`` the
+unit's input and the raw conv outputs that feed a BN, ``"min"`` the unit's input
+alone (plus per-channel statistics): the backward recomputes the rest with the
+forward kernels from the saved BN scale and shift, so gradients and running
+statistics are those of ``"default"`` (running statistics are updated once, unlike
+``torch.utils.checkpoint``, which re-runs BN in training mode). It applies where a
+fused backend runs the unit; the eager path (``backend="eager"``, or ``"auto"``
+falling back to eager) saves what eager PyTorch saves. Not part of the state either.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ from typing import Optional
 import torch
 
 from . import dispatch
-from .unit_function import process_count
+from .unit_function import check_memory, process_count
 from .units import PreActBlock, PreActBottleneck, check_unit_input
 
 
@@ -33,6 +42,7 @@ class _FusedUnitMixin:
 
     backend: str
     num_convs: int
+    memory: str = "default"   # a unit that changed class in place (convert_to_fused) has no __init__ call
 
     def _set_backend(self, backend: str) -> None:
         self.backend = dispatch.check_backend(backend)
@@ -46,6 +56,9 @@ class _FusedUnitMixin:
     @conv_padding.setter
     def conv_padding(self, value) -> None:
         self._conv_padding = check_conv_padding(value, self.num_convs, type(self).__name__)
+
+    def _set_memory(self, memory: str) -> None:
+        self.memory = check_memory(memory)
 
     def forward(self, x: torch.Tensor, stats_in=None, return_stats: bool = False):
         """``y = unit(x)``. Inside a model of fused units, ``stats_in`` carries the partial
@@ -72,7 +85,7 @@ class _FusedUnitMixin:
 
     def extra_repr(self) -> str:
         padding = "" if self.conv_padding is None else f", conv_padding={self.conv_padding}"
-        return f"{super().extra_repr()}, backend={self.backend}{padding}"
+        return f"{super().extra_repr()}, backend={self.backend}, memory={self.memory}{padding}"
 
 
 def check_conv_padding(value, num_convs: int, unit_name: str) -> Optional[tuple[tuple[int, int, int, int], ...]]:
@@ -97,18 +110,20 @@ class FusedPreActBlock(_FusedUnitMixin, PreActBlock):
     """Fused full pre-activation basic unit; see ``PreActBlock`` for the math."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
-                 *, backend: str = "auto"):
+                 *, backend: str = "auto", memory: str = "default"):
         super().__init__(in_channels, out_channels, stride, projection)
         self._set_backend(backend)
+        self._set_memory(memory)
 
 
 class FusedPreActBottleneck(_FusedUnitMixin, PreActBottleneck):
     """Fused full pre-activation bottleneck unit; see ``PreActBottleneck`` for the math."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
-                 stride_on: str = "1x1", *, backend: str = "auto"):
+                 stride_on: str = "1x1", *, backend: str = "auto", memory: str = "default"):
         super().__init__(in_channels, out_channels, stride, projection, stride_on)
         self._set_backend(backend)
+        self._set_memory(memory)
 
 
 FUSED_CLASS = {PreActBlock: FusedPreActBlock, PreActBottleneck: FusedPreActBottleneck}

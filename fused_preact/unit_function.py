@@ -33,10 +33,22 @@ bottom)`` zero padding of its activated input goes to its three operators as the
 The backward is first-order only: differentiating it again (``create_graph=True``,
 gradient penalties) raises an error that says to use ``backend="eager"``.
 
-Saved for backward: x, the raw conv outputs that feed a BN (h_1 .. h_{n-1}) and
-per-channel statistics; no BN or ReLU output. Activations are NHWC inside; the
-unit takes and returns ``[N, C, H, W]`` tensors, the output in channels_last
-memory format (an NCHW-contiguous input is converted once).
+Saved for backward (``memory="default"``): x, the raw conv outputs that feed a BN
+(h_1 .. h_{n-1}) and per-channel statistics (mean, invstd, scale, shift of each BN);
+no BN or ReLU output. ``memory="min"`` (``UnitPlan.recompute``) saves only x and the
+per-channel statistics; the backward first recomputes h_1 .. h_{n-1} in forward
+order with the forward's own call, ``conv_bnrelu(h_i, w_i, scale_i, shift_i, None,
+stride_i, stats_i)``, from the saved scale and shift (no batch statistics recomputed,
+``bn_finalize`` not called again: the running statistics are updated once, in the
+forward; the partials the call emits are dropped), then runs the same backward. The
+recomputed tensors are the forward's, bit for bit (same kernel and configuration, same
+inputs), so both modes give the same gradients; the cost is one more forward of the
+unit's first n-1 convolutions. Inside a model of fused units a unit's input is the
+previous unit's output (the same storage), so each activation between units is saved
+once.
+
+Activations are NHWC inside; the unit takes and returns ``[N, C, H, W]`` tensors, the
+output in channels_last memory format (an NCHW-contiguous input is converted once).
 
 Synchronized BN (``stats_group``): the forward all-gathers each BN's merged
 statistics over the process group before finalizing; the backward all-reduces the
@@ -55,6 +67,18 @@ from torch import nn
 
 
 Partials = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+# What a fused unit keeps for its backward (the ``memory`` argument of the fused units,
+# ``convert_to_fused`` and the trainer): "default" saves x and the raw conv outputs h_1..h_{n-1},
+# "min" saves x alone and recomputes the h_i in the backward (see the module docstring).
+MEMORY_MODES = ("default", "min")
+
+
+def check_memory(memory: str) -> str:
+    """``memory`` if it is one of ``MEMORY_MODES``, else a ValueError naming the allowed values."""
+    if not isinstance(memory, str) or memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+    return memory
 
 
 @dataclass(frozen=True)
@@ -78,6 +102,7 @@ class UnitPlan:
     # per branch conv, the (left, right, top, bottom) zero padding of its activated input;
     # None: K // 2 on every side (the operators' default)
     paddings: Optional[tuple[tuple[int, int, int, int], ...]] = None
+    recompute: bool = False     # memory="min": save x only, recompute h_1..h_{n-1} in the backward
 
     def padding_args(self, i: int) -> tuple:
         """The trailing ``padding`` argument of conv ``i``'s operators: none for the default."""
@@ -111,7 +136,8 @@ def unit_plan(unit: nn.Module) -> UnitPlan:
                     strides=tuple(c.stride[0] for c in convs),
                     shortcut=shortcut, shortcut_stride=unit.stride, pad_channels=pad_channels,
                     bn=tuple(batchnorm_mode(bn) for bn in bns),
-                    paddings=None if paddings is None else tuple(tuple(p) for p in paddings))
+                    paddings=None if paddings is None else tuple(tuple(p) for p in paddings),
+                    recompute=check_memory(getattr(unit, "memory", "default")) == "min")
 
 
 def check_branch_shape(plan: UnitPlan, height: int, width: int, unit_name: str) -> None:
@@ -173,6 +199,24 @@ def _raw_projection_wgrad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     acc = torch.promote_types(dy.dtype, torch.float32)
     rows = x[:, ::stride, ::stride, :].reshape(-1, x.shape[3]).to(acc)
     return (dy.reshape(-1, dy.shape[3]).to(acc).t() @ rows).reshape(weight.shape).to(weight.dtype)
+
+
+# -- memory="min": the conv inputs again, from x -------------------------------------
+def _recompute_inputs(ops: Any, plan: UnitPlan, x: torch.Tensor, stats, conv_weights) -> tuple:
+    """x, h_1 .. h_{n-1} as the forward computed them, bit for bit: ``conv_bnrelu`` with the
+    forward's arguments, the scale and shift it used (saved: no batch statistics are recomputed,
+    no running statistic is touched, no collective runs under synchronized BN) and its ``stats``
+    flag too. The partials that flag makes the kernel emit are dropped (the forward already turned
+    them into scale and shift); the flag is kept because it selects the kernel variant, and on a
+    GPU the Triton backend's autotuned tile configuration (its key includes it), whose summation
+    order decides the last bits of h."""
+    inputs = [x]
+    for i in range(len(plan.kernel_sizes) - 1):
+        scale, shift = stats[i][2], stats[i][3]
+        emit_stats = plan.bn[i + 1].batch_stats       # as the forward's conv i
+        inputs.append(ops.conv_bnrelu(inputs[i], conv_weights[i], scale, shift, None, plan.strides[i],
+                                      emit_stats)[0])
+    return tuple(inputs)
 
 
 DOUBLE_BACKWARD_MESSAGE = (
@@ -271,7 +315,8 @@ class FusedUnitFunction(torch.autograd.Function):
         flat_stats = [t for s in stats for t in s]
         conv_weights = [t[5] for t in triples]
         bn_weights = [t[0] for t in triples]
-        ctx.save_for_backward(*inputs, *flat_stats, *conv_weights, *bn_weights, shortcut_weight)
+        saved_inputs = inputs[:1] if plan.recompute else inputs   # memory="min": x alone
+        ctx.save_for_backward(*saved_inputs, *flat_stats, *conv_weights, *bn_weights, shortcut_weight)
         ctx.mark_non_differentiable(*out_stats)
         return (y, *out_stats)
 
@@ -281,11 +326,14 @@ class FusedUnitFunction(torch.autograd.Function):
         plan, ops, group = ctx.plan, ctx.ops, ctx.group
         n = len(plan.kernel_sizes)
         saved = ctx.saved_tensors
-        inputs = saved[:n]
-        stats = [saved[n + 4 * i:n + 4 * i + 4] for i in range(n)]
-        conv_weights = saved[5 * n:6 * n]
-        bn_weights = saved[6 * n:7 * n]
-        shortcut_weight = saved[7 * n]
+        k = 1 if plan.recompute else n     # saved inputs: x alone, or x, h_1 .. h_{n-1}
+        inputs = saved[:k]
+        stats = [saved[k + 4 * i:k + 4 * i + 4] for i in range(n)]
+        conv_weights = saved[k + 4 * n:k + 5 * n]
+        bn_weights = saved[k + 5 * n:k + 6 * n]
+        shortcut_weight = saved[k + 6 * n]
+        if plan.recompute:
+            inputs = _recompute_inputs(ops, plan, inputs[0], stats, conv_weights)
         world = process_count(group)
         x = inputs[0]
         dy = dy.contiguous()

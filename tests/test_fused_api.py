@@ -34,7 +34,7 @@ def test_same_constructor_arguments(eager_cls, fused_cls):
     eager = list(inspect.signature(eager_cls.__init__).parameters.values())
     fused = list(inspect.signature(fused_cls.__init__).parameters.values())
     assert fused[:len(eager)] == eager
-    assert [p.name for p in fused[len(eager):]] == ["backend"]
+    assert [p.name for p in fused[len(eager):]] == ["backend", "memory"]
 
 
 @pytest.mark.parametrize("eager_cls,fused_cls", PAIRS)

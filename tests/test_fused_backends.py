@@ -319,13 +319,14 @@ def test_training_step_compiles_without_graph_breaks(backend):
         torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_forward_and_backward_never_read_back_to_the_host(backend, monkeypatch):
+@pytest.mark.parametrize("backend,memory", [(b, "default") for b in BACKENDS] + [("cuda", "min")])
+def test_forward_and_backward_never_read_back_to_the_host(backend, memory, monkeypatch):
     """Nothing in a training step synchronizes with the host (CUDA-graph capturable):
-    no .item(), .tolist(), bool() or .cpu() of a tensor inside the fused path."""
+    no .item(), .tolist(), bool() or .cpu() of a tensor inside the fused path (memory="min"'s
+    recompute included)."""
     x = torch.randn(2, 4, 6, 6, device=DEVICE)
     _need(backend, x)
-    unit = FusedPreActBlock(4, 8, stride=2, backend=backend).to(DEVICE)
+    unit = FusedPreActBlock(4, 8, stride=2, backend=backend, memory=memory).to(DEVICE)
     for m in unit.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None      # the cumulative average reads num_batches_tracked: on the device
@@ -343,9 +344,10 @@ def test_forward_and_backward_never_read_back_to_the_host(backend, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("memory", ["default", "min"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_training_step_captures_in_a_cuda_graph(backend):
-    unit = FusedPreActBlock(16, 16, backend=backend).cuda()
+def test_training_step_captures_in_a_cuda_graph(backend, memory):
+    unit = FusedPreActBlock(16, 16, backend=backend, memory=memory).cuda()
     x = torch.randn(8, 16, 16, 16, device="cuda", requires_grad=True)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -360,3 +362,8 @@ def test_training_step_captures_in_a_cuda_graph(backend):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    if memory == "min":   # the replayed recompute gives the default mode's gradient (2 warm-ups + 1 replay)
+        reference = copy.deepcopy(unit)
+        reference._set_memory("default")
+        (grad,) = torch.autograd.grad(reference(x).sum(), x)
+        torch.testing.assert_close(x.grad, 3 * grad, rtol=1e-4, atol=1e-4)

@@ -13,7 +13,7 @@ import reference_ops
 from fused_preact import sync_batch_stats
 from fused_preact.fused import FusedPreActBottleneck
 from fused_preact.units import PreActBottleneck
-from fused_preact.unit_function import run_fused_unit
+from fused_preact.unit_function import MEMORY_MODES, run_fused_unit
 
 WORLD = 2
 
@@ -41,18 +41,25 @@ def _step(unit, x, dy):
 def _worker(rank, init_file, out_file):
     sys.path.insert(0, os.path.dirname(__file__))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    unit, x, dy = _make_unit()
-    sync_batch_stats(unit)
-    half = slice(2 * rank, 2 * rank + 2)
-    torch.save(_step(unit, x[half], dy[half]), f"{out_file}.{rank}")
+    for memory in MEMORY_MODES:   # memory="min" recomputes in the backward, with no collective
+        unit, x, dy = _make_unit()
+        unit._set_memory(memory)
+        sync_batch_stats(unit)
+        half = slice(2 * rank, 2 * rank + 2)
+        torch.save(_step(unit, x[half], dy[half]), f"{out_file}.{memory}.{rank}")
     dist.destroy_process_group()
 
 
 def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=WORLD, join=True)
+    for memory in MEMORY_MODES:
+        _compare_with_one_process(tmp_path, memory)
+
+
+def _compare_with_one_process(tmp_path, memory):
     unit, x, dy = _make_unit()
     y, dx, grads, state = _step(copy.deepcopy(unit), x, dy)
-    parts = [torch.load(tmp_path / f"out.{r}") for r in range(WORLD)]
+    parts = [torch.load(tmp_path / f"out.{memory}.{r}") for r in range(WORLD)]
     tol = dict(rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(torch.cat([p[0] for p in parts]), y, **tol)
     torch.testing.assert_close(torch.cat([p[1] for p in parts]), dx, **tol)

@@ -12,6 +12,7 @@ import argparse
 from typing import Optional, Sequence
 
 from ..dispatch import BACKENDS
+from ..unit_function import MEMORY_MODES
 from ..units import ACTIVATIONS, BOTTLENECK_STRIDE_ON, PROJECTIONS, SHORTCUTS
 from .imagenet_transforms import IMAGENET_AUGMENTS, parse_crop
 from .options import dataset_kind
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dropout", type=float, default=None, help="drop ratio of --shortcut dropout")
     model.add_argument("--backend", choices=BACKENDS, default="auto",
                        help="who runs the pre-activation units (convert_to_fused)")
+    model.add_argument("--memory", choices=MEMORY_MODES, default="default",
+                       help="what the fused units keep for the backward: 'min' keeps each unit's input only "
+                            "and recomputes the rest with the forward kernels (exact; running statistics "
+                            "updated once)")
 
     speed = p.add_argument_group("speed")
     speed.add_argument("--amp", choices=AMP_MODES, default="off", help="autocast dtype (fp16 uses a GradScaler)")
@@ -167,6 +172,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(str(error))
     if not 224 <= args.scale_range[0] <= args.scale_range[1]:
         parser.error(f"--scale-range must be 224 (the training crop) <= MIN <= MAX, got {tuple(args.scale_range)}")
+    if args.memory == "min" and args.backend == "eager":
+        parser.error("--memory min applies to the fused kernels, and --backend eager runs eager PyTorch (which "
+                     "saves what eager saves): use --backend auto, cuda or triton")
     if args.cuda_graph:
         from .graph_step import refusal
         reason = refusal(args)

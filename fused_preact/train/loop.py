@@ -34,7 +34,7 @@ from .augment import BatchAugment
 from .crop_eval import crop_errors
 from .data import IMAGENET_MEAN, IMAGENET_STD, channel_stats, imagenet_datasets, load_cifar, \
     num_classes_of, synthetic_images
-from .options import dataset_kind, unit_options
+from .options import dataset_kind, memory_mode, unit_options
 from .signal_log import SignalRecorder
 from .streams import DeviceStream, LoaderStream, device_eval_batches, loader_eval_batches
 
@@ -180,7 +180,8 @@ class Trainer:
         model = create_model(flags.arch, num_classes=num_classes_of(flags.dataset), **unit_options(flags))
         with warnings.catch_warnings():   # the start line says it, in this run's own words
             warnings.filterwarnings("ignore", message="convert_to_fused:", category=RuntimeWarning)
-            model, self.conversion = convert_to_fused(model, args.backend, return_report=True)
+            model, self.conversion = convert_to_fused(model, args.backend, memory=memory_mode(args),
+                                                      return_report=True)
         model = model.to(self.device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -332,8 +333,9 @@ class Trainer:
             progress = tqdm(total=self.total_iters, initial=start, unit="it", dynamic_ncols=True,
                             desc=f"{args.arch} {args.backend}")
         if p.main:
+            memory = "" if memory_mode(args) == "default" else f", memory {memory_mode(args)}"
             print(f"{args.arch}: {self.parameters:,} parameters, backend {args.backend} "
-                  f"(runs {self.backend_used()}), {self.total_iters} iterations of {args.batch_size} images, "
+                  f"(runs {self.backend_used()}){memory}, {self.total_iters} iterations of {args.batch_size} images, "
                   f"{p.world_size} process(es) on {self.device.type}", flush=True)
             print(self.conversion.summary(), flush=True)
 
@@ -457,7 +459,7 @@ class Trainer:
             test_loss, test_error = self.evaluate()
         metrics = {
             "dataset": args.dataset, "arch": args.arch, "unit_options": unit_options(args),
-            "backend": args.backend, "backend_used": self.backend_used(),
+            "backend": args.backend, "backend_used": self.backend_used(), "memory": memory_mode(args),
             "units_fused": [self.conversion.num_fused, self.conversion.num_units], "amp": args.amp,
             "channels_last": args.channels_last, "compile": args.compile, "cuda_graph": self.cuda_graph,
             "world_size": p.world_size,

@@ -17,3 +17,9 @@ def dataset_kind(dataset: str) -> str:
 def unit_options(args: argparse.Namespace) -> dict:
     """The unit variant flags that were given, as keyword arguments of ``create_model``."""
     return {name: getattr(args, name) for name in UNIT_OPTIONS if getattr(args, name, None) is not None}
+
+
+def memory_mode(args: argparse.Namespace) -> str:
+    """What the fused units keep for the backward (``--memory``; "default" for the flags of a
+    checkpoint written before the flag existed)."""
+    return getattr(args, "memory", None) or "default"
