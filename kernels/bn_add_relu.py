@@ -151,7 +151,8 @@ def _check_vector(name: str, t, ref: torch.Tensor) -> None:
 def _check_together(names: tuple, values: tuple) -> bool:
     given = [v is not None for v in values]
     if any(given) and not all(given):
-        raise ValueError(f"{', '.join(names)} must be given together (the shortcut's BN) or all be None")
+        listed = f"{', '.join(names[:-1])} and {names[-1]}"
+        raise ValueError(f"{listed} must be given together (the shortcut's BN) or all be None")
     return all(given)
 
 
