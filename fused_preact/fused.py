@@ -1,8 +1,10 @@
-"""Drop-in fused pre-activation units.
+"""Drop-in fused residual units.
 
-``FusedPreActBlock`` and ``FusedPreActBottleneck`` take the same constructor
-arguments as ``PreActBlock`` / ``PreActBottleneck`` (plus ``backend``) and are
-their subclasses, so they hold the same modules under the same names: a
+``FusedPreActBlock`` and ``FusedPreActBottleneck`` (full pre-activation) and
+``FusedOriginalBlock`` and ``FusedOriginalBottleneck`` (the original,
+post-activation unit) take the same constructor arguments as ``PreActBlock`` /
+``PreActBottleneck`` / ``OriginalBlock`` / ``OriginalBottleneck`` (plus ``backend``)
+and are their subclasses, so they hold the same modules under the same names: a
 ``state_dict`` saved from either class loads into the other with ``strict=True``.
 
 ``backend`` chooses who computes the unit: ``"triton"``, ``"cuda"``, ``"eager"``
@@ -34,7 +36,7 @@ import torch
 
 from . import dispatch
 from .unit_function import check_memory, process_count
-from .units import PreActBlock, PreActBottleneck, check_unit_input
+from .units import OriginalBlock, OriginalBottleneck, PreActBlock, PreActBottleneck, check_unit_input
 
 
 class _FusedUnitMixin:
@@ -126,4 +128,25 @@ class FusedPreActBottleneck(_FusedUnitMixin, PreActBottleneck):
         self._set_memory(memory)
 
 
-FUSED_CLASS = {PreActBlock: FusedPreActBlock, PreActBottleneck: FusedPreActBottleneck}
+class FusedOriginalBlock(_FusedUnitMixin, OriginalBlock):
+    """Fused original (post-activation) basic unit; see ``OriginalBlock`` for the math."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
+                 *, shortcut_bn: bool = True, shortcut: str = "identity", backend: str = "auto"):
+        super().__init__(in_channels, out_channels, stride, projection, shortcut_bn=shortcut_bn, shortcut=shortcut)
+        self._set_backend(backend)
+
+
+class FusedOriginalBottleneck(_FusedUnitMixin, OriginalBottleneck):
+    """Fused original (post-activation) bottleneck unit; see ``OriginalBottleneck`` for the math."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
+                 stride_on: str = "3x3", *, shortcut_bn: bool = True, shortcut: str = "identity",
+                 backend: str = "auto"):
+        super().__init__(in_channels, out_channels, stride, projection, stride_on, shortcut_bn=shortcut_bn,
+                         shortcut=shortcut)
+        self._set_backend(backend)
+
+
+FUSED_CLASS = {PreActBlock: FusedPreActBlock, PreActBottleneck: FusedPreActBottleneck,
+               OriginalBlock: FusedOriginalBlock, OriginalBottleneck: FusedOriginalBottleneck}

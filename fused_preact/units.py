@@ -137,6 +137,10 @@ class ResidualUnit(nn.Module):
         scale_shortcut, scale_residual: the lambdas of ``shortcut="scaling"``.
         gate_bias: initial gate bias ``b_g`` of the gating shortcuts.
         dropout: drop ratio of ``shortcut="dropout"``.
+        shortcut_bn: whether the 1x1 projection of a post-activation unit is followed by
+            its own BN (``shortcut_bn``, the original ResNet's and torchvision's
+            ``downsample``); ``False`` keeps the bare 1x1 conv. Pre-activation units have
+            no shortcut BN either way.
     """
 
     # explicit zero padding of each branch conv's input, or None (each conv's own padding)
@@ -157,6 +161,7 @@ class ResidualUnit(nn.Module):
         scale_residual: float = 0.5,
         gate_bias: float = -6.0,
         dropout: float = 0.5,
+        shortcut_bn: bool = True,
     ):
         super().__init__()
         _positive_int("in_channels", in_channels)
@@ -196,7 +201,7 @@ class ResidualUnit(nn.Module):
         self.shortcut_bn = None
         if shortcut == "conv1x1" or (changes_shape and projection in ("B", "raw")):
             self.shortcut = conv1x1(in_channels, out_channels, stride)
-            if not self.preact:
+            if not self.preact and shortcut_bn:
                 self.shortcut_bn = nn.BatchNorm2d(out_channels)
         elif changes_shape:
             self.pad_shortcut = PadShortcut(in_channels, out_channels, stride)
@@ -322,6 +327,43 @@ class PreActBottleneck(ResidualUnit):
                  stride_on: str = "1x1"):
         super().__init__(in_channels, out_channels, stride, bottleneck=True, projection=projection,
                          stride_on=stride_on)
+
+
+class OriginalBlock(ResidualUnit):
+    """Original (post-activation) basic unit of He et al. 2015 (paper Fig. 4a), torchvision's
+    ``BasicBlock``: ``y = relu(bn2(conv2(relu(bn1(conv1(x))))) + s)``.
+
+    ``s`` is ``x`` when the shape is kept, else the subsampled, zero-padded ``x``
+    (``projection="A"``) or the 1x1 projection ``shortcut(x)`` (``"B"``), followed by
+    ``shortcut_bn`` when ``shortcut_bn=True`` (torchvision's ``downsample``).
+    ``shortcut="conv1x1"`` projects on every unit, shape kept or not (paper Table 1's
+    "1x1 conv shortcut").
+    State names: ``conv1, bn1, conv2, bn2`` and ``shortcut`` (+ ``shortcut_bn``) when projecting.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
+                 *, shortcut_bn: bool = True, shortcut: str = "identity"):
+        _choice("projection", projection, ("A", "B"))
+        _choice("shortcut", shortcut, ("identity", "conv1x1"))
+        super().__init__(in_channels, out_channels, stride, activation="original", shortcut=shortcut,
+                         projection=projection, shortcut_bn=shortcut_bn)
+
+
+class OriginalBottleneck(ResidualUnit):
+    """Original (post-activation) bottleneck unit: 1x1 -> 3x3 -> 1x1 convs, each followed by
+    its BN, ReLU after the first two BNs and after the add; width ``out_channels // 4``.
+
+    ``stride_on`` places the stride on the 3x3 (torchvision's ResNet v1.5, default) or on
+    the first 1x1 (the original paper's). Shortcuts as ``OriginalBlock``. State names:
+    ``conv1..conv3, bn1..bn3`` and ``shortcut`` (+ ``shortcut_bn``) when projecting.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
+                 stride_on: str = "3x3", *, shortcut_bn: bool = True, shortcut: str = "identity"):
+        _choice("projection", projection, ("A", "B"))
+        _choice("shortcut", shortcut, ("identity", "conv1x1"))
+        super().__init__(in_channels, out_channels, stride, bottleneck=True, activation="original",
+                         shortcut=shortcut, projection=projection, stride_on=stride_on, shortcut_bn=shortcut_bn)
 
 
 class SingleConvUnit(ResidualUnit):

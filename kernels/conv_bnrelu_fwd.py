@@ -1,5 +1,6 @@
 # conv_bnrelu_fwd: y = conv(pad(relu(scale * x + shift)), weight, stride) (+ residual), NHWC, with
-# the partial statistics of y for the next BN; the forward of a BN-ReLU-conv triple.
+# the partial statistics of y for the next BN; the forward of a BN-ReLU-conv triple. PROLOGUE=False
+# (scale and shift None): y = conv(pad(x)), the original unit's first conv and its projection.
 #
 #   x [N, H, W, Cin] contiguous, weight [Cout, Cin, K, K] (nn.Conv2d, any strides, float32 or
 #   x's dtype; rounded to x's dtype on load), scale/shift [Cin] float32, zero padding
@@ -45,6 +46,7 @@ def _conv_bnrelu_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr, STATS_ROWS: tl.constexpr, EXPLICIT_PADDING: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PROLOGUE: tl.constexpr = True,
 ):
     # Output-channel blocks of one row block are neighbours in launch order: they share its x.
     num_col_blocks = tl.cdiv(cout, BLOCK_N)
@@ -79,7 +81,8 @@ def _conv_bnrelu_fwd_kernel(
         hi = hi_origin + kh
         wi = wi_origin + kw
         pixel_ok = row_ok & (hi >= 0) & (hi < height) & (wi >= 0) & (wi < width)
-        a = cc.load_preact(x_ptr, scale_ptr, shift_ptr, (image_base + hi) * width + wi, pixel_ok, ci, cin, UPCAST_DOT)
+        a = cc.load_preact(x_ptr, scale_ptr, shift_ptr, (image_base + hi) * width + wi, pixel_ok, ci, cin, UPCAST_DOT,
+                           PROLOGUE)
         w = tl.load(w_ptr + ci[:, None] * w_stride_ci + cols[None, :] * w_stride_co
                     + kh * w_stride_kh + kw * w_stride_kw,
                     mask=(ci[:, None] < cin) & col_ok[None, :], other=0.0)
@@ -120,7 +123,8 @@ def _conv_bnrelu_fwd_kernel(
 
 _conv_bnrelu_fwd_tuned = triton.autotune(
     configs=cc.autotune_configs(),
-    key=["num_rows", "cin", "cout", "kernel_size", "stride", "HAS_RESIDUAL", "STATS", "EXPLICIT_PADDING"],
+    key=["num_rows", "cin", "cout", "kernel_size", "stride", "HAS_RESIDUAL", "STATS", "EXPLICIT_PADDING",
+         "PROLOGUE"],
 )(_conv_bnrelu_fwd_kernel)
 
 
@@ -135,9 +139,7 @@ def _check(x, weight, scale, shift, residual, stride, padding) -> tuple:
     k = cc.check_weight(weight, x.dtype, x.device)
     if weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight has {weight.shape[1]} input channels but x has {x.shape[-1]}")
-    vector_dtype = cc.stat_dtype(x.dtype)
-    cc.check_channel_vector("scale", scale, x.shape[-1], vector_dtype, x.device)
-    cc.check_channel_vector("shift", shift, x.shape[-1], vector_dtype, x.device)
+    cc.check_prologue(scale, shift, x.shape[-1], x.dtype, x.device)
     cc.check_stride(stride)
     n, h, w, _ = x.shape
     out_shape = padded_output_shape(h, w, k, stride, padding)
@@ -148,8 +150,9 @@ def _check(x, weight, scale, shift, residual, stride, padding) -> tuple:
     return k, out_shape
 
 
-def conv_bnrelu_fwd(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                    residual: Optional[torch.Tensor], stride: int, stats: bool, padding=None):
+def conv_bnrelu_fwd(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
+                    shift: Optional[torch.Tensor], residual: Optional[torch.Tensor], stride: int, stats: bool,
+                    padding=None):
     """``(y, pmean, pm2, pcount)``: the ``conv_bnrelu`` operator of ``fused_preact.unit_ops``."""
     k, (out_height, out_width) = _check(x, weight, scale, shift, residual, stride, padding)
     pad_left, _, pad_top, _ = conv_padding(padding, k)
@@ -171,12 +174,14 @@ def conv_bnrelu_fwd(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     config = cc.fixed_config(x.dtype)
     kernel = _conv_bnrelu_fwd_tuned if config is None else _conv_bnrelu_fwd_kernel
     launch_meta = {} if config is None else dict(config)
+    prologue = scale is not None
+    scale, shift = cc.prologue_vectors(scale, shift, x.dtype, x.device)
     kernel[grid](
         x, weight, scale, shift, residual if residual is not None else y, y, pmean, pm2, pcount,
         num_rows, height, width, cin, out_height, out_width, cout, k, stride, num_partials,
         pad_top, pad_left, *weight.stride(),
         HAS_RESIDUAL=residual is not None, STATS=bool(stats), STATS_ROWS=STATS_ROWS,
-        EXPLICIT_PADDING=cc.explicit_padding(padding, k),
+        EXPLICIT_PADDING=cc.explicit_padding(padding, k), PROLOGUE=prologue,
         **cc.dot_meta(x.dtype), **launch_meta)
     return y, pmean, pm2, pcount
 
@@ -196,33 +201,36 @@ def _unpadded_variants():
         vector = "fp64" if dtype == torch.float64 else "fp32"
         for weight_dtype in dict.fromkeys((torch.float32, dtype)):
             for precision in cc.precision_variants(dtype):
-                for residual in (False, True):
-                    for stats in (False, True):
-                        for config in cc.configs_for(dtype, precision):
-                            blocks = {k: v for k, v in config.items() if k.startswith("BLOCK")}
-                            name = (f"conv_bnrelu_fwd_{io}_w{cc.DTYPES[weight_dtype]}_{precision}"
-                                    f"{'_residual' if residual else ''}{'_stats' if stats else ''}"
-                                    f"_m{config['BLOCK_M']}n{config['BLOCK_N']}k{config['BLOCK_K']}")
-                            yield {
-                                "name": name,
-                                "kernel": _conv_bnrelu_fwd_kernel,
-                                "signature": {
-                                    "x_ptr": f"*{io}", "w_ptr": f"*{cc.DTYPES[weight_dtype]}",
-                                    "scale_ptr": f"*{vector}", "shift_ptr": f"*{vector}",
-                                    "residual_ptr": f"*{io}", "y_ptr": f"*{io}", "pmean_ptr": f"*{vector}",
-                                    "pm2_ptr": f"*{vector}", "pcount_ptr": f"*{vector}",
-                                    **{s: "i32" for s in ("num_rows", "height", "width", "cin", "out_height",
-                                                          "out_width", "cout", "kernel_size", "stride",
-                                                          "num_partials", "pad_top", "pad_left",
-                                                          "w_stride_co", "w_stride_ci",
-                                                          "w_stride_kh", "w_stride_kw")},
-                                    **{c: "constexpr" for c in ("HAS_RESIDUAL", "STATS", "STATS_ROWS",
-                                                                "DOT_PRECISION", "UPCAST_DOT", *blocks)},
-                                },
-                                "constexprs": {"HAS_RESIDUAL": residual, "STATS": stats,
-                                               "STATS_ROWS": STATS_ROWS, "DOT_PRECISION": precision,
-                                               "UPCAST_DOT": False, **blocks},
-                                "num_warps": config["num_warps"],
-                                "num_stages": config["num_stages"],
-                                "tensor_cores": cc.uses_tensor_cores(dtype, precision),
-                            }
+                # without a prologue: the original unit's first conv and projection (no residual)
+                for residual, stats, prologue in ((False, False, True), (False, True, True), (True, False, True),
+                                                  (True, True, True), (False, False, False), (False, True, False)):
+                    for config in cc.configs_for(dtype, precision):
+                        blocks = {k: v for k, v in config.items() if k.startswith("BLOCK")}
+                        name = (f"conv_bnrelu_fwd_{io}_w{cc.DTYPES[weight_dtype]}_{precision}"
+                                f"{'_residual' if residual else ''}{'_stats' if stats else ''}"
+                                f"{'' if prologue else '_raw'}"
+                                f"_m{config['BLOCK_M']}n{config['BLOCK_N']}k{config['BLOCK_K']}")
+                        yield {
+                            "name": name,
+                            "kernel": _conv_bnrelu_fwd_kernel,
+                            "signature": {
+                                "x_ptr": f"*{io}", "w_ptr": f"*{cc.DTYPES[weight_dtype]}",
+                                "scale_ptr": f"*{vector}", "shift_ptr": f"*{vector}",
+                                "residual_ptr": f"*{io}", "y_ptr": f"*{io}", "pmean_ptr": f"*{vector}",
+                                "pm2_ptr": f"*{vector}", "pcount_ptr": f"*{vector}",
+                                **{s: "i32" for s in ("num_rows", "height", "width", "cin", "out_height",
+                                                      "out_width", "cout", "kernel_size", "stride",
+                                                      "num_partials", "pad_top", "pad_left",
+                                                      "w_stride_co", "w_stride_ci",
+                                                      "w_stride_kh", "w_stride_kw")},
+                                **{c: "constexpr" for c in ("HAS_RESIDUAL", "STATS", "STATS_ROWS",
+                                                            "DOT_PRECISION", "UPCAST_DOT", *blocks,
+                                                            "PROLOGUE")},
+                            },
+                            "constexprs": {"HAS_RESIDUAL": residual, "STATS": stats, "PROLOGUE": prologue,
+                                           "STATS_ROWS": STATS_ROWS, "DOT_PRECISION": precision,
+                                           "UPCAST_DOT": False, **blocks},
+                            "num_warps": config["num_warps"],
+                            "num_stages": config["num_stages"],
+                            "tensor_cores": cc.uses_tensor_cores(dtype, precision),
+                        }

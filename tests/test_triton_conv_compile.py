@@ -43,7 +43,7 @@ def _all_variants():
 def _family(name: str) -> str:
     """kernel, dtype, weight dtype and precision of a variant: its name without switches and tile."""
     return "_".join(p for p in name.split("_")
-                    if p not in ("residual", "stats", "add", "h", "pad") and not p.startswith("m"))
+                    if p not in ("residual", "stats", "add", "h", "pad", "raw") and not p.startswith("m"))
 
 
 # per-side padding twins compiled by default: training path, large tile, every epilogue on (6 more
@@ -51,6 +51,8 @@ def _family(name: str) -> str:
 DEFAULT_PADDED = ("conv_bnrelu_fwd_bf16_wfp32_ieee_residual_stats_pad_m128n64k32",
                   "conv_dgrad_bf16_wfp32_ieee_add_h_pad_m128n64k32",
                   "conv_wgrad_bf16_ieee_pad_m128n64k32")
+# convs without prologue compiled by default: the training path's large tile
+DEFAULT_RAW = ("conv_bnrelu_fwd_bf16_wfp32_ieee_stats_raw_m128n64k32", "conv_wgrad_bf16_ieee_raw_m128n64k32")
 
 
 def _variants():
@@ -60,8 +62,8 @@ def _variants():
     seen = set()
     for v in _all_variants():
         name = v["name"]
-        if "_pad_" in name:
-            if name in DEFAULT_PADDED:
+        if "_pad_" in name or "_raw_" in name:
+            if name in DEFAULT_PADDED or name in DEFAULT_RAW:
                 yield v
             continue
         training_path = "_bf16_wfp32_" in name or name.startswith("conv_wgrad_bf16_")
@@ -128,8 +130,9 @@ def test_variants_cover_every_switch():
         assert any(n.startswith(f"conv_bnrelu_fwd_{io}_wfp32") for n in names)
         assert any(n.startswith(f"conv_dgrad_{io}_wfp32") for n in names)
     assert any("_tf32" in n for n in names) and any("fp32_wfp32_ieee" in n for n in names)
-    for switch in ("_residual_stats_", "_residual_m", "_stats_m"):
+    for switch in ("_residual_stats_", "_residual_m", "_stats_m", "_stats_raw_m", "_raw_m"):
         assert any(switch in n for n in names if n.startswith("conv_bnrelu_fwd_"))
+    assert any("_raw_m" in n for n in names if n.startswith("conv_wgrad_"))
     for switch in ("_add_h_", "_add_m", "_h_m"):
         assert any(switch in n for n in names if n.startswith("conv_dgrad_"))
     # every variant has its per-side padding twin, and the default run compiles the named ones
