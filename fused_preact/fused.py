@@ -24,8 +24,11 @@ unit's input and the raw conv outputs that feed a BN, ``"min"`` the unit's input
 alone (plus per-channel statistics): the backward recomputes the rest with the
 forward kernels from the saved BN scale and shift, so gradients and running
 statistics are those of ``"default"`` (running statistics are updated once, unlike
-``torch.utils.checkpoint``, which re-runs BN in training mode). It applies where a
-fused backend runs the unit; the eager path (``backend="eager"``, or ``"auto"``
+``torch.utils.checkpoint``, which re-runs BN in training mode). The original units
+(``FusedOriginalBlock`` / ``FusedOriginalBottleneck``) take it too: ``"default"`` keeps
+x, every conv's raw output h_1 .. h_k, the projection's h_s (with its BN) and the output
+y; ``"min"`` keeps x and y (the next unit's input in a chain) and recomputes the rest.
+It applies where a fused backend runs the unit; the eager path (``backend="eager"``, or ``"auto"``
 falling back to eager) saves what eager PyTorch saves. Not part of the state either.
 """
 from __future__ import annotations
@@ -132,9 +135,11 @@ class FusedOriginalBlock(_FusedUnitMixin, OriginalBlock):
     """Fused original (post-activation) basic unit; see ``OriginalBlock`` for the math."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
-                 *, shortcut_bn: bool = True, shortcut: str = "identity", backend: str = "auto"):
+                 *, shortcut_bn: bool = True, shortcut: str = "identity", backend: str = "auto",
+                 memory: str = "default"):
         super().__init__(in_channels, out_channels, stride, projection, shortcut_bn=shortcut_bn, shortcut=shortcut)
         self._set_backend(backend)
+        self._set_memory(memory)
 
 
 class FusedOriginalBottleneck(_FusedUnitMixin, OriginalBottleneck):
@@ -142,10 +147,11 @@ class FusedOriginalBottleneck(_FusedUnitMixin, OriginalBottleneck):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
                  stride_on: str = "3x3", *, shortcut_bn: bool = True, shortcut: str = "identity",
-                 backend: str = "auto"):
+                 backend: str = "auto", memory: str = "default"):
         super().__init__(in_channels, out_channels, stride, projection, stride_on, shortcut_bn=shortcut_bn,
                          shortcut=shortcut)
         self._set_backend(backend)
+        self._set_memory(memory)
 
 
 FUSED_CLASS = {PreActBlock: FusedPreActBlock, PreActBottleneck: FusedPreActBottleneck,

@@ -44,13 +44,19 @@ prologue, and the unit ends with ``bn_add_relu``::
 and backward ``g, sums = bn_add_relu_backward(dy, y, h_k, ...)`` (the mask from the saved
 output y), ``bn_backward_finish`` per BN (h_k and the shortcut's h_s), the inner triples
 as above, and conv_1's ``conv_dgrad`` without ``h``, to which the shortcut's gradient is
-added (identity: g; A: g subsampled back; B: the projection's ``conv_dgrad``). Saved: x,
-h_1 .. h_k, h_s, y and the statistics. ``_PostActivation`` holds that path.
+added (identity: g; A: g subsampled back; B: the projection's ``conv_dgrad``).
+``_PostActivation`` holds that path. Saved for its backward: with ``memory="default"`` x,
+h_1 .. h_k, the projection's h_s (when it has a BN), y and the statistics (mean, invstd,
+scale, shift per BN); with ``memory="min"`` x, y (the ReLU mask; in a chain of units it is the
+next unit's input, the same storage, so it costs nothing extra) and the statistics: the
+backward first recomputes h_1 .. h_k and h_s with the forward's calls above (same arguments,
+same ``stats`` flags, the saved scale and shift as prologue; no ``bn_finalize``, so the
+running statistics are updated once), then runs the same backward, with the same bits.
 
 The backward is first-order only: differentiating it again (``create_graph=True``,
 gradient penalties) raises an error that says to use ``backend="eager"``.
 
-Saved for backward (``memory="default"``): x, the raw conv outputs that feed a BN
+Saved for backward by a pre-activation unit (``memory="default"``): x, the raw conv outputs that feed a BN
 (h_1 .. h_{n-1}) and per-channel statistics (mean, invstd, scale, shift of each BN);
 no BN or ReLU output. ``memory="min"`` (``UnitPlan.recompute``) saves only x and the
 per-channel statistics; the backward first recomputes h_1 .. h_{n-1} in forward
@@ -87,7 +93,8 @@ Partials = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 # What a fused unit keeps for its backward (the ``memory`` argument of the fused units,
 # ``convert_to_fused`` and the trainer): "default" saves x and the raw conv outputs h_1..h_{n-1},
-# "min" saves x alone and recomputes the h_i in the backward (see the module docstring).
+# "min" saves x alone (an original unit: x and its output y) and recomputes the h_i in the backward
+# (see the module docstring).
 MEMORY_MODES = ("default", "min")
 
 
@@ -119,7 +126,7 @@ class UnitPlan:
     # per branch conv, the (left, right, top, bottom) zero padding of its activated input;
     # None: K // 2 on every side (the operators' default)
     paddings: Optional[tuple[tuple[int, int, int, int], ...]] = None
-    recompute: bool = False     # memory="min": save x only, recompute h_1..h_{n-1} in the backward
+    recompute: bool = False     # memory="min": save x (and y if post-activation), recompute the h_i in the backward
     post_activation: bool = False                  # the original unit: conv -> BN order, relu(bn_k(h_k) + s)
     shortcut_bn: Optional[BatchNormMode] = None     # the projection's own BN (post-activation units)
 
@@ -346,11 +353,31 @@ class _PostActivation:
         flat_stats = [t for st in stats for t in st[:2]]          # mean, invstd per BN
         conv_weights = [t[5] for t in triples]
         bn_weights = [t[0] for t in triples] + ([shortcut_bn[0]] if shortcut_saved else [])
-        ctx.save_for_backward(x, *hs, *shortcut_saved, y, *flat_stats, *[st[2] for st in stats],
+        kept = [] if plan.recompute else [*hs, *shortcut_saved]   # memory="min": recomputed in the backward
+        ctx.save_for_backward(x, *kept, y, *flat_stats, *[st[2] for st in stats],
                               *[st[3] for st in stats], *conv_weights, *bn_weights, shortcut_weight)
         empty = tuple(y.new_empty(0, dtype=stat_dtype) for _ in range(3))
         ctx.mark_non_differentiable(*empty)
         return (y, *empty)
+
+    @staticmethod
+    def recompute(ops: Any, plan: UnitPlan, x: torch.Tensor, scales, shifts, conv_weights,
+                  shortcut_weight) -> tuple:
+        """memory="min": ``(h_1 .. h_k, h_s)`` as the forward computed them, bit for bit (``h_s`` None
+        unless the projection has a BN): ``conv_bnrelu`` with the forward's arguments, the previous BN's
+        saved scale and shift as prologue (no batch statistics recomputed, no running statistic touched,
+        no collective) and the forward's ``stats`` flag, which selects the kernel variant and, on a GPU,
+        the autotuned configuration (see ``_recompute_inputs``); the partials it emits are dropped."""
+        hs, h, prologue = [], x, (None, None)
+        for i in range(len(plan.kernel_sizes)):
+            h = ops.conv_bnrelu(h, conv_weights[i], *prologue, None, plan.strides[i], plan.bn[i].batch_stats)[0]
+            hs.append(h)
+            prologue = (scales[i], shifts[i])
+        h_s = None
+        if plan.shortcut == "raw_projection" and plan.shortcut_bn is not None:
+            h_s = ops.conv_bnrelu(x, shortcut_weight, None, None, None, plan.shortcut_stride,
+                                  plan.shortcut_bn.batch_stats)[0]
+        return tuple(hs), h_s
 
     @staticmethod
     def backward(ctx, dy):
@@ -359,10 +386,13 @@ class _PostActivation:
         has_shortcut_bn = plan.shortcut == "raw_projection" and plan.shortcut_bn is not None
         n_bn = n + has_shortcut_bn
         saved = list(ctx.saved_tensors)
-        x, hs = saved[0], saved[1:1 + n]
-        pos = 1 + n
-        h_s = saved[pos] if has_shortcut_bn else None
-        pos += has_shortcut_bn
+        if plan.recompute:     # memory="min": x, y; h_1 .. h_k and h_s recomputed below
+            x, pos = saved[0], 1
+        else:
+            x, hs = saved[0], saved[1:1 + n]
+            pos = 1 + n
+            h_s = saved[pos] if has_shortcut_bn else None
+            pos += has_shortcut_bn
         y = saved[pos]
         pos += 1
         means, invstds = saved[pos:pos + 2 * n_bn:2], saved[pos + 1:pos + 2 * n_bn:2]
@@ -371,6 +401,8 @@ class _PostActivation:
         pos += 2 * n_bn
         conv_weights, bn_weights = saved[pos:pos + n], saved[pos + n:pos + n + n_bn]
         shortcut_weight = saved[pos + n + n_bn]
+        if plan.recompute:
+            hs, h_s = _PostActivation.recompute(ops, plan, x, scales, shifts, conv_weights, shortcut_weight)
         world = process_count(group)
         dy = dy.contiguous()
         grads: list[Optional[torch.Tensor]] = [None] * ctx.n_params
