@@ -8,7 +8,7 @@ h_1 .. h_k and the projection's h_s with the forward's own calls.
 - the running statistics are updated once (num_batches_tracked 1 after a step, eager's values);
 - what is saved: x and y alone per unit; torchvision's ResNet-50 (its 16 Bottlenecks replaced by
   FusedOriginalBottleneck units with their weights) saves at most 0.6x eager's activation bytes;
-- the constructors and convert_to_fused take ``memory``.
+- the constructors and convert_to_fused take ``memory``; torch.compile(fullgraph=True) runs the recompute.
 """
 from __future__ import annotations
 
@@ -227,3 +227,21 @@ def test_constructors_and_convert_take_memory():
     units = [m for m in model.modules() if isinstance(m, _FusedUnitMixin)]
     assert len(units) == 2 and all(u.memory == "min" for u in units)
     assert "memory=min" in repr(units[1])
+
+
+def test_training_step_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) of an original unit with memory="min" (the recompute in the backward)."""
+    x = torch.randn(4, 8, 6, 6, device=DEVICE)
+    _need("cuda", x)
+    torch.manual_seed(0)
+    model = perturb_bn(FusedOriginalBottleneck(8, 16, stride=2, backend="cuda", memory="min")).to(DEVICE)
+    uncompiled = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    dy = torch.randn(4, 16, 3, 3, device=DEVICE)
+    (compiled(x) * dy).sum().backward()
+    (uncompiled(x) * dy).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), uncompiled.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    for (name, b), c in zip(model.named_buffers(), uncompiled.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert all(int(bn.num_batches_tracked) == 1 for bn in (model.bn1, model.bn2, model.bn3, model.shortcut_bn))
