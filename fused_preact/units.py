@@ -382,8 +382,9 @@ def make_unit(in_channels: int, out_channels: int, stride: int = 1, *, bottlenec
               activation: str = "full_preact", shortcut: str = "identity", projection: str = "B",
               stride_on: str = "1x1", single_conv: bool = False, **shortcut_options) -> ResidualUnit:
     """A unit of the given variant. The standard full pre-activation unit with an
-    identity shortcut comes back as ``PreActBlock`` / ``PreActBottleneck`` (so
-    ``convert_to_fused`` finds it); ``shortcut_options`` (``scale_shortcut``,
+    identity shortcut comes back as ``PreActBlock`` / ``PreActBottleneck``, the original
+    unit with an identity shortcut (projection ``"A"`` or ``"B"``) as ``OriginalBlock`` /
+    ``OriginalBottleneck`` (so ``convert_to_fused`` changes their class); ``shortcut_options`` (``scale_shortcut``,
     ``scale_residual``, ``gate_bias``, ``dropout``) only matter to other shortcuts.
     ``single_conv=True`` gives a ``SingleConvUnit`` (one 3x3 conv, always eager)."""
     if single_conv:
@@ -395,5 +396,9 @@ def make_unit(in_channels: int, out_channels: int, stride: int = 1, *, bottlenec
         if bottleneck:
             return PreActBottleneck(in_channels, out_channels, stride, projection, stride_on)
         return PreActBlock(in_channels, out_channels, stride, projection)
+    if activation == "original" and shortcut == "identity" and projection in ("A", "B"):
+        if bottleneck:
+            return OriginalBottleneck(in_channels, out_channels, stride, projection, stride_on)
+        return OriginalBlock(in_channels, out_channels, stride, projection)
     return ResidualUnit(in_channels, out_channels, stride, bottleneck=bottleneck, activation=activation,
                         shortcut=shortcut, projection=projection, stride_on=stride_on, **shortcut_options)
