@@ -1,10 +1,12 @@
 // conv_ops.cpp -- conv_bnrelu, conv_dgrad and conv_wgrad (the convolutions of a fused unit), one
 // device-generic implementation registered for the CPU and CUDA keys:
 //   conv_bnrelu  y = conv(relu(scale * x + shift), W, stride) (+ residual), stats partials of y
+//                (scale and shift None: conv(x), no prologue: the original unit's first conv)
 //   conv_dgrad   g = (conv_input_grad(dy, W) + add) * (scale * h + shift > 0), sum_g, sum_g_xhat
-//   conv_wgrad   dW = conv_weight_grad(relu(scale * x + shift), dy)
+//   conv_wgrad   dW = conv_weight_grad(relu(scale * x + shift), dy)   (or of x, without prologue)
 // On CUDA, 1x1 convs of bf16/fp16 data that conv1x1_fused_supported() accepts run the fused
-// tensor-core kernels of conv1x1_fused.cu (prologue and epilogues inside the GEMM). Every other
+// tensor-core kernels of conv1x1_fused.cu (prologue and epilogues inside the GEMM; a conv without
+// prologue takes the composite path). Every other
 // conv is a composite: prologue -> ATen convolution -> epilogue. The BN-ReLU prologue is our apply
 // kernel into a temporary, the convolution is at::convolution / at::convolution_backward on
 // channels_last views of the NHWC data (cuDNN on CUDA; oneDNN or native on the CPU), and the
@@ -100,18 +102,32 @@ bool fused_conv1x1(const Tensor& data, const Tensor& weight, int64_t k) {
 
 }  // namespace
 
+namespace {
+
+// The conv's input in the conv dtype: relu(scale * x + shift) (the BN-ReLU prologue), or x itself.
+Tensor conv_input(const Tensor& x, const OptionalTensor& scale, const OptionalTensor& shift,
+                  at::ScalarType compute) {
+  if (scale.has_value()) return bn_relu_prologue(x, *scale, *shift, compute);
+  return x.to(compute);
+}
+
+}  // namespace
+
 // ---- the composites ----------------------------------------------------------------------------
 
-Tensor4 conv_bnrelu(const Tensor& x, const Tensor& weight, const Tensor& scale, const Tensor& shift,
-                    const OptionalTensor& residual, int64_t stride, bool stats) {
+Tensor4 conv_bnrelu(const Tensor& x, const Tensor& weight, const OptionalTensor& scale,
+                    const OptionalTensor& shift, const OptionalTensor& residual, int64_t stride,
+                    bool stats) {
   const int64_t k = check_conv_bnrelu_args(x, weight, scale, shift, residual, stride);
 #ifdef WITH_CUDA
-  if (fused_conv1x1(x, weight, k)) return conv1x1_bnrelu_cuda(x, weight, scale, shift, residual, stride, stats);
+  if (scale.has_value() && fused_conv1x1(x, weight, k)) {
+    return conv1x1_bnrelu_cuda(x, weight, *scale, *shift, residual, stride, stats);
+  }
 #endif
   const at::ScalarType dtype = x.scalar_type(), compute = conv_dtype(x, dtype);
   Tensor conv_out;
   {
-    const Tensor activated = bn_relu_prologue(x, scale, shift, compute);
+    const Tensor activated = conv_input(x, scale, shift, compute);
     conv_out = nhwc_of(at::convolution(nchw_view(activated), conv_weight(weight, dtype, compute),
                                        std::nullopt, {stride, stride}, {k / 2, k / 2}, {1, 1},
                                        /*transposed=*/false, {0, 0}, /*groups=*/1));
@@ -146,14 +162,16 @@ Tensor3 conv_dgrad(const Tensor& dy, const Tensor& weight, const OptionalTensor&
   return dgrad_epilogue(t, add, h, scale, shift, mean, invstd, dtype);
 }
 
-Tensor conv_wgrad(const Tensor& dy, const Tensor& x, const Tensor& scale, const Tensor& shift,
-                  const Tensor& weight, int64_t stride) {
+Tensor conv_wgrad(const Tensor& dy, const Tensor& x, const OptionalTensor& scale,
+                  const OptionalTensor& shift, const Tensor& weight, int64_t stride) {
   const int64_t k = check_conv_wgrad_args(dy, x, scale, shift, weight, stride);
 #ifdef WITH_CUDA
-  if (fused_conv1x1(x, weight, k)) return conv1x1_wgrad_cuda(dy, x, scale, shift, weight, stride);
+  if (scale.has_value() && fused_conv1x1(x, weight, k)) {
+    return conv1x1_wgrad_cuda(dy, x, *scale, *shift, weight, stride);
+  }
 #endif
   const at::ScalarType dtype = x.scalar_type(), compute = conv_dtype(x, dtype);
-  const Tensor activated = bn_relu_prologue(x, scale, shift, compute);
+  const Tensor activated = conv_input(x, scale, shift, compute);
   const Tensor dweight = std::get<1>(at::convolution_backward(
       nchw_view(dy.to(compute)), nchw_view(activated), conv_weight(weight, dtype, compute),
       std::nullopt, {stride, stride}, {k / 2, k / 2}, {1, 1}, /*transposed=*/false, {0, 0},

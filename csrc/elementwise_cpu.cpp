@@ -1,9 +1,14 @@
 // elementwise_cpu.cpp -- the CPU kernels of the per-element passes of a fused unit, NHWC:
 //   bn_relu_apply            out = relu(scale[c] * x + shift[c]) (+ residual)        forward
+//   bn_add_relu              y = relu(scale[c] * h + shift[c] + s), s = residual or
+//                            rscale[c] * residual + rshift[c]     (original unit's end) forward
 //   bn_relu_prologue_cpu     the same without residual, rounded to x's dtype and stored as
 //                            float32 when the conv runs in fp32 (bfloat16 / float16 on the CPU)
 //   bn_relu_backward_reduce  g = (t + add) * (scale[c] * h + shift[c] > 0), and per channel
 //                            sum_g = sum(g), sum_g_xhat = sum(g * (h - mean) * invstd)  backward
+//   bn_add_relu_backward     the same reduction with the mask read from the saved output,
+//                            g = dy * (y > 0), plus sum(g * xhat_s) of the shortcut's BN input
+//                            (a second reduction over g and h_s)                       backward
 //   bn_backward_finish       dh = A[c] * g + B[c] * (h - mean[c]) + D[c] (+ add)       backward
 // Layout: contiguous [rows, C] (rows = N*H*W). Arithmetic in acc_t (fp32, fp64 for float64) on
 // at::vec lanes, rows in parallel (at::parallel_for). The elementwise passes walk one row at a
@@ -47,31 +52,48 @@ const T* optional_data(const OptionalTensor& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
 
-// out = relu(scale * x + shift) (+ residual), rounded to T, stored as O (T, or float holding
-// T-rounded values).
-template <typename T, typename O, bool kResidual>
+// Where apply_kernel adds its residual.
+enum class Residual {
+  kNone,           // out = relu(scale * x + shift)
+  kAfterRelu,      // out = relu(scale * x + shift) + residual             (bn_relu_apply)
+  kBeforeRelu,     // out = relu(scale * x + shift + residual)             (bn_add_relu)
+  kBnBeforeRelu,   // out = relu(scale * x + shift + rscale * residual + rshift)
+};
+
+// out as above, rounded to T, stored as O (T, or float holding T-rounded values). rscale_t /
+// rshift_t: the residual's BN (kBnBeforeRelu only).
+template <typename T, typename O, Residual kResidual>
 void apply_kernel(const T* x, const T* residual, O* out, const Tensor& scale_t,
-                  const Tensor& shift_t, int64_t rows, int64_t C) {
+                  const Tensor& shift_t, int64_t rows, int64_t C,
+                  const Tensor* rscale_t = nullptr, const Tensor* rshift_t = nullptr) {
   using acc_t = acc_type<T>;
   using Vec = at::vec::Vectorized<acc_t>;
+  constexpr bool kBn = kResidual == Residual::kBnBeforeRelu;
   const ChannelVector<acc_t> scale_values = channel_values<acc_t>(scale_t);
   const ChannelVector<acc_t> shift_values = channel_values<acc_t>(shift_t);
+  const ChannelVector<acc_t> rscale_values = kBn ? channel_values<acc_t>(*rscale_t) : ChannelVector<acc_t>(0);
+  const ChannelVector<acc_t> rshift_values = kBn ? channel_values<acc_t>(*rshift_t) : ChannelVector<acc_t>(0);
   at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
     // Locals, not captures: the stores below may alias any memory, and would make the compiler
     // reload captured pointers for every vector.
     const acc_t* const scale = scale_values.ptr();
     const acc_t* const shift = shift_values.ptr();
+    const acc_t* const rscale = rscale_values.ptr();
+    const acc_t* const rshift = rshift_values.ptr();
     const int64_t channels = C;
     for (int64_t r = begin; r < end; ++r) {
       const T* x_row = x + r * channels;
-      const T* residual_row = residual + (kResidual ? r * channels : 0);
+      const T* residual_row = residual + (kResidual != Residual::kNone ? r * channels : 0);
       O* out_row = out + r * channels;
       cpu::for_each_vector<acc_t>(channels, [&](int64_t c, auto n) {
-        // clamp_min keeps a NaN, as torch.relu does
-        Vec a = at::vec::clamp_min(at::vec::fmadd(cpu::load<acc_t>(x_row + c, n), Vec::loadu(scale + c),
-                                                  Vec::loadu(shift + c)),
-                                   Vec(acc_t(0)));
-        if constexpr (kResidual) a = a + cpu::load<acc_t>(residual_row + c, n);
+        Vec a = at::vec::fmadd(cpu::load<acc_t>(x_row + c, n), Vec::loadu(scale + c), Vec::loadu(shift + c));
+        if constexpr (kResidual == Residual::kBeforeRelu) a = a + cpu::load<acc_t>(residual_row + c, n);
+        if constexpr (kBn) {
+          a = a + at::vec::fmadd(cpu::load<acc_t>(residual_row + c, n), Vec::loadu(rscale + c),
+                                 Vec::loadu(rshift + c));
+        }
+        a = at::vec::clamp_min(a, Vec(acc_t(0)));   // clamp_min keeps a NaN, as torch.relu does
+        if constexpr (kResidual == Residual::kAfterRelu) a = a + cpu::load<acc_t>(residual_row + c, n);
         if constexpr (!std::is_same_v<O, T>) a = cpu::round_to<T>(a);
         cpu::store(out_row + c, a, n);
       });
@@ -82,8 +104,8 @@ void apply_kernel(const T* x, const T* residual, O* out, const Tensor& scale_t,
 template <typename T, typename O>
 void apply(const T* x, const T* residual, O* out, const Tensor& scale, const Tensor& shift,
            int64_t rows, int64_t C) {
-  if (residual != nullptr) apply_kernel<T, O, true>(x, residual, out, scale, shift, rows, C);
-  else apply_kernel<T, O, false>(x, nullptr, out, scale, shift, rows, C);
+  if (residual != nullptr) apply_kernel<T, O, Residual::kAfterRelu>(x, residual, out, scale, shift, rows, C);
+  else apply_kernel<T, O, Residual::kNone>(x, nullptr, out, scale, shift, rows, C);
 }
 
 // dh = A * g + B * (h - mean) + D (+ add): A = weight * invstd, and with batch statistics
@@ -129,17 +151,25 @@ void finish_kernel(const T* g, const T* h, const T* add, T* dh, const Tensor& me
   });
 }
 
-// g = (t + add) * (scale * h + shift > 0) stored as T; per channel sum(g) and
+// Where backward_reduce_kernel takes its ReLU mask from.
+enum class Mask {
+  kPreactivation,  // scale * h + shift > 0: recomputed from the ReLU's input (conv_dgrad)
+  kOutput,         // y > 0: read from the ReLU's saved output (bn_add_relu_backward)
+};
+
+// g = (t + add) * mask stored as T (unless g is null); per channel sum(g) and
 // sum(g * (h - mean)) * invstd (of g before rounding) into sum_g / sum_g_xhat (acc_t).
-template <typename T, typename S, bool kAdd>
+// kOutput takes y instead of scale / shift (undefined tensors then).
+template <typename T, typename S, bool kAdd, Mask kMask = Mask::kPreactivation>
 void backward_reduce_kernel(const S* t, const T* add, const T* h, T* g, const Tensor& scale_t,
                             const Tensor& shift_t, const Tensor& mean_t, const Tensor& invstd_t,
                             int64_t rows, int64_t C, acc_type<T>* sum_g_out,
-                            acc_type<T>* sum_g_xhat_out) {
+                            acc_type<T>* sum_g_xhat_out, const T* y = nullptr) {
   using acc_t = acc_type<T>;
   using Vec = at::vec::Vectorized<acc_t>;
-  const ChannelVector<acc_t> scale_values = channel_values<acc_t>(scale_t);
-  const ChannelVector<acc_t> shift_values = channel_values<acc_t>(shift_t);
+  constexpr bool kRecompute = kMask == Mask::kPreactivation;
+  const ChannelVector<acc_t> scale_values = kRecompute ? channel_values<acc_t>(scale_t) : ChannelVector<acc_t>(0);
+  const ChannelVector<acc_t> shift_values = kRecompute ? channel_values<acc_t>(shift_t) : ChannelVector<acc_t>(0);
   const ChannelVector<acc_t> mean_values = channel_values<acc_t>(mean_t);
   const ChannelVector<acc_t> invstd = channel_values<acc_t>(invstd_t);
   const int64_t blocks = partial_count(rows);
@@ -148,7 +178,7 @@ void backward_reduce_kernel(const S* t, const T* add, const T* h, T* g, const Te
     const acc_t *const scale = scale_values.ptr(), *const shift = shift_values.ptr();  // locals: see apply
     const acc_t* const mean = mean_values.ptr();
     const S* const t_data = t;
-    const T *const add_data = add, *const h_data = h;
+    const T *const add_data = add, *const h_data = h, *const y_data = y;
     T* const g_data = g;
     const int64_t channels = C;
     for (int64_t k = begin; k < end; ++k) {
@@ -160,9 +190,13 @@ void backward_reduce_kernel(const S* t, const T* add, const T* h, T* g, const Te
         Vec grad = cpu::load<acc_t>(t_data + i, n);
         if constexpr (kAdd) grad = grad + cpu::load<acc_t>(add_data + i, n);
         const Vec hv = cpu::load<acc_t>(h_data + i, n);
-        const Vec pre = at::vec::fmadd(hv, Vec::loadu(scale + c), Vec::loadu(shift + c));
-        grad = grad & (pre > Vec(acc_t(0)));
-        cpu::store(g_data + i, grad, n);
+        if constexpr (kRecompute) {
+          const Vec pre = at::vec::fmadd(hv, Vec::loadu(scale + c), Vec::loadu(shift + c));
+          grad = grad & (pre > Vec(acc_t(0)));
+        } else {
+          grad = grad & (cpu::load<acc_t>(y_data + i, n) > Vec(acc_t(0)));
+        }
+        if (g_data != nullptr) cpu::store(g_data + i, grad, n);
         sum_g = sum_g + grad;
         sum_gc = at::vec::fmadd(grad, hv - Vec::loadu(mean + c), sum_gc);
       });
@@ -258,7 +292,7 @@ Tensor3 dgrad_epilogue_cpu(const Tensor& conv_out, const OptionalTensor& add, co
                                    : backward_reduce_kernel<scalar_t, S, false>;
       kernel(t, add_data, h.const_data_ptr<scalar_t>(), g.mutable_data_ptr<scalar_t>(), scale, shift,
              mean, invstd, rows, C, sum_g.mutable_data_ptr<acc_type<scalar_t>>(),
-             sum_g_xhat.mutable_data_ptr<acc_type<scalar_t>>());
+             sum_g_xhat.mutable_data_ptr<acc_type<scalar_t>>(), /*y=*/nullptr);
     };
     if (conv_out.scalar_type() == dtype) {
       run(conv_out.const_data_ptr<scalar_t>());
@@ -279,6 +313,57 @@ Tensor3 bn_relu_backward_reduce_cpu(const Tensor& t, const Tensor& h, const Tens
   check_bn_relu_backward_reduce_args(t, h, scale, shift, mean, invstd, add);
   check_cpu("bn_relu_backward_reduce", "t", t);
   return dgrad_epilogue_cpu(t, add, h, scale, shift, mean, invstd, t.scalar_type());
+}
+
+Tensor bn_add_relu_cpu(const Tensor& h, const Tensor& scale, const Tensor& shift,
+                       const Tensor& residual, const OptionalTensor& residual_scale,
+                       const OptionalTensor& residual_shift) {
+  check_bn_add_relu_args(h, scale, shift, residual, residual_scale, residual_shift);
+  check_cpu("bn_add_relu", "h", h);
+  Tensor y = at::empty_like(h);
+  const int64_t C = h.size(3), rows = h.numel() / C;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "bn_add_relu_cpu", [&] {
+    const scalar_t* h_data = h.const_data_ptr<scalar_t>();
+    const scalar_t* r_data = residual.const_data_ptr<scalar_t>();
+    scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
+    if (residual_scale.has_value()) {
+      apply_kernel<scalar_t, scalar_t, Residual::kBnBeforeRelu>(h_data, r_data, y_data, scale, shift, rows, C,
+                                                                &*residual_scale, &*residual_shift);
+    } else {
+      apply_kernel<scalar_t, scalar_t, Residual::kBeforeRelu>(h_data, r_data, y_data, scale, shift, rows, C);
+    }
+  });
+  return y;
+}
+
+Tensor4 bn_add_relu_backward_cpu(const Tensor& dy, const Tensor& y, const Tensor& h,
+                                 const Tensor& mean, const Tensor& invstd,
+                                 const OptionalTensor& residual, const OptionalTensor& residual_mean,
+                                 const OptionalTensor& residual_invstd) {
+  check_bn_add_relu_backward_args(dy, y, h, mean, invstd, residual, residual_mean, residual_invstd);
+  check_cpu("bn_add_relu_backward", "dy", dy);
+  const int64_t C = dy.size(3), rows = dy.numel() / C;
+  Tensor g = at::empty_like(dy);
+  const auto options = dy.options().dtype(stat_dtype(dy.scalar_type()));
+  Tensor sum_g = at::empty({C}, options), sum_g_xhat = at::empty({C}, options);
+  Tensor residual_sum_g_xhat = at::empty({residual.has_value() ? C : 0}, options);
+  const Tensor none;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "bn_add_relu_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* y_data = y.const_data_ptr<scalar_t>();
+    backward_reduce_kernel<scalar_t, scalar_t, false, Mask::kOutput>(
+        dy.const_data_ptr<scalar_t>(), nullptr, h.const_data_ptr<scalar_t>(), g.mutable_data_ptr<scalar_t>(),
+        none, none, mean, invstd, rows, C, sum_g.mutable_data_ptr<acc_t>(),
+        sum_g_xhat.mutable_data_ptr<acc_t>(), y_data);
+    if (residual.has_value()) {  // the shortcut BN's sum over the masked g (sum(g) is the same)
+      std::vector<acc_t> unused(static_cast<size_t>(C));
+      backward_reduce_kernel<scalar_t, scalar_t, false, Mask::kOutput>(
+          g.const_data_ptr<scalar_t>(), nullptr, residual->const_data_ptr<scalar_t>(), nullptr, none, none,
+          *residual_mean, *residual_invstd, rows, C, unused.data(),
+          residual_sum_g_xhat.mutable_data_ptr<acc_t>(), y_data);
+    }
+  });
+  return {g, sum_g, sum_g_xhat, residual_sum_g_xhat};
 }
 
 }  // namespace fused_preact

@@ -1,5 +1,8 @@
 // elementwise_cuda.cu -- the CUDA kernels of the per-element passes of a fused unit, NHWC:
 //   bn_relu_apply_cuda            out = relu(scale[c] * x + shift[c]) (+ residual)       forward
+//   bn_add_relu_cuda              y = relu(scale[c] * h + shift[c] + s), s = residual or
+//                                 rscale[c] * residual + rshift[c] (the same kernel, residual
+//                                 added before the ReLU)                                 forward
 //   bn_relu_prologue_cuda         the same without residual (the conv input's pre-activation),
 //                                 stored in x's dtype, or as float32 holding x-rounded values
 //   dgrad_epilogue_cuda           g = (t + add) * (scale[c] * h + shift[c] > 0) in g's dtype, and
@@ -7,6 +10,9 @@
 //                                 invstd) of g before rounding (conv_dgrad's epilogue; t in g's
 //                                 dtype or float32 for bfloat16 / float16 g)
 //   bn_relu_backward_reduce_cuda  the checked operator around dgrad_epilogue_cuda        backward
+//   bn_add_relu_backward_cuda     the same reduction with the mask read from the saved output
+//                                 (g = dy * (y > 0)); with a shortcut BN a second reduction over
+//                                 g and h_s (g not stored again) gives its sum_g_xhat    backward
 //   bn_backward_finish_cuda       dh = A[c] * g + B[c] * (h - mean[c]) + D[c] (+ add)    backward
 // Layout: contiguous [rows, C] (rows = N*H*W). float32 / float64 / float16 / bfloat16 data,
 // arithmetic in at::opmath_type (fp32; fp64 for float64), with the CPU kernels' rounding points:
@@ -105,6 +111,10 @@ struct ApplyArgs {
   const acc_type<T>* scale;      // [C]
   const acc_type<T>* shift;      // [C]
   int64_t rows, C, cols, tiles;  // cols = C / V channel vectors, tiles of blockDim.x of them
+  // bn_add_relu: the residual is added before the ReLU, after its own BN when rscale is set
+  bool residual_before_relu = false;
+  const acc_type<T>* rscale = nullptr;  // [C] or null
+  const acc_type<T>* rshift = nullptr;  // [C] or null
 };
 
 template <typename T, typename O, int V>
@@ -115,9 +125,13 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const ApplyArgs<T, O> a
     const int64_t col = tile * blockDim.x + threadIdx.x;
     if (col >= a.cols) continue;
     const int64_t c0 = col * V;
-    acc_t scale[V], shift[V];
+    acc_t scale[V], shift[V], rscale[V], rshift[V];
     load_channels(scale, a.scale, c0);
     load_channels(shift, a.shift, c0);
+    if (a.rscale != nullptr) {
+      load_channels(rscale, a.rscale, c0);
+      load_channels(rshift, a.rshift, c0);
+    }
     constexpr int U = kUnroll<V>;
 #pragma unroll 1
     for (int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; r < a.rows; r += U * step) {
@@ -137,8 +151,14 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const ApplyArgs<T, O> a
           Pack<O, V> o;
 #pragma unroll
           for (int k = 0; k < V; ++k) {
-            acc_t v = relu(fma_rn(static_cast<acc_t>(xv[u].v[k]), scale[k], shift[k]));
-            if (a.residual != nullptr) v = add_rn(v, static_cast<acc_t>(rv[u].v[k]));
+            acc_t v = fma_rn(static_cast<acc_t>(xv[u].v[k]), scale[k], shift[k]);
+            if (a.residual_before_relu) {
+              const acc_t r = static_cast<acc_t>(rv[u].v[k]);
+              v = relu(add_rn(v, a.rscale != nullptr ? fma_rn(r, rscale[k], rshift[k]) : r));
+            } else {
+              v = relu(v);
+              if (a.residual != nullptr) v = add_rn(v, static_cast<acc_t>(rv[u].v[k]));
+            }
             o.v[k] = to_storage<T, O>(v);
           }
           store_pack<V>(a.out + row * a.C + c0, o);
@@ -229,14 +249,15 @@ struct ReduceArgs {
   const S* t;                    // [rows, C]: the incoming gradient (conv_input_grad)
   const T* add;                  // [rows, C] or null
   const T* h;                    // [rows, C]
-  T* g;                          // [rows, C]
-  const acc_type<T>* scale;      // [C]
-  const acc_type<T>* shift;      // [C]
+  T* g;                          // [rows, C], or null: not stored
+  const acc_type<T>* scale;      // [C] (mask recomputed from h: y null)
+  const acc_type<T>* shift;      // [C] (mask recomputed from h: y null)
   const acc_type<T>* mean;       // [C]
   const acc_type<T>* invstd;     // [C]
   acc_type<T>* part_g;           // [T, C]: per-partial sums of g
   acc_type<T>* part_g_xhat;      // [T, C]: per-partial sums of g * xhat
   int64_t rows, C, cols;
+  const T* y = nullptr;          // [rows, C] or null: the mask is y > 0 (the ReLU's saved output)
 };
 
 // Adds the values of the blockDim.y thread rows (a power of two) of each thread column, a tree in
@@ -284,15 +305,17 @@ __global__ void __launch_bounds__(kThreads) backward_reduce_kernel(const ReduceA
   if (col < a.cols) {
     const int64_t c0 = col * V;
     acc_t scale[V], shift[V], mean[V], invstd[V];
-    load_channels(scale, a.scale, c0);
-    load_channels(shift, a.shift, c0);
+    if (a.y == nullptr) {
+      load_channels(scale, a.scale, c0);
+      load_channels(shift, a.shift, c0);
+    }
     load_channels(mean, a.mean, c0);
     load_channels(invstd, a.invstd, c0);
     constexpr int U = kUnroll<V>;
 #pragma unroll 1
     for (int64_t r = r0 + threadIdx.y; r < r1; r += int64_t(U) * by) {
       Pack<S, V> tv[U];
-      Pack<T, V> hv[U], av[U];
+      Pack<T, V> hv[U], av[U], yv[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int64_t row = r + int64_t(u) * by;
@@ -301,6 +324,7 @@ __global__ void __launch_bounds__(kThreads) backward_reduce_kernel(const ReduceA
           tv[u] = load_pack<V>(a.t + at);
           hv[u] = load_pack<V>(a.h + at);
           if (a.add != nullptr) av[u] = load_pack<V>(a.add + at);
+          if (a.y != nullptr) yv[u] = load_pack<V>(a.y + at);
         }
       }
 #pragma unroll
@@ -313,14 +337,15 @@ __global__ void __launch_bounds__(kThreads) backward_reduce_kernel(const ReduceA
             acc_t grad = static_cast<acc_t>(tv[u].v[k]);
             if (a.add != nullptr) grad = add_rn(grad, static_cast<acc_t>(av[u].v[k]));
             const acc_t hx = static_cast<acc_t>(hv[u].v[k]);
-            const acc_t pre = fma_rn(hx, scale[k], shift[k]);
+            const acc_t pre = a.y != nullptr ? static_cast<acc_t>(yv[u].v[k])
+                                             : fma_rn(hx, scale[k], shift[k]);
             grad = pre > acc_t(0) ? grad : acc_t(0);  // NaN pre: masked, as the CPU's blendv
             o.v[k] = static_cast<T>(grad);
             const acc_t xhat = mul_rn(sub_rn(hx, mean[k]), invstd[k]);
             sum_g[k] = add_rn(sum_g[k], grad);
             sum_gx[k] = fma_rn(grad, xhat, sum_gx[k]);
           }
-          store_pack<V>(a.g + row * a.C + c0, o);
+          if (a.g != nullptr) store_pack<V>(a.g + row * a.C + c0, o);
         }
       }
     }
@@ -456,7 +481,7 @@ void launch_reduce(const ReduceArgs<T, S>& a, acc_type<T>* sum_g, acc_type<T>* s
                    const char* op) {
   constexpr int kVec = 16 / sizeof(T);
   if (a.C % kVec == 0 && aligned(a.t, kVec * sizeof(S)) && aligned(a.add, 16) &&
-      aligned(a.h, 16) && aligned(a.g, 16)) {
+      aligned(a.h, 16) && aligned(a.g, 16) && aligned(a.y, 16)) {
     run_reduce<T, S, kVec>(a, op);
   } else {
     run_reduce<T, S, 1>(a, op);
@@ -648,6 +673,77 @@ Tensor3 bn_relu_backward_reduce_cuda(const Tensor& t, const Tensor& h, const Ten
   check_bn_relu_backward_reduce_args(t, h, scale, shift, mean, invstd, add);
   check_cuda("bn_relu_backward_reduce", "t", t);
   return dgrad_epilogue_cuda(t, add, h, scale, shift, mean, invstd, t.scalar_type());
+}
+
+Tensor bn_add_relu_cuda(const Tensor& h, const Tensor& scale, const Tensor& shift,
+                        const Tensor& residual, const OptionalTensor& residual_scale,
+                        const OptionalTensor& residual_shift) {
+  constexpr const char* op = "bn_add_relu";
+  check_bn_add_relu_args(h, scale, shift, residual, residual_scale, residual_shift);
+  check_cuda(op, "h", h);
+  const c10::cuda::CUDAGuard guard(h.device());
+  Tensor y = at::empty(h.sizes(), h.options());
+  const int64_t C = h.size(3), rows = rows_of(h);
+  dispatch_activation(h.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    using acc_t = acc_type<T>;
+    const Tensor sc = channel_values<acc_t>(scale), sh = channel_values<acc_t>(shift);
+    Tensor rsc, rsh;
+    if (residual_scale.has_value()) {
+      rsc = channel_values<acc_t>(*residual_scale);
+      rsh = channel_values<acc_t>(*residual_shift);
+    }
+    ApplyArgs<T, T> a{h.const_data_ptr<T>(), residual.const_data_ptr<T>(), y.mutable_data_ptr<T>(),
+                      sc.const_data_ptr<acc_t>(), sh.const_data_ptr<acc_t>(), rows, C, 0, 0};
+    a.residual_before_relu = true;
+    if (residual_scale.has_value()) {
+      a.rscale = rsc.const_data_ptr<acc_t>();
+      a.rshift = rsh.const_data_ptr<acc_t>();
+    }
+    launch_apply(a);
+  });
+  return y;
+}
+
+Tensor4 bn_add_relu_backward_cuda(const Tensor& dy, const Tensor& y, const Tensor& h,
+                                  const Tensor& mean, const Tensor& invstd,
+                                  const OptionalTensor& residual, const OptionalTensor& residual_mean,
+                                  const OptionalTensor& residual_invstd) {
+  constexpr const char* op = "bn_add_relu_backward";
+  check_bn_add_relu_backward_args(dy, y, h, mean, invstd, residual, residual_mean, residual_invstd);
+  check_cuda(op, "dy", dy);
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const at::ScalarType dtype = dy.scalar_type();
+  const int64_t C = dy.size(3), rows = rows_of(dy);
+  Tensor g = at::empty(dy.sizes(), dy.options());
+  const auto options = dy.options().dtype(stat_dtype(dtype));
+  Tensor sum_g = at::empty({C}, options), sum_g_xhat = at::empty({C}, options);
+  Tensor residual_sum_g_xhat = at::empty({residual.has_value() ? C : 0}, options);
+  const int64_t parts = partial_count(rows);
+  const Tensor workspace = at::empty({2, parts, C}, options);
+  const Tensor unused_sum_g = at::empty({C}, options);
+  dispatch_activation(dtype, op, [&](auto tag) {
+    using T = decltype(tag);
+    using acc_t = acc_type<T>;
+    const Tensor mu = channel_values<acc_t>(mean), istd = channel_values<acc_t>(invstd);
+    acc_t* part = workspace.mutable_data_ptr<acc_t>();
+    ReduceArgs<T, T> a{dy.const_data_ptr<T>(), nullptr, h.const_data_ptr<T>(), g.mutable_data_ptr<T>(),
+                       nullptr, nullptr, mu.const_data_ptr<acc_t>(), istd.const_data_ptr<acc_t>(),
+                       part, part + parts * C, rows, C, 0};
+    a.y = y.const_data_ptr<T>();
+    launch_reduce(a, sum_g.mutable_data_ptr<acc_t>(), sum_g_xhat.mutable_data_ptr<acc_t>(), op);
+    if (residual.has_value()) {  // the shortcut BN's sum over the masked g (its sum(g) is the same)
+      const Tensor rmu = channel_values<acc_t>(*residual_mean);
+      const Tensor ristd = channel_values<acc_t>(*residual_invstd);
+      ReduceArgs<T, T> b{g.const_data_ptr<T>(), nullptr, residual->const_data_ptr<T>(), nullptr,
+                         nullptr, nullptr, rmu.const_data_ptr<acc_t>(), ristd.const_data_ptr<acc_t>(),
+                         part, part + parts * C, rows, C, 0};
+      b.y = a.y;
+      launch_reduce(b, unused_sum_g.mutable_data_ptr<acc_t>(),
+                    residual_sum_g_xhat.mutable_data_ptr<acc_t>(), op);
+    }
+  });
+  return {g, sum_g, sum_g_xhat, residual_sum_g_xhat};
 }
 
 }  // namespace fused_preact

@@ -2,7 +2,8 @@
 //
 // Ops (torch.ops.fused_preact.*):
 //   the six operators of the fused-unit contract (fused_preact/unit_ops.py, exact same schemas):
-//     channel_stats, bn_finalize, conv_bnrelu, conv_dgrad, conv_wgrad, bn_backward_finish
+//     channel_stats, bn_finalize, conv_bnrelu, conv_dgrad, conv_wgrad, bn_backward_finish,
+//     bn_add_relu, bn_add_relu_backward
 //   bn_relu_apply(x, scale, shift, residual?) -> out      relu(scale * x + shift) (+ residual), NHWC
 //   bn_relu_backward_reduce(t, h, scale, shift, mean, invstd, add?) -> (g, sum_g, sum_g_xhat)
 //                                                         conv_dgrad's epilogue without the conv
@@ -62,15 +63,20 @@ TORCH_LIBRARY(fused_preact, m) {
   m.def("bn_finalize(Tensor pmean, Tensor pm2, Tensor pcount, Tensor weight, Tensor bias, "
         "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? num_batches_tracked, "
         "float momentum, float eps) -> (Tensor mean, Tensor invstd, Tensor scale, Tensor shift)");
-  m.def("conv_bnrelu(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, "
+  m.def("conv_bnrelu(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, Tensor? residual, "
         "int stride, bool stats) -> (Tensor y, Tensor pmean, Tensor pm2, Tensor pcount)");
   m.def("conv_dgrad(Tensor dy, Tensor weight, Tensor? h, Tensor? scale, Tensor? shift, "
         "Tensor? mean, Tensor? invstd, Tensor? add, int stride, int height, int width) "
         "-> (Tensor g, Tensor sum_g, Tensor sum_g_xhat)");
-  m.def("conv_wgrad(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor weight, int stride) "
+  m.def("conv_wgrad(Tensor dy, Tensor x, Tensor? scale, Tensor? shift, Tensor weight, int stride) "
         "-> Tensor dweight");
   m.def("bn_backward_finish(Tensor g, Tensor h, Tensor mean, Tensor invstd, Tensor weight, "
         "Tensor sum_g, Tensor sum_g_xhat, float count, Tensor? add, bool batch_stats) -> Tensor dh");
+  m.def("bn_add_relu(Tensor h, Tensor scale, Tensor shift, Tensor residual, Tensor? residual_scale, "
+        "Tensor? residual_shift) -> Tensor y");
+  m.def("bn_add_relu_backward(Tensor dy, Tensor y, Tensor h, Tensor mean, Tensor invstd, "
+        "Tensor? residual, Tensor? residual_mean, Tensor? residual_invstd) "
+        "-> (Tensor g, Tensor sum_g, Tensor sum_g_xhat, Tensor residual_sum_g_xhat)");
   m.def("bn_relu_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual) -> Tensor");
   m.def("bn_relu_backward_reduce(Tensor t, Tensor h, Tensor scale, Tensor shift, Tensor mean, "
         "Tensor invstd, Tensor? add) -> (Tensor g, Tensor sum_g, Tensor sum_g_xhat)");
@@ -88,6 +94,8 @@ TORCH_LIBRARY_IMPL(fused_preact, CPU, m) {
   m.impl("conv_dgrad", &conv_dgrad);
   m.impl("conv_wgrad", &conv_wgrad);
   m.impl("bn_backward_finish", &bn_backward_finish_cpu);
+  m.impl("bn_add_relu", &bn_add_relu_cpu);
+  m.impl("bn_add_relu_backward", &bn_add_relu_backward_cpu);
   m.impl("bn_relu_apply", &bn_relu_apply_cpu);
   m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cpu);
   m.impl("batch_stats", &batch_stats_cpu);
@@ -101,6 +109,8 @@ TORCH_LIBRARY_IMPL(fused_preact, Meta, m) {
   m.impl("conv_dgrad", &conv_dgrad_meta);
   m.impl("conv_wgrad", &conv_wgrad_meta);
   m.impl("bn_backward_finish", &bn_backward_finish_meta);
+  m.impl("bn_add_relu", &bn_add_relu_meta);
+  m.impl("bn_add_relu_backward", &bn_add_relu_backward_meta);
   m.impl("bn_relu_apply", &bn_relu_apply_meta);
   m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_meta);
   m.impl("batch_stats", &batch_stats_meta);
@@ -117,6 +127,8 @@ TORCH_LIBRARY_IMPL(fused_preact, CUDA, m) {
   m.impl("conv_dgrad", &conv_dgrad);
   m.impl("conv_wgrad", &conv_wgrad);
   m.impl("bn_backward_finish", &bn_backward_finish_cuda);
+  m.impl("bn_add_relu", &bn_add_relu_cuda);
+  m.impl("bn_add_relu_backward", &bn_add_relu_backward_cuda);
   m.impl("bn_relu_apply", &bn_relu_apply_cuda);
   m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cuda);
   m.impl("batch_stats", &batch_stats_cuda);

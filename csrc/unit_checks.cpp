@@ -187,15 +187,26 @@ void check_bn_relu_backward_reduce_args(const Tensor& t, const Tensor& h, const 
   if (add.has_value()) check_like(op, "add", *add, "t", t);
 }
 
-int64_t check_conv_bnrelu_args(const Tensor& x, const Tensor& weight, const Tensor& scale,
-                               const Tensor& shift, const OptionalTensor& residual,
+// The optional BN-ReLU prologue of conv_bnrelu / conv_wgrad: scale and shift both or neither.
+void check_prologue(const char* op, const OptionalTensor& scale, const OptionalTensor& shift,
+                    const c10::SymInt& cin, const Tensor& x) {
+  TORCH_CHECK(scale.has_value() == shift.has_value(), op,
+              ": scale and shift must be given together (the BN-ReLU prologue) or both be None "
+              "(the conv reads x as it is)");
+  if (scale.has_value()) {
+    check_channel_vector(op, "scale", *scale, cin, x);
+    check_channel_vector(op, "shift", *shift, cin, x);
+  }
+}
+
+int64_t check_conv_bnrelu_args(const Tensor& x, const Tensor& weight, const OptionalTensor& scale,
+                               const OptionalTensor& shift, const OptionalTensor& residual,
                                int64_t stride) {
   constexpr const char* op = "conv_bnrelu";
   const c10::SymInt cin = check_activation(op, "x", x);
   TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
   const int64_t k = check_conv_weight(op, weight, cin, "x", x);
-  check_channel_vector(op, "scale", scale, cin, x);
-  check_channel_vector(op, "shift", shift, cin, x);
+  check_prologue(op, scale, shift, cin, x);
   if (residual.has_value()) {
     check_nhwc_shape(op, "residual", *residual, x.sym_size(0),
                      conv_output_size(x.sym_size(1), k, stride),
@@ -234,8 +245,8 @@ int64_t check_conv_dgrad_args(const Tensor& dy, const Tensor& weight, const Opti
   return k;
 }
 
-int64_t check_conv_wgrad_args(const Tensor& dy, const Tensor& x, const Tensor& scale,
-                              const Tensor& shift, const Tensor& weight, int64_t stride) {
+int64_t check_conv_wgrad_args(const Tensor& dy, const Tensor& x, const OptionalTensor& scale,
+                              const OptionalTensor& shift, const Tensor& weight, int64_t stride) {
   constexpr const char* op = "conv_wgrad";
   const c10::SymInt cin = check_activation(op, "x", x);
   check_activation(op, "dy", dy);
@@ -243,9 +254,47 @@ int64_t check_conv_wgrad_args(const Tensor& dy, const Tensor& x, const Tensor& s
   const int64_t k = check_conv_weight(op, weight, cin, "x", x);
   check_nhwc_shape(op, "dy", dy, x.sym_size(0), conv_output_size(x.sym_size(1), k, stride),
                    conv_output_size(x.sym_size(2), k, stride), weight.sym_size(0), "x", x);
-  check_channel_vector(op, "scale", scale, cin, x);
-  check_channel_vector(op, "shift", shift, cin, x);
+  check_prologue(op, scale, shift, cin, x);
   return k;
+}
+
+void check_bn_add_relu_args(const Tensor& h, const Tensor& scale, const Tensor& shift,
+                            const Tensor& residual, const OptionalTensor& residual_scale,
+                            const OptionalTensor& residual_shift) {
+  constexpr const char* op = "bn_add_relu";
+  const c10::SymInt channels = check_activation(op, "h", h);
+  check_channel_vector(op, "scale", scale, channels, h);
+  check_channel_vector(op, "shift", shift, channels, h);
+  check_like(op, "residual", residual, "h", h);
+  TORCH_CHECK(residual_scale.has_value() == residual_shift.has_value(), op,
+              ": residual_scale and residual_shift must be given together (the shortcut's BN) or both "
+              "be None");
+  if (residual_scale.has_value()) {
+    check_channel_vector(op, "residual_scale", *residual_scale, channels, h);
+    check_channel_vector(op, "residual_shift", *residual_shift, channels, h);
+  }
+}
+
+void check_bn_add_relu_backward_args(const Tensor& dy, const Tensor& y, const Tensor& h,
+                                     const Tensor& mean, const Tensor& invstd,
+                                     const OptionalTensor& residual,
+                                     const OptionalTensor& residual_mean,
+                                     const OptionalTensor& residual_invstd) {
+  constexpr const char* op = "bn_add_relu_backward";
+  const c10::SymInt channels = check_activation(op, "dy", dy);
+  check_like(op, "y", y, "dy", dy);
+  check_like(op, "h", h, "dy", dy);
+  check_channel_vector(op, "mean", mean, channels, dy);
+  check_channel_vector(op, "invstd", invstd, channels, dy);
+  TORCH_CHECK(residual.has_value() == residual_mean.has_value() &&
+                  residual.has_value() == residual_invstd.has_value(),
+              op, ": residual, residual_mean and residual_invstd must be given together (the "
+              "shortcut's BN) or all be None");
+  if (residual.has_value()) {
+    check_like(op, "residual", *residual, "dy", dy);
+    check_channel_vector(op, "residual_mean", *residual_mean, channels, dy);
+    check_channel_vector(op, "residual_invstd", *residual_invstd, channels, dy);
+  }
 }
 
 // ---- Meta kernels ----------------------------------------------------------------------------
@@ -307,8 +356,8 @@ Tensor3 bn_relu_backward_reduce_meta(const Tensor& t, const Tensor& h, const Ten
           at::empty_symint({t.sym_size(3)}, options)};
 }
 
-Tensor4 conv_bnrelu_meta(const Tensor& x, const Tensor& weight, const Tensor& scale,
-                         const Tensor& shift, const OptionalTensor& residual, int64_t stride,
+Tensor4 conv_bnrelu_meta(const Tensor& x, const Tensor& weight, const OptionalTensor& scale,
+                         const OptionalTensor& shift, const OptionalTensor& residual, int64_t stride,
                          bool stats) {
   const int64_t k = check_conv_bnrelu_args(x, weight, scale, shift, residual, stride);
   Tensor y = at::empty_symint({x.sym_size(0), conv_output_size(x.sym_size(1), k, stride),
@@ -331,10 +380,29 @@ Tensor3 conv_dgrad_meta(const Tensor& dy, const Tensor& weight, const OptionalTe
           at::empty_symint({weight.sym_size(1)}, options)};
 }
 
-Tensor conv_wgrad_meta(const Tensor& dy, const Tensor& x, const Tensor& scale, const Tensor& shift,
-                       const Tensor& weight, int64_t stride) {
+Tensor conv_wgrad_meta(const Tensor& dy, const Tensor& x, const OptionalTensor& scale,
+                       const OptionalTensor& shift, const Tensor& weight, int64_t stride) {
   check_conv_wgrad_args(dy, x, scale, shift, weight, stride);
   return at::empty_symint(weight.sym_sizes(), weight.options());
+}
+
+Tensor bn_add_relu_meta(const Tensor& h, const Tensor& scale, const Tensor& shift,
+                        const Tensor& residual, const OptionalTensor& residual_scale,
+                        const OptionalTensor& residual_shift) {
+  check_bn_add_relu_args(h, scale, shift, residual, residual_scale, residual_shift);
+  return at::empty_symint(h.sym_sizes(), h.options());
+}
+
+Tensor4 bn_add_relu_backward_meta(const Tensor& dy, const Tensor& y, const Tensor& h,
+                                  const Tensor& mean, const Tensor& invstd,
+                                  const OptionalTensor& residual, const OptionalTensor& residual_mean,
+                                  const OptionalTensor& residual_invstd) {
+  check_bn_add_relu_backward_args(dy, y, h, mean, invstd, residual, residual_mean, residual_invstd);
+  const auto options = stat_like(dy);
+  const c10::SymInt c = dy.sym_size(3);
+  return {at::empty_symint(dy.sym_sizes(), dy.options()), at::empty_symint({c}, options),
+          at::empty_symint({c}, options),
+          residual.has_value() ? at::empty_symint({c}, options) : empty_statistic(dy)};
 }
 
 }  // namespace fused_preact

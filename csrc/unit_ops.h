@@ -5,6 +5,9 @@
 //   bn_relu_backward_reduce(t, h, scale, shift, mean, invstd, add?) -> (g, sum_g, sum_g_xhat)
 //       g = (t + add) * (scale * h + shift > 0) and the two per-channel sums of BN backward
 //       (conv_dgrad's epilogue on its own: the backward of a BN-ReLU that feeds no conv)
+//   bn_add_relu / bn_add_relu_backward      the end of an original (post-activation) unit
+//       relu(scale * h + shift + s), s = residual or residual_scale * residual + residual_shift;
+//       backward g = dy * (y > 0) and the BN-backward sums of h (and of the residual's BN)
 // Each has a CPU, a CUDA (unit_ops_cuda.h) and a Meta kernel; the conv operators are
 // composites (our prologue / epilogue kernels around ATen's convolution), device-generic.
 //
@@ -69,15 +72,25 @@ void check_bn_relu_backward_reduce_args(const Tensor& t, const Tensor& h, const 
                                         const Tensor& shift, const Tensor& mean,
                                         const Tensor& invstd, const OptionalTensor& add);
 // These three return the conv's kernel size K.
-int64_t check_conv_bnrelu_args(const Tensor& x, const Tensor& weight, const Tensor& scale,
-                               const Tensor& shift, const OptionalTensor& residual, int64_t stride);
+// conv_bnrelu / conv_wgrad: scale and shift both given (BN-ReLU prologue) or both absent (raw x).
+int64_t check_conv_bnrelu_args(const Tensor& x, const Tensor& weight, const OptionalTensor& scale,
+                               const OptionalTensor& shift, const OptionalTensor& residual,
+                               int64_t stride);
 int64_t check_conv_dgrad_args(const Tensor& dy, const Tensor& weight, const OptionalTensor& h,
                               const OptionalTensor& scale, const OptionalTensor& shift,
                               const OptionalTensor& mean, const OptionalTensor& invstd,
                               const OptionalTensor& add, int64_t stride, int64_t height,
                               int64_t width);
-int64_t check_conv_wgrad_args(const Tensor& dy, const Tensor& x, const Tensor& scale,
-                              const Tensor& shift, const Tensor& weight, int64_t stride);
+int64_t check_conv_wgrad_args(const Tensor& dy, const Tensor& x, const OptionalTensor& scale,
+                              const OptionalTensor& shift, const Tensor& weight, int64_t stride);
+void check_bn_add_relu_args(const Tensor& h, const Tensor& scale, const Tensor& shift,
+                            const Tensor& residual, const OptionalTensor& residual_scale,
+                            const OptionalTensor& residual_shift);
+void check_bn_add_relu_backward_args(const Tensor& dy, const Tensor& y, const Tensor& h,
+                                     const Tensor& mean, const Tensor& invstd,
+                                     const OptionalTensor& residual,
+                                     const OptionalTensor& residual_mean,
+                                     const OptionalTensor& residual_invstd);
 // Output height / width of a conv with padding K // 2.
 c10::SymInt conv_output_size(const c10::SymInt& size, int64_t kernel_size, int64_t stride);
 
@@ -96,6 +109,13 @@ Tensor bn_backward_finish_cpu(const Tensor& g, const Tensor& h, const Tensor& me
 Tensor3 bn_relu_backward_reduce_cpu(const Tensor& t, const Tensor& h, const Tensor& scale,
                                     const Tensor& shift, const Tensor& mean, const Tensor& invstd,
                                     const OptionalTensor& add);
+Tensor bn_add_relu_cpu(const Tensor& h, const Tensor& scale, const Tensor& shift,
+                       const Tensor& residual, const OptionalTensor& residual_scale,
+                       const OptionalTensor& residual_shift);
+Tensor4 bn_add_relu_backward_cpu(const Tensor& dy, const Tensor& y, const Tensor& h,
+                                 const Tensor& mean, const Tensor& invstd,
+                                 const OptionalTensor& residual, const OptionalTensor& residual_mean,
+                                 const OptionalTensor& residual_invstd);
 
 // Device-specific halves of the building blocks below (CPU: elementwise_cpu.cpp,
 // statistics_cpu.cpp).
@@ -122,14 +142,15 @@ Tensor3 dgrad_epilogue(const Tensor& conv_out, const OptionalTensor& add, const 
                        at::ScalarType dtype);
 
 // ---- conv composites (conv_ops.cpp), registered for CPU and CUDA -----------------------
-Tensor4 conv_bnrelu(const Tensor& x, const Tensor& weight, const Tensor& scale, const Tensor& shift,
-                    const OptionalTensor& residual, int64_t stride, bool stats);
+Tensor4 conv_bnrelu(const Tensor& x, const Tensor& weight, const OptionalTensor& scale,
+                    const OptionalTensor& shift, const OptionalTensor& residual, int64_t stride,
+                    bool stats);
 Tensor3 conv_dgrad(const Tensor& dy, const Tensor& weight, const OptionalTensor& h,
                    const OptionalTensor& scale, const OptionalTensor& shift,
                    const OptionalTensor& mean, const OptionalTensor& invstd,
                    const OptionalTensor& add, int64_t stride, int64_t height, int64_t width);
-Tensor conv_wgrad(const Tensor& dy, const Tensor& x, const Tensor& scale, const Tensor& shift,
-                  const Tensor& weight, int64_t stride);
+Tensor conv_wgrad(const Tensor& dy, const Tensor& x, const OptionalTensor& scale,
+                  const OptionalTensor& shift, const Tensor& weight, int64_t stride);
 
 // ---- Meta (unit_checks.cpp): checks and output shapes only -------------------------------------
 Tensor3 channel_stats_meta(const Tensor& x);
@@ -146,14 +167,21 @@ Tensor bn_backward_finish_meta(const Tensor& g, const Tensor& h, const Tensor& m
 Tensor3 bn_relu_backward_reduce_meta(const Tensor& t, const Tensor& h, const Tensor& scale,
                                      const Tensor& shift, const Tensor& mean, const Tensor& invstd,
                                      const OptionalTensor& add);
-Tensor4 conv_bnrelu_meta(const Tensor& x, const Tensor& weight, const Tensor& scale,
-                         const Tensor& shift, const OptionalTensor& residual, int64_t stride,
+Tensor4 conv_bnrelu_meta(const Tensor& x, const Tensor& weight, const OptionalTensor& scale,
+                         const OptionalTensor& shift, const OptionalTensor& residual, int64_t stride,
                          bool stats);
 Tensor3 conv_dgrad_meta(const Tensor& dy, const Tensor& weight, const OptionalTensor& h,
                         const OptionalTensor& scale, const OptionalTensor& shift,
                         const OptionalTensor& mean, const OptionalTensor& invstd,
                         const OptionalTensor& add, int64_t stride, int64_t height, int64_t width);
-Tensor conv_wgrad_meta(const Tensor& dy, const Tensor& x, const Tensor& scale, const Tensor& shift,
-                       const Tensor& weight, int64_t stride);
+Tensor conv_wgrad_meta(const Tensor& dy, const Tensor& x, const OptionalTensor& scale,
+                       const OptionalTensor& shift, const Tensor& weight, int64_t stride);
+Tensor bn_add_relu_meta(const Tensor& h, const Tensor& scale, const Tensor& shift,
+                        const Tensor& residual, const OptionalTensor& residual_scale,
+                        const OptionalTensor& residual_shift);
+Tensor4 bn_add_relu_backward_meta(const Tensor& dy, const Tensor& y, const Tensor& h,
+                                  const Tensor& mean, const Tensor& invstd,
+                                  const OptionalTensor& residual, const OptionalTensor& residual_mean,
+                                  const OptionalTensor& residual_invstd);
 
 }  // namespace fused_preact

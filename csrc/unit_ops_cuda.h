@@ -3,7 +3,8 @@
 // in unit_ops.h (the spec, with the docstring of fused_preact/unit_ops.py):
 //   statistics_cuda.cu   channel_stats_cuda, conv_epilogue_cuda, bn_finalize_cuda
 //   elementwise_cuda.cu  bn_relu_apply_cuda, bn_relu_prologue_cuda, dgrad_epilogue_cuda,
-//                        bn_relu_backward_reduce_cuda, bn_backward_finish_cuda
+//                        bn_relu_backward_reduce_cuda, bn_backward_finish_cuda,
+//                        bn_add_relu_cuda, bn_add_relu_backward_cuda
 // The public operators (channel_stats, bn_finalize, bn_relu_apply, bn_relu_backward_reduce,
 // bn_backward_finish) run the same argument checks as the CPU kernels (unit_checks.cpp) and
 // require CUDA tensors; the building blocks (prologue, epilogues) assume checked arguments, as on
@@ -31,6 +32,13 @@ Tensor bn_backward_finish_cuda(const Tensor& g, const Tensor& h, const Tensor& m
 Tensor3 bn_relu_backward_reduce_cuda(const Tensor& t, const Tensor& h, const Tensor& scale,
                                      const Tensor& shift, const Tensor& mean, const Tensor& invstd,
                                      const OptionalTensor& add);
+Tensor bn_add_relu_cuda(const Tensor& h, const Tensor& scale, const Tensor& shift,
+                        const Tensor& residual, const OptionalTensor& residual_scale,
+                        const OptionalTensor& residual_shift);
+Tensor4 bn_add_relu_backward_cuda(const Tensor& dy, const Tensor& y, const Tensor& h,
+                                  const Tensor& mean, const Tensor& invstd,
+                                  const OptionalTensor& residual, const OptionalTensor& residual_mean,
+                                  const OptionalTensor& residual_invstd);
 
 // ---- device halves of the conv composites' building blocks (see unit_ops.h) ---------------------
 // out_dtype: x's dtype (what the CUDA conv runs in), or float32 holding x-dtype-rounded values

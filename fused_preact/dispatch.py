@@ -2,7 +2,7 @@
 
 A fused unit asks ``resolve_backend(requested, x)`` which backend runs it, then
 ``run_unit(name, unit, x, stats_in, want_stats)``. A backend is a namespace of the
-six operators of ``unit_ops`` (same schemas everywhere) plus a check of what it can
+operators of ``unit_ops`` (same schemas everywhere) plus a check of what it can
 run; ``unit_function`` computes the unit with whichever namespace it is given.
 Nothing outside this module touches ``kernels/`` or the extension's kernels.
 
@@ -208,7 +208,7 @@ def _triton_ops():
 def _extension_error() -> Optional[str]:
     if not _extension.available():
         return _extension.unavailable_reason()
-    if not hasattr(torch.ops.fused_preact, "conv_bnrelu"):
+    if not all(hasattr(torch.ops.fused_preact, name) for name in OPERATORS):
         return "the built extension predates the fused-unit operators; rebuild it (`pip install -e .`)"
     return None
 

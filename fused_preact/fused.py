@@ -39,8 +39,6 @@ class _FusedUnitMixin:
         synchronized = group is not None and self.training and process_count(group) > 1
         # an empty batch does what eager does (kernels need rows): no kernel runs it
         name = dispatch.resolve_backend(self.backend, x, synchronized=synchronized) if x.numel() else "eager"
-        if not self.preact:   # the original unit's fused path lands in the next commit
-            name = "eager"
         if name == "eager":
             if synchronized and x.numel():
                 raise RuntimeError(
@@ -80,8 +78,8 @@ class FusedOriginalBlock(_FusedUnitMixin, OriginalBlock):
     """Fused original (post-activation) basic unit; see ``OriginalBlock`` for the math."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
-                 *, shortcut_bn: bool = True, backend: str = "auto"):
-        super().__init__(in_channels, out_channels, stride, projection, shortcut_bn=shortcut_bn)
+                 *, shortcut_bn: bool = True, shortcut: str = "identity", backend: str = "auto"):
+        super().__init__(in_channels, out_channels, stride, projection, shortcut_bn=shortcut_bn, shortcut=shortcut)
         self._set_backend(backend)
 
 
@@ -89,8 +87,10 @@ class FusedOriginalBottleneck(_FusedUnitMixin, OriginalBottleneck):
     """Fused original (post-activation) bottleneck unit; see ``OriginalBottleneck`` for the math."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
-                 stride_on: str = "3x3", *, shortcut_bn: bool = True, backend: str = "auto"):
-        super().__init__(in_channels, out_channels, stride, projection, stride_on, shortcut_bn=shortcut_bn)
+                 stride_on: str = "3x3", *, shortcut_bn: bool = True, shortcut: str = "identity",
+                 backend: str = "auto"):
+        super().__init__(in_channels, out_channels, stride, projection, stride_on, shortcut_bn=shortcut_bn,
+                         shortcut=shortcut)
         self._set_backend(backend)
 
 

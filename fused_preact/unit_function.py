@@ -4,7 +4,7 @@ A unit is a chain of BN-ReLU-conv triples (basic: 3x3, 3x3; bottleneck: 1x1, 3x3
 1x1) plus a shortcut: identity, the 1x1 projection of the first pre-activation
 (projection "B"), the 1x1 projection of the raw input (projection "raw"), or the
 subsampled, zero-padded input (projection "A"). The
-autograd Function below runs it with the six operators of ``unit_ops`` taken from
+autograd Function below runs it with the operators of ``unit_ops`` taken from
 a backend's namespace (``torch.ops.fused_preact_triton`` or ``torch.ops.fused_preact``):
 
 forward, per triple i with input h (h_0 = x)::
@@ -24,6 +24,22 @@ prologue is not optional: a 1x1 conv without padding is a matrix product over th
 subsampled NHWC rows, ``x[:, ::s, ::s, :] @ W^T``, and so is its weight gradient;
 its data gradient is ``conv_dgrad`` without ``h`` and joins the input gradient in
 the first ``bn_backward_finish`` (as the identity shortcut's dy does).
+
+Original (post-activation) units (``UnitPlan.post_activation``) run the same operators
+in the other order: each conv is followed by its BN, the first conv reads the raw input
+(``conv_bnrelu`` without prologue), the later ones take ``relu(bn_i(h_i))`` in their
+prologue, and the unit ends with ``bn_add_relu``::
+
+    h_1      = conv_bnrelu(x, w_1, None, None, stats of h_1)
+    h_{i+1}  = conv_bnrelu(h_i, w_{i+1}, scale_i, shift_i, stats of h_{i+1})
+    s        = x | padA(x) | h_s = conv_bnrelu(x, w_s, None, None, stats of h_s if it has a BN)
+    y        = bn_add_relu(h_k, scale_k, shift_k, s, [scale_s, shift_s])
+
+and backward ``g, sums = bn_add_relu_backward(dy, y, h_k, ...)`` (the mask from the saved
+output y), ``bn_backward_finish`` per BN (h_k and the shortcut's h_s), the inner triples
+as above, and conv_1's ``conv_dgrad`` without ``h``, to which the shortcut's gradient is
+added (identity: g; A: g subsampled back; B: the projection's ``conv_dgrad``). Saved: x,
+h_1 .. h_k, h_s, y and the statistics. ``_PostActivation`` holds that path.
 
 The backward is first-order only: differentiating it again (``create_graph=True``,
 gradient penalties) raises an error that says to use ``backend="eager"``.
@@ -70,6 +86,8 @@ class UnitPlan:
     shortcut_stride: int
     pad_channels: int
     bn: tuple[BatchNormMode, ...]
+    post_activation: bool = False                  # the original unit: conv -> BN order, relu(bn_k(h_k) + s)
+    shortcut_bn: Optional[BatchNormMode] = None     # the projection's own BN (post-activation units)
 
 
 def batchnorm_mode(bn: nn.BatchNorm2d) -> BatchNormMode:
@@ -83,6 +101,8 @@ def batchnorm_mode(bn: nn.BatchNorm2d) -> BatchNormMode:
 def unit_plan(unit: nn.Module) -> UnitPlan:
     convs = [getattr(unit, f"conv{i}") for i in range(1, unit.num_convs + 1)]
     bns = [getattr(unit, f"bn{i}") for i in range(1, unit.num_convs + 1)]
+    post_activation = not unit.preact
+    shortcut_bn = getattr(unit, "shortcut_bn", None)
     if unit.shortcut is not None:
         shortcut, pad_channels = ("projection" if unit.shares_preact else "raw_projection"), 0
     elif unit.pad_shortcut is not None:
@@ -92,7 +112,8 @@ def unit_plan(unit: nn.Module) -> UnitPlan:
     return UnitPlan(kernel_sizes=tuple(c.kernel_size[0] for c in convs),
                     strides=tuple(c.stride[0] for c in convs),
                     shortcut=shortcut, shortcut_stride=unit.stride, pad_channels=pad_channels,
-                    bn=tuple(batchnorm_mode(bn) for bn in bns))
+                    bn=tuple(batchnorm_mode(bn) for bn in bns), post_activation=post_activation,
+                    shortcut_bn=batchnorm_mode(shortcut_bn) if shortcut_bn is not None else None)
 
 
 # -- synchronized statistics ---------------------------------------------------
@@ -161,6 +182,161 @@ def _first_order_backward(backward):
     return wrapper
 
 
+# -- the original (post-activation) unit ------------------------------------------
+def _batchnorm_statistics(ops: Any, mode: BatchNormMode, partials: Optional[Partials], params, count: int,
+                          group, stat_dtype: torch.dtype, shape: torch.Size) -> tuple:
+    """``(mean, invstd, scale, shift)`` of one BN as ``nn.BatchNorm2d`` uses them in this call: batch
+    statistics from ``partials`` (running statistics updated) or the running statistics (eval).
+    ``params``: ``(weight, bias, running_mean, running_var, num_batches_tracked)``; ``shape``:
+    the NHWC shape of the BN's input (for the error message)."""
+    weight, bias, running_mean, running_var, nbt = params
+    if not mode.batch_stats:
+        mean = running_mean.to(stat_dtype)
+        invstd = torch.rsqrt(running_var.to(stat_dtype) + mode.eps)
+        scale = weight.to(stat_dtype) * invstd
+        return mean, invstd, scale, bias.to(stat_dtype) - mean * scale
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{(shape[0], shape[3], shape[1], shape[2])}")
+    if process_count(group) > 1:
+        partials = _gather_partials(partials, group)
+    update = mode.update_running
+    return ops.bn_finalize(*partials, weight, bias, running_mean if update else None,
+                           running_var if update else None, nbt if update else None, mode.momentum, mode.eps)
+
+
+class _PostActivation:
+    """Forward and backward of ``FusedUnitFunction`` for an original unit (``plan.post_activation``).
+
+    ``params``: per conv ``bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+    conv_weight`` (the BN that follows the conv), then ``shortcut_weight`` and the shortcut BN's
+    ``weight, bias, running_mean, running_var, num_batches_tracked`` (all None when absent).
+    """
+
+    @staticmethod
+    def forward(ctx, plan: UnitPlan, ops: Any, group, x: torch.Tensor, params):
+        n = len(plan.kernel_sizes)
+        triples = [params[6 * i:6 * i + 6] for i in range(n)]
+        shortcut_weight, shortcut_bn = params[6 * n], params[6 * n + 1:6 * n + 6]
+        world = process_count(group)
+        stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+        def conv_and_bn(h_in, conv_weight, stride, prologue, mode, bn_params):
+            """h = conv(h_in) (with the previous BN-ReLU as prologue) and its BN's statistics."""
+            h, pmean, pm2, pcount = ops.conv_bnrelu(h_in, conv_weight, *prologue, None, stride, mode.batch_stats)
+            count = h.shape[0] * h.shape[1] * h.shape[2] * world
+            stats = _batchnorm_statistics(ops, mode, (pmean, pm2, pcount), bn_params, count, group, stat_dtype,
+                                          h.shape)
+            return h, stats, count
+
+        hs, stats, counts = [], [], []
+        prologue = (None, None)            # the first conv reads x as it is
+        h = x
+        for i, (*bn_params, conv_weight) in enumerate(triples):
+            h, bn_stats, count = conv_and_bn(h, conv_weight, plan.strides[i], prologue, plan.bn[i], bn_params)
+            hs.append(h)
+            stats.append(bn_stats)
+            counts.append(count)
+            prologue = bn_stats[2:]
+
+        residual, residual_affine, shortcut_saved = x, (None, None), []
+        if plan.shortcut == "pad":
+            s = plan.shortcut_stride
+            residual = F.pad(x[:, ::s, ::s, :], (0, plan.pad_channels)).contiguous()
+        elif plan.shortcut == "raw_projection":
+            if plan.shortcut_bn is not None:
+                residual, s_stats, s_count = conv_and_bn(x, shortcut_weight, plan.shortcut_stride, (None, None),
+                                                         plan.shortcut_bn, shortcut_bn)
+                residual_affine = s_stats[2:]
+                stats.append(s_stats)
+                counts.append(s_count)
+                shortcut_saved = [residual]
+            else:
+                residual = ops.conv_bnrelu(x, shortcut_weight, None, None, None, plan.shortcut_stride, False)[0]
+        elif plan.shortcut != "identity":
+            raise ValueError(f"an original unit has an identity, option-A or projection shortcut, "
+                             f"not {plan.shortcut!r}")
+        y = ops.bn_add_relu(hs[-1], *stats[n - 1][2:], residual, *residual_affine)
+
+        ctx.plan, ctx.ops, ctx.group, ctx.counts = plan, ops, group, counts
+        ctx.n_params = len(params)
+        flat_stats = [t for st in stats for t in st[:2]]          # mean, invstd per BN
+        conv_weights = [t[5] for t in triples]
+        bn_weights = [t[0] for t in triples] + ([shortcut_bn[0]] if shortcut_saved else [])
+        ctx.save_for_backward(x, *hs, *shortcut_saved, y, *flat_stats, *[st[2] for st in stats],
+                              *[st[3] for st in stats], *conv_weights, *bn_weights, shortcut_weight)
+        empty = tuple(y.new_empty(0, dtype=stat_dtype) for _ in range(3))
+        ctx.mark_non_differentiable(*empty)
+        return (y, *empty)
+
+    @staticmethod
+    def backward(ctx, dy):
+        plan, ops, group = ctx.plan, ctx.ops, ctx.group
+        n = len(plan.kernel_sizes)
+        has_shortcut_bn = plan.shortcut == "raw_projection" and plan.shortcut_bn is not None
+        n_bn = n + has_shortcut_bn
+        saved = list(ctx.saved_tensors)
+        x, hs = saved[0], saved[1:1 + n]
+        pos = 1 + n
+        h_s = saved[pos] if has_shortcut_bn else None
+        pos += has_shortcut_bn
+        y = saved[pos]
+        pos += 1
+        means, invstds = saved[pos:pos + 2 * n_bn:2], saved[pos + 1:pos + 2 * n_bn:2]
+        pos += 2 * n_bn
+        scales, shifts = saved[pos:pos + n_bn], saved[pos + n_bn:pos + 2 * n_bn]
+        pos += 2 * n_bn
+        conv_weights, bn_weights = saved[pos:pos + n], saved[pos + n:pos + n + n_bn]
+        shortcut_weight = saved[pos + n + n_bn]
+        world = process_count(group)
+        dy = dy.contiguous()
+        grads: list[Optional[torch.Tensor]] = [None] * ctx.n_params
+
+        def finish(index, g, h, sum_g, sum_g_xhat, mode, grad_slot):
+            """BN ``index``'s weight / bias gradients into ``grad_slot`` and its input gradient."""
+            grads[grad_slot] = sum_g_xhat.to(bn_weights[index].dtype)
+            grads[grad_slot + 1] = sum_g.to(bn_weights[index].dtype)
+            if mode.batch_stats and world > 1:
+                sum_g, sum_g_xhat = _all_reduce_sum(sum_g, group), _all_reduce_sum(sum_g_xhat, group)
+            return ops.bn_backward_finish(g, h, means[index], invstds[index], bn_weights[index], sum_g, sum_g_xhat,
+                                          float(ctx.counts[index]), None, mode.batch_stats)
+
+        # ---- the end: relu(bn_k(h_k) + s) ----
+        g, sum_g, sum_g_xhat, s_sum_g_xhat = ops.bn_add_relu_backward(
+            dy, y, hs[-1], means[n - 1], invstds[n - 1], h_s,
+            means[n] if has_shortcut_bn else None, invstds[n] if has_shortcut_bn else None)
+        dh = finish(n - 1, g, hs[-1], sum_g, sum_g_xhat, plan.bn[n - 1], 6 * (n - 1))
+
+        # ---- the shortcut's gradient, joining conv_1's data gradient ----
+        height, width = x.shape[1], x.shape[2]
+        if plan.shortcut == "raw_projection":
+            d_s = finish(n, g, h_s, sum_g, s_sum_g_xhat, plan.shortcut_bn, 6 * n + 1) if has_shortcut_bn else g
+            grads[6 * n] = ops.conv_wgrad(d_s, x, None, None, shortcut_weight, plan.shortcut_stride)
+            shortcut_grad = ops.conv_dgrad(d_s, shortcut_weight, None, None, None, None, None, None,
+                                           plan.shortcut_stride, height, width)[0]
+        elif plan.shortcut == "pad":
+            s = plan.shortcut_stride
+            shortcut_grad = g.new_zeros(x.shape)
+            shortcut_grad[:, ::s, ::s, :] = g[..., :x.shape[3]]
+        else:
+            shortcut_grad = g
+
+        # ---- the convs, last first: conv_i reads relu(bn_{i-1}(h_{i-1})), conv_1 reads x ----
+        for i in reversed(range(n)):
+            h_in = hs[i - 1] if i > 0 else x
+            prologue = (scales[i - 1], shifts[i - 1]) if i > 0 else (None, None)
+            grads[6 * i + 5] = ops.conv_wgrad(dh, h_in, *prologue, conv_weights[i], plan.strides[i])
+            if i > 0:
+                g_in, sum_g, sum_g_xhat = ops.conv_dgrad(dh, conv_weights[i], h_in, *prologue, means[i - 1],
+                                                         invstds[i - 1], None, plan.strides[i], h_in.shape[1],
+                                                         h_in.shape[2])
+                dh = finish(i - 1, g_in, h_in, sum_g, sum_g_xhat, plan.bn[i - 1], 6 * (i - 1))
+            else:
+                dh = ops.conv_dgrad(dh, conv_weights[0], None, None, None, None, None, shortcut_grad,
+                                    plan.strides[0], height, width)[0]
+        return (dh, None, None, None, *grads)
+
+
 # -- the autograd Function -----------------------------------------------------
 class FusedUnitFunction(torch.autograd.Function):
     """One fused pre-activation unit; see the module docstring.
@@ -169,11 +345,16 @@ class FusedUnitFunction(torch.autograd.Function):
     with ``x`` NHWC, the input partials possibly None, and per triple
     ``bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, conv_weight``.
     Returns ``y`` (NHWC) and the partials of y (empty unless ``want_stats``).
+    An original unit (``plan.post_activation``) takes the shortcut BN's ``weight, bias,
+    running_mean, running_var, num_batches_tracked`` after ``shortcut_weight`` (see
+    ``_PostActivation``).
     """
 
     @staticmethod
     def forward(ctx, plan: UnitPlan, ops: Any, group, want_stats: bool, x, in_pmean, in_pm2, in_pcount,
                 *params):
+        if plan.post_activation:
+            return _PostActivation.forward(ctx, plan, ops, group, x, params)
         n_triples = len(plan.kernel_sizes)
         triples = [params[6 * i:6 * i + 6] for i in range(n_triples)]
         shortcut_weight = params[6 * n_triples]
@@ -240,6 +421,8 @@ class FusedUnitFunction(torch.autograd.Function):
     @staticmethod
     @_first_order_backward
     def backward(ctx, dy, _dpmean, _dpm2, _dpcount):
+        if ctx.plan.post_activation:
+            return (None, None, None, None, *_PostActivation.backward(ctx, dy))
         plan, ops, group = ctx.plan, ctx.ops, ctx.group
         n = len(plan.kernel_sizes)
         saved = ctx.saved_tensors
@@ -299,11 +482,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def run_fused_unit(ops: Any, unit: nn.Module, x: torch.Tensor, stats_in: Optional[Partials] = None,
                    want_stats: bool = False) -> tuple[torch.Tensor, Optional[Partials]]:
-    """Run full pre-activation ``unit`` on ``x`` with a backend's operators.
+    """Run ``unit`` (full pre-activation, or original post-activation) on ``x`` with a backend's operators.
 
     ``stats_in``: partials of x's per-channel statistics (from the previous fused
     unit's epilogue), so the first BN needs no pass over x. ``want_stats``: also
-    return the partials of the output for the next unit. Returns ``(y, partials)``
+    return the partials of the output for the next unit. An original unit has no BN
+    that reads x or y: it ignores ``stats_in`` and returns None partials. Returns ``(y, partials)``
     with y ``[N, C, H, W]`` in channels_last memory format.
     """
     dtype = compute_dtype(x)
@@ -321,6 +505,14 @@ def run_fused_unit(ops: Any, unit: nn.Module, x: torch.Tensor, stats_in: Optiona
     for bn, conv in zip(bns, convs):
         params += [bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, conv.weight]
     params.append(unit.shortcut.weight if unit.shortcut is not None else None)
+    if plan.post_activation:   # the shortcut's BN, and no statistics of x in or y out (no BN reads them)
+        shortcut_bn = unit.shortcut_bn
+        if shortcut_bn is not None and shortcut_bn.training and shortcut_bn.track_running_stats \
+                and shortcut_bn.num_batches_tracked is not None:
+            shortcut_bn.num_batches_tracked.add_(1)
+        params += ([shortcut_bn.weight, shortcut_bn.bias, shortcut_bn.running_mean, shortcut_bn.running_var,
+                    shortcut_bn.num_batches_tracked] if shortcut_bn is not None else [None] * 5)
+        stats_in, want_stats = (None, None, None), False
     group = getattr(unit, "stats_group", None)
 
     y, pmean, pm2, pcount = FusedUnitFunction.apply(plan, ops, group, want_stats, x_nhwc, *stats_in, *params)

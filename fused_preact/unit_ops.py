@@ -1,8 +1,9 @@
 """The operator contract every fused backend implements.
 
-A fused pre-activation unit is a chain of BN-ReLU-conv triples plus a shortcut.
-``fused_preact.unit_function`` writes its forward and backward once, in terms of
-the six operators below; each backend (Triton in ``kernels/``, the C++/CUDA
+A fused pre-activation unit is a chain of BN-ReLU-conv triples plus a shortcut; a
+fused original (post-activation) unit is the same chain whose first conv reads its
+raw input (no prologue), ended by ``relu(bn_k(h_k) + s)``. ``fused_preact.unit_function``
+writes their forward and backward once, in terms of the eight operators below; each backend (Triton in ``kernels/``, the C++/CUDA
 extension in ``csrc/``) registers them with ``torch.library`` under its own
 namespace with exactly these schemas, so one autograd Function serves both and
 ``torch.compile`` sees opaque operators with fake implementations.
@@ -49,10 +50,12 @@ Operators (schemas as registered)
     when ``momentum < 0`` (BatchNorm's ``momentum=None``; the caller has already
     incremented ``num_batches_tracked``). Nothing here reads a value back to the host.
 
-``conv_bnrelu(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual,
+``conv_bnrelu(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, Tensor? residual,
               int stride, bool stats) -> (Tensor y, Tensor pmean, Tensor pm2, Tensor pcount)``
     ``y = conv(relu(scale * x + shift), weight, stride) (+ residual)``, NHWC, in
-    x's dtype. ``residual`` has y's shape and dtype and is added in the epilogue
+    x's dtype. With ``scale`` and ``shift`` None (both or neither) there is no
+    prologue: the conv reads x as it is (zero padding as usual), as the original
+    unit's first conv and its projection shortcut do. ``residual`` has y's shape and dtype and is added in the epilogue
     (fp32, before rounding y). With ``stats=True`` the epilogue also emits the
     partials of y's per-channel statistics (of the value after the residual add,
     as rounded and stored); with ``stats=False`` they are empty tensors.
@@ -69,10 +72,10 @@ Operators (schemas as registered)
     (the BN weight and bias gradients). With ``h`` None: ``g = t`` and both sums are
     empty tensors. ``g`` is in dy's dtype.
 
-``conv_wgrad(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor weight,
+``conv_wgrad(Tensor dy, Tensor x, Tensor? scale, Tensor? shift, Tensor weight,
              int stride) -> Tensor dweight``
     The weight gradient of ``conv_bnrelu``: the input's pre-activation is recomputed
-    from ``x`` as it is loaded. ``weight`` is only read for its shape and dtype;
+    from ``x`` as it is loaded (x as it is when ``scale`` and ``shift`` are None). ``weight`` is only read for its shape and dtype;
     ``dweight`` is ``[Cout, Cin, K, K]`` contiguous, in weight's dtype.
 
 ``bn_backward_finish(Tensor g, Tensor h, Tensor mean, Tensor invstd, Tensor weight,
@@ -83,27 +86,53 @@ Operators (schemas as registered)
     ``xhat = (h - mean) * invstd``; with running statistics (eval),
     ``dh = weight * invstd * g``. ``add`` (same shape as g) is added in the same pass
     (the identity shortcut's gradient). In g's dtype.
+
+``bn_add_relu(Tensor h, Tensor scale, Tensor shift, Tensor residual, Tensor? residual_scale,
+              Tensor? residual_shift) -> Tensor y``
+    The end of an original unit in one elementwise pass:
+    ``y = relu(scale * h + shift + s)`` with ``s = residual`` (the identity or option-A
+    shortcut, a projection without BN), or ``s = residual_scale * residual +
+    residual_shift`` when both are given (the projection's own BN, torchvision's
+    ``downsample``). ``residual`` has h's shape and dtype; arithmetic in fp32 (fp64
+    for fp64), y rounded once to h's dtype.
+
+``bn_add_relu_backward(Tensor dy, Tensor y, Tensor h, Tensor mean, Tensor invstd,
+                       Tensor? residual, Tensor? residual_mean, Tensor? residual_invstd)
+                       -> (Tensor g, Tensor sum_g, Tensor sum_g_xhat, Tensor residual_sum_g_xhat)``
+    Its backward up to the BN-backward finishes, in one pass: ``g = dy * (y > 0)`` (the
+    ReLU mask read from the saved output y, which the next unit keeps as its input
+    anyway), in dy's dtype, and the float32 ``[C]`` sums ``sum_g = sum(g)``,
+    ``sum_g_xhat = sum(g * (h - mean) * invstd)`` and, with ``residual`` (the
+    projection's raw output h_s) and its statistics given, ``residual_sum_g_xhat =
+    sum(g * (residual - residual_mean) * residual_invstd)`` (empty otherwise). g is the
+    gradient of both BN outputs and of a BN-less shortcut; ``bn_backward_finish`` turns
+    it into dh per BN (``sum_g`` serves both BNs).
 """
 from __future__ import annotations
 
 OPERATORS = ("channel_stats", "bn_finalize", "conv_bnrelu", "conv_dgrad", "conv_wgrad",
-             "bn_backward_finish")
+             "bn_backward_finish", "bn_add_relu", "bn_add_relu_backward")
 
 SCHEMAS = {
     "channel_stats": "(Tensor x) -> (Tensor pmean, Tensor pm2, Tensor pcount)",
     "bn_finalize": ("(Tensor pmean, Tensor pm2, Tensor pcount, Tensor weight, Tensor bias, "
                     "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? num_batches_tracked, "
                     "float momentum, float eps) -> (Tensor mean, Tensor invstd, Tensor scale, Tensor shift)"),
-    "conv_bnrelu": ("(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, "
+    "conv_bnrelu": ("(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, Tensor? residual, "
                     "int stride, bool stats) -> (Tensor y, Tensor pmean, Tensor pm2, Tensor pcount)"),
     "conv_dgrad": ("(Tensor dy, Tensor weight, Tensor? h, Tensor? scale, Tensor? shift, Tensor? mean, "
                    "Tensor? invstd, Tensor? add, int stride, int height, int width) "
                    "-> (Tensor g, Tensor sum_g, Tensor sum_g_xhat)"),
-    "conv_wgrad": ("(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor weight, int stride) "
+    "conv_wgrad": ("(Tensor dy, Tensor x, Tensor? scale, Tensor? shift, Tensor weight, int stride) "
                    "-> Tensor dweight"),
     "bn_backward_finish": ("(Tensor g, Tensor h, Tensor mean, Tensor invstd, Tensor weight, "
                            "Tensor sum_g, Tensor sum_g_xhat, float count, Tensor? add, bool batch_stats) "
                            "-> Tensor dh"),
+    "bn_add_relu": ("(Tensor h, Tensor scale, Tensor shift, Tensor residual, Tensor? residual_scale, "
+                    "Tensor? residual_shift) -> Tensor y"),
+    "bn_add_relu_backward": ("(Tensor dy, Tensor y, Tensor h, Tensor mean, Tensor invstd, Tensor? residual, "
+                             "Tensor? residual_mean, Tensor? residual_invstd) "
+                             "-> (Tensor g, Tensor sum_g, Tensor sum_g_xhat, Tensor residual_sum_g_xhat)"),
 }
 
 

@@ -319,14 +319,17 @@ class OriginalBlock(ResidualUnit):
     ``s`` is ``x`` when the shape is kept, else the subsampled, zero-padded ``x``
     (``projection="A"``) or the 1x1 projection ``shortcut(x)`` (``"B"``), followed by
     ``shortcut_bn`` when ``shortcut_bn=True`` (torchvision's ``downsample``).
+    ``shortcut="conv1x1"`` projects on every unit, shape kept or not (paper Table 1's
+    "1x1 conv shortcut").
     State names: ``conv1, bn1, conv2, bn2`` and ``shortcut`` (+ ``shortcut_bn``) when projecting.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
-                 *, shortcut_bn: bool = True):
+                 *, shortcut_bn: bool = True, shortcut: str = "identity"):
         _choice("projection", projection, ("A", "B"))
-        super().__init__(in_channels, out_channels, stride, activation="original", projection=projection,
-                         shortcut_bn=shortcut_bn)
+        _choice("shortcut", shortcut, ("identity", "conv1x1"))
+        super().__init__(in_channels, out_channels, stride, activation="original", shortcut=shortcut,
+                         projection=projection, shortcut_bn=shortcut_bn)
 
 
 class OriginalBottleneck(ResidualUnit):
@@ -339,10 +342,11 @@ class OriginalBottleneck(ResidualUnit):
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
-                 stride_on: str = "3x3", *, shortcut_bn: bool = True):
+                 stride_on: str = "3x3", *, shortcut_bn: bool = True, shortcut: str = "identity"):
         _choice("projection", projection, ("A", "B"))
+        _choice("shortcut", shortcut, ("identity", "conv1x1"))
         super().__init__(in_channels, out_channels, stride, bottleneck=True, activation="original",
-                         projection=projection, stride_on=stride_on, shortcut_bn=shortcut_bn)
+                         shortcut=shortcut, projection=projection, stride_on=stride_on, shortcut_bn=shortcut_bn)
 
 
 class SingleConvUnit(ResidualUnit):

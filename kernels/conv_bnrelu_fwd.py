@@ -1,5 +1,6 @@
 # conv_bnrelu_fwd: y = conv(relu(scale * x + shift), weight, stride) (+ residual), NHWC, with the
-# partial statistics of y for the next BN; the forward of a BN-ReLU-conv triple.
+# partial statistics of y for the next BN; the forward of a BN-ReLU-conv triple. PROLOGUE=False
+# (scale and shift None): y = conv(x), the original unit's first conv and its projection.
 #
 #   x [N, H, W, Cin] contiguous, weight [Cout, Cin, K, K] (nn.Conv2d, any strides, float32 or
 #   x's dtype; rounded to x's dtype on load), scale/shift [Cin] float32, padding K // 2
@@ -41,6 +42,7 @@ def _conv_bnrelu_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr, STATS_ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PROLOGUE: tl.constexpr = True,
 ):
     # Output-channel blocks of one row block are neighbours in launch order: they share its x.
     num_col_blocks = tl.cdiv(cout, BLOCK_N)
@@ -71,7 +73,8 @@ def _conv_bnrelu_fwd_kernel(
         hi = hi_origin + kh
         wi = wi_origin + kw
         pixel_ok = row_ok & (hi >= 0) & (hi < height) & (wi >= 0) & (wi < width)
-        a = cc.load_preact(x_ptr, scale_ptr, shift_ptr, (image_base + hi) * width + wi, pixel_ok, ci, cin, UPCAST_DOT)
+        a = cc.load_preact(x_ptr, scale_ptr, shift_ptr, (image_base + hi) * width + wi, pixel_ok, ci, cin, UPCAST_DOT,
+                           PROLOGUE)
         w = tl.load(w_ptr + ci[:, None] * w_stride_ci + cols[None, :] * w_stride_co
                     + kh * w_stride_kh + kw * w_stride_kw,
                     mask=(ci[:, None] < cin) & col_ok[None, :], other=0.0)
@@ -112,7 +115,7 @@ def _conv_bnrelu_fwd_kernel(
 
 _conv_bnrelu_fwd_tuned = triton.autotune(
     configs=cc.autotune_configs(),
-    key=["num_rows", "cin", "cout", "kernel_size", "stride", "HAS_RESIDUAL", "STATS"],
+    key=["num_rows", "cin", "cout", "kernel_size", "stride", "HAS_RESIDUAL", "STATS", "PROLOGUE"],
 )(_conv_bnrelu_fwd_kernel)
 
 
@@ -126,9 +129,7 @@ def _check(x, weight, scale, shift, residual, stride) -> int:
     k = cc.check_weight(weight, x.dtype, x.device)
     if weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight has {weight.shape[1]} input channels but x has {x.shape[-1]}")
-    vector_dtype = cc.stat_dtype(x.dtype)
-    cc.check_channel_vector("scale", scale, x.shape[-1], vector_dtype, x.device)
-    cc.check_channel_vector("shift", shift, x.shape[-1], vector_dtype, x.device)
+    cc.check_prologue(scale, shift, x.shape[-1], x.dtype, x.device)
     cc.check_stride(stride)
     if residual is not None:
         cc.check_activation("residual", residual, x.dtype)
@@ -139,8 +140,8 @@ def _check(x, weight, scale, shift, residual, stride) -> int:
     return k
 
 
-def conv_bnrelu_fwd(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                    residual: Optional[torch.Tensor], stride: int, stats: bool):
+def conv_bnrelu_fwd(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
+                    shift: Optional[torch.Tensor], residual: Optional[torch.Tensor], stride: int, stats: bool):
     """``(y, pmean, pm2, pcount)``: the ``conv_bnrelu`` operator of ``fused_preact.unit_ops``."""
     k = _check(x, weight, scale, shift, residual, stride)
     n, height, width, cin = x.shape
@@ -162,12 +163,14 @@ def conv_bnrelu_fwd(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     config = cc.fixed_config(x.dtype)
     kernel = _conv_bnrelu_fwd_tuned if config is None else _conv_bnrelu_fwd_kernel
     launch_meta = {} if config is None else dict(config)
+    prologue = scale is not None
+    scale, shift = cc.prologue_vectors(scale, shift, x.dtype, x.device)
     kernel[grid](
         x, weight, scale, shift, residual if residual is not None else y, y, pmean, pm2, pcount,
         num_rows, height, width, cin, out_height, out_width, cout, k, stride, num_partials,
         *weight.stride(),
         HAS_RESIDUAL=residual is not None, STATS=bool(stats), STATS_ROWS=STATS_ROWS,
-        **cc.dot_meta(x.dtype), **launch_meta)
+        PROLOGUE=prologue, **cc.dot_meta(x.dtype), **launch_meta)
     return y, pmean, pm2, pcount
 
 
@@ -180,32 +183,35 @@ def aot_variants():
         vector = "fp64" if dtype == torch.float64 else "fp32"
         for weight_dtype in dict.fromkeys((torch.float32, dtype)):
             for precision in cc.precision_variants(dtype):
-                for residual in (False, True):
-                    for stats in (False, True):
-                        for config in cc.configs_for(dtype, precision):
-                            blocks = {k: v for k, v in config.items() if k.startswith("BLOCK")}
-                            name = (f"conv_bnrelu_fwd_{io}_w{cc.DTYPES[weight_dtype]}_{precision}"
-                                    f"{'_residual' if residual else ''}{'_stats' if stats else ''}"
-                                    f"_m{config['BLOCK_M']}n{config['BLOCK_N']}k{config['BLOCK_K']}")
-                            yield {
-                                "name": name,
-                                "kernel": _conv_bnrelu_fwd_kernel,
-                                "signature": {
-                                    "x_ptr": f"*{io}", "w_ptr": f"*{cc.DTYPES[weight_dtype]}",
-                                    "scale_ptr": f"*{vector}", "shift_ptr": f"*{vector}",
-                                    "residual_ptr": f"*{io}", "y_ptr": f"*{io}", "pmean_ptr": f"*{vector}",
-                                    "pm2_ptr": f"*{vector}", "pcount_ptr": f"*{vector}",
-                                    **{s: "i32" for s in ("num_rows", "height", "width", "cin", "out_height",
-                                                          "out_width", "cout", "kernel_size", "stride",
-                                                          "num_partials", "w_stride_co", "w_stride_ci",
-                                                          "w_stride_kh", "w_stride_kw")},
-                                    **{c: "constexpr" for c in ("HAS_RESIDUAL", "STATS", "STATS_ROWS",
-                                                                "DOT_PRECISION", "UPCAST_DOT", *blocks)},
-                                },
-                                "constexprs": {"HAS_RESIDUAL": residual, "STATS": stats,
-                                               "STATS_ROWS": STATS_ROWS, "DOT_PRECISION": precision,
-                                               "UPCAST_DOT": False, **blocks},
-                                "num_warps": config["num_warps"],
-                                "num_stages": config["num_stages"],
-                                "tensor_cores": cc.uses_tensor_cores(dtype, precision),
-                            }
+                # without a prologue: the original unit's first conv and projection (no residual)
+                for residual, stats, prologue in ((False, False, True), (False, True, True), (True, False, True),
+                                                  (True, True, True), (False, False, False), (False, True, False)):
+                    for config in cc.configs_for(dtype, precision):
+                        blocks = {k: v for k, v in config.items() if k.startswith("BLOCK")}
+                        name = (f"conv_bnrelu_fwd_{io}_w{cc.DTYPES[weight_dtype]}_{precision}"
+                                f"{'_residual' if residual else ''}{'_stats' if stats else ''}"
+                                f"{'' if prologue else '_raw'}"
+                                f"_m{config['BLOCK_M']}n{config['BLOCK_N']}k{config['BLOCK_K']}")
+                        yield {
+                            "name": name,
+                            "kernel": _conv_bnrelu_fwd_kernel,
+                            "signature": {
+                                "x_ptr": f"*{io}", "w_ptr": f"*{cc.DTYPES[weight_dtype]}",
+                                "scale_ptr": f"*{vector}", "shift_ptr": f"*{vector}",
+                                "residual_ptr": f"*{io}", "y_ptr": f"*{io}", "pmean_ptr": f"*{vector}",
+                                "pm2_ptr": f"*{vector}", "pcount_ptr": f"*{vector}",
+                                **{s: "i32" for s in ("num_rows", "height", "width", "cin", "out_height",
+                                                      "out_width", "cout", "kernel_size", "stride",
+                                                      "num_partials", "w_stride_co", "w_stride_ci",
+                                                      "w_stride_kh", "w_stride_kw")},
+                                **{c: "constexpr" for c in ("HAS_RESIDUAL", "STATS", "STATS_ROWS",
+                                                            "DOT_PRECISION", "UPCAST_DOT", *blocks,
+                                                            "PROLOGUE")},
+                            },
+                            "constexprs": {"HAS_RESIDUAL": residual, "STATS": stats, "PROLOGUE": prologue,
+                                           "STATS_ROWS": STATS_ROWS, "DOT_PRECISION": precision,
+                                           "UPCAST_DOT": False, **blocks},
+                            "num_warps": config["num_warps"],
+                            "num_stages": config["num_stages"],
+                            "tensor_cores": cc.uses_tensor_cores(dtype, precision),
+                        }

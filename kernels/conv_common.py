@@ -3,6 +3,8 @@
 #   - load_preact: a [BLOCK_M, BLOCK_K] tile of the conv input's pre-activation
 #     a = relu(scale[c] * x + shift[c]) (fp32, fp64 for fp64 x), zero in the spatial padding and
 #     past the last channel, rounded to x's dtype: the prologue of the forward and of wgrad.
+#     With PROLOGUE False the tile is x as it is (the original unit's first conv and projection),
+#     and the launchers pass a placeholder for scale / shift (prologue_vectors).
 #   - dot_operand: the upcast of dot operands to fp32 under the interpreter (whose bf16/fp16
 #     tl.dot multiplies raw bits).
 #   - tile configurations (one place per backend), argument checks with errors naming the
@@ -96,15 +98,19 @@ def dot_operand(tile, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
-def load_preact(x_ptr, scale_ptr, shift_ptr, pixel, pixel_ok, channel, channels, EMULATE_ROUNDING: tl.constexpr):
+def load_preact(x_ptr, scale_ptr, shift_ptr, pixel, pixel_ok, channel, channels, EMULATE_ROUNDING: tl.constexpr,
+                PROLOGUE: tl.constexpr = True):
     """relu(scale * x + shift) at ``pixel`` [BLOCK_M] x ``channel`` [BLOCK_K], in x's dtype.
 
     Computed in scale's dtype (fp32, fp64 for fp64 x); zero where ``pixel_ok`` is false (the
     spatial padding, rows past the end) or the channel is past the last, after the activation.
+    Without ``PROLOGUE``: x itself, zero there too.
     """
     channel_ok = channel < channels
     ok = pixel_ok[:, None] & channel_ok[None, :]
     x = tl.load(x_ptr + pixel[:, None].to(tl.int64) * channels + channel[None, :], mask=ok, other=0.0)
+    if not PROLOGUE:
+        return x
     scale = tl.load(scale_ptr + channel, mask=channel_ok, other=0.0)
     shift = tl.load(shift_ptr + channel, mask=channel_ok, other=0.0)
     a = tl.maximum(x.to(scale.dtype) * scale[None, :] + shift[None, :], 0.0)
@@ -172,6 +178,29 @@ def check_channel_vector(name: str, t, channels: int, dtype: torch.dtype, device
         raise ValueError(f"{name} has shape {tuple(t.shape)} but must be [{channels}] (one value per channel)")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
+
+
+def check_prologue(scale, shift, channels: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a conv has its BN-ReLU prologue: ``scale`` and ``shift`` both given (checked as
+    [channels] vectors) or both None (the conv reads x as it is)."""
+    if (scale is None) != (shift is None):
+        raise ValueError("scale and shift must be given together (the BN-ReLU prologue) or both be None "
+                         "(the conv reads x as it is)")
+    if scale is None:
+        return False
+    vector_dtype = stat_dtype(dtype)
+    check_channel_vector("scale", scale, channels, vector_dtype, device)
+    check_channel_vector("shift", shift, channels, vector_dtype, device)
+    return True
+
+
+def prologue_vectors(scale, shift, dtype: torch.dtype, device: torch.device) -> tuple:
+    """``(scale, shift)`` to launch with: the given vectors, or one placeholder value of the
+    statistics dtype (never read, it types the kernel's accumulator) when there is no prologue."""
+    if scale is not None:
+        return scale, shift
+    placeholder = torch.zeros(1, dtype=stat_dtype(dtype), device=device)
+    return placeholder, placeholder
 
 
 def check_stride(stride) -> None:

@@ -2,7 +2,8 @@
 #
 #   dy [N, Ho, Wo, Cout], x [N, H, W, Cin] contiguous, scale/shift [Cin] float32, padding K // 2
 #   dW[co, ci, kh, kw] = sum over (n, ho, wo) of dy[n, ho, wo, co] * a[n, ho*s + kh - p, wo*s + kw - p, ci]
-#   with a = relu(scale * x + shift) rounded to x's dtype, zero in the padding
+#   with a = relu(scale * x + shift) rounded to x's dtype, zero in the padding (a = x with
+#   PROLOGUE=False: scale and shift None, the original unit's first conv and projection)
 #   -> dweight [Cout, Cin, K, K] contiguous, in weight's dtype
 #
 # One GEMM per tap, [Cout, M] x [M, Cin] with M = N*Ho*Wo output pixels: grid axis 0 is
@@ -13,6 +14,8 @@
 # are summed in a fixed order afterwards (deterministic) and laid out as [Cout, Cin, K, K].
 # Nothing is saved; the activated input is never written.
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -40,6 +43,7 @@ def _conv_wgrad_kernel(
     # meta-parameters
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PROLOGUE: tl.constexpr = True,
 ):
     # BLOCK_N output channels (rows of dW) x BLOCK_K input channels (columns); BLOCK_M is the
     # reduction step over output pixels.
@@ -75,7 +79,8 @@ def _conv_wgrad_kernel(
         hi = ho * stride + kh - pad
         wi = wo * stride + kw - pad
         pixel_ok = row_ok & (hi >= 0) & (hi < height) & (wi >= 0) & (wi < width)
-        a = cc.load_preact(x_ptr, scale_ptr, shift_ptr, (image * height + hi) * width + wi, pixel_ok, ci, cin, UPCAST_DOT)
+        a = cc.load_preact(x_ptr, scale_ptr, shift_ptr, (image * height + hi) * width + wi, pixel_ok, ci, cin, UPCAST_DOT,
+                           PROLOGUE)
         acc = tl.dot(cc.dot_operand(d, UPCAST_DOT), cc.dot_operand(a, UPCAST_DOT), acc,
                      input_precision=DOT_PRECISION, out_dtype=acc_dtype)
 
@@ -88,7 +93,7 @@ def _conv_wgrad_kernel(
 
 _conv_wgrad_tuned = triton.autotune(
     configs=cc.autotune_configs(),
-    key=["num_rows", "cin", "cout", "kernel_size", "stride", "rows_per_split"],
+    key=["num_rows", "cin", "cout", "kernel_size", "stride", "rows_per_split", "PROLOGUE"],
 )(_conv_wgrad_kernel)
 
 
@@ -111,13 +116,11 @@ def _check(dy, x, scale, shift, weight, stride) -> int:
     cc.check_stride(stride)
     n, h, w, _ = x.shape
     cc.check_shape("dy", dy, (n, conv_output_size(h, k, stride), conv_output_size(w, k, stride), weight.shape[0]))
-    vector_dtype = cc.stat_dtype(x.dtype)
-    cc.check_channel_vector("scale", scale, x.shape[-1], vector_dtype, x.device)
-    cc.check_channel_vector("shift", shift, x.shape[-1], vector_dtype, x.device)
+    cc.check_prologue(scale, shift, x.shape[-1], x.dtype, x.device)
     return k
 
 
-def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
                weight: torch.Tensor, stride: int) -> torch.Tensor:
     """``dweight [Cout, Cin, K, K]``: the ``conv_wgrad`` operator of ``fused_preact.unit_ops``."""
     k = _check(dy, x, scale, shift, weight, stride)
@@ -136,10 +139,12 @@ def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: to
     config = cc.fixed_config(x.dtype)
     kernel = _conv_wgrad_tuned if config is None else _conv_wgrad_kernel
     launch_meta = {} if config is None else dict(config)
+    prologue = scale is not None
+    scale, shift = cc.prologue_vectors(scale, shift, x.dtype, x.device)
     kernel[grid](
         dy, x, scale, shift, partial,
         num_rows, height, width, cin, out_height, out_width, cout, k, stride, rows_per_split,
-        **cc.dot_meta(x.dtype), **launch_meta)
+        PROLOGUE=prologue, **cc.dot_meta(x.dtype), **launch_meta)
     # [split, tap, Cout, Cin] -> [Cout, Cin, K, K]
     dweight = partial.sum(0).permute(1, 2, 0).reshape(cout, cin, k, k)
     return dweight.to(weight.dtype).contiguous()
@@ -153,21 +158,23 @@ def aot_variants():
     for dtype, io in cc.DTYPES.items():
         vector = "fp64" if dtype == torch.float64 else "fp32"
         for precision in cc.precision_variants(dtype):
-            for config in cc.configs_for(dtype, precision):
-                blocks = {k: v for k, v in config.items() if k.startswith("BLOCK")}
-                yield {
-                    "name": (f"conv_wgrad_{io}_{precision}"
-                             f"_m{config['BLOCK_M']}n{config['BLOCK_N']}k{config['BLOCK_K']}"),
-                    "kernel": _conv_wgrad_kernel,
-                    "signature": {
-                        "dy_ptr": f"*{io}", "x_ptr": f"*{io}", "scale_ptr": f"*{vector}",
-                        "shift_ptr": f"*{vector}", "partial_ptr": f"*{vector}",
-                        **{s: "i32" for s in ("num_rows", "height", "width", "cin", "out_height", "out_width",
-                                              "cout", "kernel_size", "stride", "rows_per_split")},
-                        **{c: "constexpr" for c in ("DOT_PRECISION", "UPCAST_DOT", *blocks)},
-                    },
-                    "constexprs": {"DOT_PRECISION": precision, "UPCAST_DOT": False, **blocks},
-                    "num_warps": config["num_warps"],
-                    "num_stages": config["num_stages"],
-                    "tensor_cores": cc.uses_tensor_cores(dtype, precision),
-                }
+            for prologue in (True, False):
+                for config in cc.configs_for(dtype, precision):
+                    blocks = {k: v for k, v in config.items() if k.startswith("BLOCK")}
+                    yield {
+                        "name": (f"conv_wgrad_{io}_{precision}{'' if prologue else '_raw'}"
+                                 f"_m{config['BLOCK_M']}n{config['BLOCK_N']}k{config['BLOCK_K']}"),
+                        "kernel": _conv_wgrad_kernel,
+                        "signature": {
+                            "dy_ptr": f"*{io}", "x_ptr": f"*{io}", "scale_ptr": f"*{vector}",
+                            "shift_ptr": f"*{vector}", "partial_ptr": f"*{vector}",
+                            **{s: "i32" for s in ("num_rows", "height", "width", "cin", "out_height", "out_width",
+                                                  "cout", "kernel_size", "stride", "rows_per_split")},
+                            **{c: "constexpr" for c in ("DOT_PRECISION", "UPCAST_DOT", *blocks, "PROLOGUE")},
+                        },
+                        "constexprs": {"DOT_PRECISION": precision, "UPCAST_DOT": False, "PROLOGUE": prologue,
+                                       **blocks},
+                        "num_warps": config["num_warps"],
+                        "num_stages": config["num_stages"],
+                        "tensor_cores": cc.uses_tensor_cores(dtype, precision),
+                    }

@@ -1,4 +1,4 @@
-"""The Triton backend's operators: the six of ``fused_preact.unit_ops``, as ``torch.ops.fused_preact_triton.*``.
+"""The Triton backend's operators: the eight of ``fused_preact.unit_ops``, as ``torch.ops.fused_preact_triton.*``.
 
 Each operator is a ``torch.library.custom_op`` with exactly the schema in
 ``unit_ops.SCHEMAS`` (``bn_finalize`` declares that it mutates ``running_mean`` and
@@ -67,7 +67,7 @@ def _(pmean, pm2, pcount, weight, bias, running_mean, running_var, num_batches_t
 
 # ---- conv_bnrelu -----------------------------------------------------------------
 @_operator("conv_bnrelu")
-def conv_bnrelu(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+def conv_bnrelu(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor],
                 stride: int, stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from .conv_bnrelu_fwd import conv_bnrelu_fwd
     return conv_bnrelu_fwd(x, weight, scale, shift, residual, stride, stats)
@@ -106,7 +106,8 @@ def _(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width):
 
 # ---- conv_wgrad ------------------------------------------------------------------
 @_operator("conv_wgrad")
-def conv_wgrad(dy: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride: int) -> Tensor:
+def conv_wgrad(dy: Tensor, x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], weight: Tensor,
+               stride: int) -> Tensor:
     from .conv_wgrad import conv_wgrad as launch
     return launch(dy, x, scale, shift, weight, stride)
 
@@ -128,3 +129,33 @@ def bn_backward_finish(g: Tensor, h: Tensor, mean: Tensor, invstd: Tensor, weigh
 def _(g, h, mean, invstd, weight, sum_g, sum_g_xhat, count, add, batch_stats):
     return torch.empty_like(g)
 
+
+
+# ---- bn_add_relu -----------------------------------------------------------------
+@_operator("bn_add_relu")
+def bn_add_relu(h: Tensor, scale: Tensor, shift: Tensor, residual: Tensor, residual_scale: Optional[Tensor],
+                residual_shift: Optional[Tensor]) -> Tensor:
+    from .bn_add_relu import bn_add_relu as launch
+    return launch(h, scale, shift, residual, residual_scale, residual_shift)
+
+
+@bn_add_relu.register_fake
+def _(h, scale, shift, residual, residual_scale, residual_shift):
+    return torch.empty_like(h)
+
+
+# ---- bn_add_relu_backward --------------------------------------------------------
+@_operator("bn_add_relu_backward")
+def bn_add_relu_backward(dy: Tensor, y: Tensor, h: Tensor, mean: Tensor, invstd: Tensor, residual: Optional[Tensor],
+                         residual_mean: Optional[Tensor],
+                         residual_invstd: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from .bn_add_relu import bn_add_relu_backward as launch
+    return launch(dy, y, h, mean, invstd, residual, residual_mean, residual_invstd)
+
+
+@bn_add_relu_backward.register_fake
+def _(dy, y, h, mean, invstd, residual, residual_mean, residual_invstd):
+    channels = dy.shape[-1]
+    dtype = _stat_dtype(dy.dtype)
+    return (torch.empty_like(dy), dy.new_empty(channels, dtype=dtype), dy.new_empty(channels, dtype=dtype),
+            dy.new_empty(channels if residual is not None else 0, dtype=dtype))

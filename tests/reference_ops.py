@@ -67,6 +67,9 @@ def bn_finalize(pmean, pm2, pcount, weight, bias, running_mean, running_var, num
 
 
 def _preact(x, scale, shift):
+    """The conv input: relu(scale * x + shift), or x itself without a prologue (scale None)."""
+    if scale is None:
+        return x.double()
     return torch.relu(scale.to(torch.float64) * x.double() + shift.double())
 
 
@@ -121,3 +124,21 @@ def bn_backward_finish(g, h, mean, invstd, weight, sum_g, sum_g_xhat, count, add
     if add is not None:
         dh = dh + add.double()
     return dh.to(g.dtype)
+
+
+def bn_add_relu(h, scale, shift, residual, residual_scale, residual_shift):
+    s = residual.double()
+    if residual_scale is not None:
+        s = residual_scale.double() * s + residual_shift.double()
+    return torch.relu(scale.double() * h.double() + shift.double() + s).to(h.dtype)
+
+
+def bn_add_relu_backward(dy, y, h, mean, invstd, residual, residual_mean, residual_invstd):
+    g = dy.double() * (y > 0)
+    dtype = stat_dtype(dy)
+    xhat = (h.double() - mean.double()) * invstd.double()
+    residual_sum = torch.empty(0, dtype=dtype)
+    if residual is not None:
+        residual_xhat = (residual.double() - residual_mean.double()) * residual_invstd.double()
+        residual_sum = (g * residual_xhat).sum((0, 1, 2)).to(dtype)
+    return g.to(dy.dtype), g.sum((0, 1, 2)).to(dtype), (g * xhat).sum((0, 1, 2)).to(dtype), residual_sum

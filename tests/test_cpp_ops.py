@@ -248,6 +248,24 @@ def test_conv_bnrelu(k, stride, dtype, with_residual, stats, device):
 
 
 @pytest.mark.parametrize("device", devices("conv_bnrelu"))
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
+@pytest.mark.parametrize("k,stride", CONV_CASES)
+def test_conv_bnrelu_without_prologue(k, stride, dtype, device):
+    """scale and shift None: y = conv(x) with its statistics (the original unit's first conv and
+    projection), and its weight gradient of x as it is."""
+    x, weight, _, _ = conv_inputs(dtype if dtype != torch.float16 else torch.float32, device, k)
+    x = x.to(dtype)
+    y, *partials = ops.conv_bnrelu(x, weight, None, None, None, stride, True)
+    expected = ref.conv_bnrelu(x.cpu(), weight.cpu(), None, None, None, stride, False)[0]
+    close(y, expected, dtype if dtype != torch.float16 else torch.bfloat16)
+    check_partials(partials, y)
+    dy = activation(y.shape, dtype, device, mean=0.0)
+    got = ops.conv_wgrad(dy, x, None, None, weight, stride)
+    close(got, ref.conv_wgrad(dy.cpu(), x.cpu(), None, None, weight.cpu(), stride),
+          dtype if dtype != torch.float16 else torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", devices("conv_bnrelu"))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_conv_bnrelu_wide_output_statistics(dtype, device):
     """The epilogue's residual add, rounding and partials over register-blocked channel groups."""
@@ -320,6 +338,9 @@ def _opcheck_cases():
         "bn_backward_finish": (x, x + 1, vec(), vec(), vec(), vec(), vec(), 70.0, torch.randn_like(x), True),
         "bn_relu_apply": (x, scale, shift, torch.randn_like(x)),
         "bn_relu_backward_reduce": (x, x + 1, scale, shift, vec(), vec(), None),
+        "bn_add_relu": (x, scale, shift, torch.randn_like(x), vec(), vec()),
+        "bn_add_relu_backward": (torch.randn_like(x), torch.relu(torch.randn_like(x)), x, vec(), vec(),
+                                 x + 1, vec(), vec()),
     }
 
 
@@ -389,6 +410,15 @@ def _bad_calls():
         (lambda: ops.bn_finalize(*stats, v, v, torch.zeros(c), None, None, 0.1, 1e-5),
          r"running_mean and running_var must be given together"),
         (lambda: ops.bn_backward_finish(x, x, v, v, v, v, v, 10.0, x[..., :2], True), r"bn_backward_finish: add must have"),
+        (lambda: ops.conv_bnrelu(x, weight, scale, None, None, 1, True), r"conv_bnrelu: scale and shift must be given"),
+        (lambda: ops.conv_wgrad(torch.randn(3, 9, 7, 6), x, None, shift, weight, 1),
+         r"conv_wgrad: scale and shift must be given"),
+        (lambda: ops.bn_add_relu(x, v, v, x[..., :2], None, None), r"bn_add_relu: residual must have shape"),
+        (lambda: ops.bn_add_relu(x, v, v, x, v, None), r"bn_add_relu: residual_scale and residual_shift"),
+        (lambda: ops.bn_add_relu_backward(x, x.double(), x, v, v, None, None, None),
+         r"bn_add_relu_backward: y must have dy's dtype"),
+        (lambda: ops.bn_add_relu_backward(x, x, x, v, v, x, None, v),
+         r"bn_add_relu_backward: residual, residual_mean and residual_invstd"),
     ]
 
 

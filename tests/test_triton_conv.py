@@ -131,6 +131,34 @@ def test_conv_bnrelu_fwd_matches_reference(shape, dtype, weight_dtype, residual,
     _assert_within(m2, true_m2, stat_rel * 10 * true_m2 + 1e-30, "merged M2")
 
 
+RAW_FWD_CASES = [
+    # shape index, dtype, weight dtype, stats: the conv reads x as it is (PROLOGUE=False)
+    (0, torch.float32, None, True),
+    (2, torch.bfloat16, torch.float32, True),
+    (1, torch.float64, None, False),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,weight_dtype,stats", RAW_FWD_CASES)
+def test_conv_bnrelu_fwd_without_prologue(shape, dtype, weight_dtype, stats):
+    """scale and shift None: y = conv(x), zero padding (the original unit's first conv and projection)."""
+    n, h, w, cin, cout, k, stride = SHAPES[shape]
+    x = (torch.randn(n, h, w, cin, dtype=torch.float64) * 2 - 0.5).to(dtype).to(DEVICE)
+    weight = _weight(cout, cin, k, dtype, weight_dtype)
+    y, pmean, pm2, pcount = conv_bnrelu_fwd(x, weight, None, None, None, stride, stats)
+    y_ref = ref.conv_bnrelu(x.cpu(), weight.cpu(), None, None, None, stride, False)[0]
+    magnitude = _nhwc(F.conv2d(_nchw(x.cpu().double().abs()), weight.cpu().to(dtype).double().abs(),
+                               stride=stride, padding=k // 2))
+    _assert_within(y, y_ref, REL[dtype] * (magnitude + y_ref.double().abs()) + 1e-30, "y")
+    if stats:
+        mean, m2, count = ref.merge_partials(pmean.cpu(), pm2.cpu(), pcount.cpu())
+        rows = y.cpu().double().reshape(-1, cout)
+        assert count.item() == rows.shape[0]
+        _assert_within(mean, rows.mean(0), 2e-6 * (rows.abs().mean(0) + rows.std(0)), "merged mean")
+    else:
+        assert pmean.numel() == 0
+
+
 def test_conv_bnrelu_fwd_stats_of_mean_100_std_001_output():
     """An output with mean 100 and std 0.01 keeps its variance (no E[y^2] - E[y]^2)."""
     n, h, w, cin, cout = 3, 15, 15, 5, 17
@@ -250,6 +278,25 @@ def test_conv_wgrad_matches_reference(shape, dtype, weight_dtype):
                    REL[dtype] * magnitude + weight_rel * dweight_ref.double().abs() + 1e-30, "dweight")
 
 
+@pytest.mark.parametrize("shape,dtype,weight_dtype", [(0, torch.float32, None), (2, torch.float16, torch.float32)])
+def test_conv_wgrad_without_prologue(shape, dtype, weight_dtype):
+    """scale and shift None: dW = conv_weight_grad(x, dy), x read as it is."""
+    n, h, w, cin, cout, k, stride = SHAPES[shape]
+    ho, wo = conv_output_size(h, k, stride), conv_output_size(w, k, stride)
+    dy = torch.randn(n, ho, wo, cout, dtype=torch.float64).to(dtype).to(DEVICE)
+    x = (torch.randn(n, h, w, cin, dtype=torch.float64) - 0.5).to(dtype).to(DEVICE)
+    weight = _weight(cout, cin, k, dtype, weight_dtype)
+    dweight = conv_wgrad(dy, x, None, None, weight, stride)
+    dweight_ref = ref.conv_wgrad(dy.cpu(), x.cpu(), None, None, weight.cpu(), stride)
+    magnitude = torch.nn.grad.conv2d_weight(_nchw(x.cpu().double().abs()), tuple(weight.shape),
+                                            _nchw(dy.cpu().double().abs()), stride=stride, padding=k // 2)
+    weight_rel = 2.0 ** -23 if weight.dtype == torch.float32 else REL[weight.dtype]
+    _assert_within(dweight, dweight_ref,
+                   REL[dtype] * magnitude + weight_rel * dweight_ref.double().abs() + 1e-30, "dweight")
+    with pytest.raises(ValueError, match="scale and shift must be given together"):
+        conv_wgrad(dy, x, torch.ones(cin).to(DEVICE), None, weight, stride)
+
+
 def test_weight_strides_are_honoured():
     """A non-contiguous weight (channels_last nn.Conv2d weight) is indexed by its strides."""
     n, h, w, cin, cout, k, stride = SHAPES[0]
@@ -287,6 +334,7 @@ def _fwd_args(**override):
     ({"stride": 3}, ValueError, "stride must be"),
     ({"residual": torch.randn(1, 5, 5, 7)}, ValueError, "residual has shape"),
     ({"residual": torch.randn(1, 5, 5, 8, dtype=torch.float64)}, TypeError, "residual has dtype"),
+    ({"shift": None}, ValueError, "scale and shift must be given together"),
 ])
 def test_conv_bnrelu_fwd_rejects_bad_input(override, error, message):
     with pytest.raises(error, match=message):

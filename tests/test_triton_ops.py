@@ -80,12 +80,30 @@ def test_opcheck_conv_dgrad(with_h):
     torch.library.opcheck(ops.conv_dgrad.default, (dy, weight, *args, None, 2, 7, 9))
 
 
-def test_opcheck_conv_wgrad():
+@pytest.mark.parametrize("prologue", [True, False])
+def test_opcheck_conv_wgrad(prologue):
     dy = torch.randn(2, 7, 9, 6, device=DEVICE)
     x = torch.randn(2, 7, 9, 5, device=DEVICE)
     weight = torch.randn(6, 5, 3, 3, device=DEVICE)
-    torch.library.opcheck(ops.conv_wgrad.default,
-                          (dy, x, torch.rand(5, device=DEVICE), torch.randn(5, device=DEVICE), weight, 1))
+    vectors = (torch.rand(5, device=DEVICE), torch.randn(5, device=DEVICE)) if prologue else (None, None)
+    torch.library.opcheck(ops.conv_wgrad.default, (dy, x, *vectors, weight, 1))
+
+
+def test_opcheck_conv_bnrelu_without_prologue():
+    x = torch.randn(2, 7, 9, 5, device=DEVICE)
+    weight = torch.randn(6, 5, 1, 1, device=DEVICE)
+    torch.library.opcheck(ops.conv_bnrelu.default, (x, weight, None, None, None, 2, True))
+
+
+@pytest.mark.parametrize("residual_bn", [True, False])
+def test_opcheck_bn_add_relu(residual_bn):
+    h, residual = torch.randn(2, 5, 7, 17, device=DEVICE), torch.randn(2, 5, 7, 17, device=DEVICE)
+    vectors = [torch.rand(17, device=DEVICE) + 0.5 for _ in range(4)]
+    affine = vectors[2:] if residual_bn else [None, None]
+    torch.library.opcheck(ops.bn_add_relu.default, (h, *vectors[:2], residual, *affine))
+    y = torch.relu(torch.randn_like(h))
+    shortcut = (residual, *vectors[2:]) if residual_bn else (None, None, None)
+    torch.library.opcheck(ops.bn_add_relu_backward.default, (torch.randn_like(h), y, h, *vectors[:2], *shortcut))
 
 
 def _bn_relu_conv_step(x, weight, bias, running_mean, running_var, batches, conv_weight, dy):

@@ -1,0 +1,118 @@
+"""bn_add_relu and bn_add_relu_backward (the end of an original unit) on both backends against the
+float64 oracle in tests/reference_ops.py: the Triton kernels (kernels/bn_add_relu.py; Triton's
+interpreter without a GPU) and the C++ extension (csrc/elementwise_cpu.cpp / elementwise_cuda.cu).
+
+Tolerances, per element: y within two steps of its dtype of the magnitude of the terms
+(|scale * h| + |shift| + |s| + |y|; the interpreter truncates, two steps cover it), 1e-12 for
+float64. g = dy * (y > 0) is exact (dy is in g's dtype). The sums accumulate in fp32 (fp64): within
+1e-5 (1e-12) of the sum of the magnitudes of their terms.
+"""
+import pytest
+import torch
+
+import reference_ops as ref
+from fused_preact import _extension, dispatch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REL = {torch.float64: 1e-12, torch.float32: 2 * 2.0 ** -23, torch.bfloat16: 2 * 2.0 ** -7,
+       torch.float16: 2 * 2.0 ** -10}
+SUM_REL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+SHAPES = [(3, 5, 7, 17), (2, 13, 11, 83)]   # NHWC: odd sizes; 286 rows x 83 channels (vector tails)
+
+
+def _ops(backend):
+    x = torch.zeros(1, 1, 1, 1, device=DEVICE)
+    reason = dispatch.unavailable_reason(backend, x)
+    if reason is not None:
+        pytest.skip(reason)
+    return dispatch._registry[backend].ops()
+
+
+def _vectors(channels, dtype, count):
+    vdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return [((torch.rand(channels, dtype=vdtype) + 0.5) * torch.where(torch.rand(channels) < 0.2, -1.0, 1.0)
+             .to(vdtype)).to(DEVICE) for _ in range(count)]
+
+
+def _within(got, expected, bound, what):
+    error = (got.double().cpu() - expected.double().cpu()).abs()
+    excess = (error - bound.double().cpu()).max().item()
+    assert excess <= 0, f"{what}: error exceeds its bound by {excess:.3g} (max error {error.max().item():.3g})"
+
+
+CASES = [
+    # backend, shape, dtype, shortcut BN
+    ("cuda", 0, torch.float64, True), ("cuda", 1, torch.float32, True), ("cuda", 1, torch.bfloat16, False),
+    ("cuda", 0, torch.float16, True), ("cuda", 1, torch.float64, False),
+    ("triton", 0, torch.float64, True), ("triton", 0, torch.float32, False), ("triton", 0, torch.bfloat16, True),
+    ("triton", 0, torch.float16, False),
+]
+
+
+@pytest.mark.parametrize("backend,shape,dtype,residual_bn", CASES)
+def test_bn_add_relu_forward_and_backward(backend, shape, dtype, residual_bn):
+    ops = _ops(backend)
+    shape = SHAPES[shape]
+    c = shape[-1]
+    h = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(dtype).to(DEVICE)
+    residual = (torch.randn(shape, dtype=torch.float64) - 0.3).to(dtype).to(DEVICE)
+    scale, shift, rscale, rshift, mean, rmean = _vectors(c, dtype, 6)
+    invstd, rinvstd = _vectors(c, dtype, 2)
+    invstd, rinvstd = invstd.abs(), rinvstd.abs()
+    affine = (rscale, rshift) if residual_bn else (None, None)
+
+    y = ops.bn_add_relu(h, scale, shift, residual, *affine)
+    cpu = lambda *ts: [None if t is None else t.cpu() for t in ts]  # noqa: E731
+    y_ref = ref.bn_add_relu(*cpu(h, scale, shift, residual, *affine))
+    assert y.shape == h.shape and y.dtype == dtype and y.is_contiguous()
+    s = residual.cpu().double().abs() * (rscale.cpu().double().abs() if residual_bn else 1) \
+        + (rshift.cpu().double().abs() if residual_bn else 0)
+    terms = (scale.cpu().double() * h.cpu().double()).abs() + shift.cpu().double().abs() + s
+    _within(y, y_ref, REL[dtype] * (terms + y_ref.double().abs()), "y")
+
+    dy = torch.randn(shape, dtype=torch.float64).to(dtype).to(DEVICE)
+    shortcut = (residual, rmean, rinvstd) if residual_bn else (None, None, None)
+    g, sum_g, sum_g_xhat, residual_sum = ops.bn_add_relu_backward(dy, y, h, mean, invstd, *shortcut)
+    g_ref, sum_g_ref, sum_g_xhat_ref, residual_sum_ref = ref.bn_add_relu_backward(
+        *cpu(dy, y, h, mean, invstd, *shortcut))
+    assert g.dtype == dtype and torch.equal(g.cpu(), g_ref)
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    assert sum_g.dtype == sum_g_xhat.dtype == residual_sum.dtype == stat
+    g_abs = g_ref.double().abs()
+    _within(sum_g, sum_g_ref, SUM_REL[dtype] * g_abs.sum((0, 1, 2)) + 1e-30, "sum_g")
+    xhat = ((h.cpu().double() - mean.cpu().double()) * invstd.cpu().double()).abs()
+    _within(sum_g_xhat, sum_g_xhat_ref, SUM_REL[dtype] * (g_abs * xhat).sum((0, 1, 2)) + 1e-30, "sum_g_xhat")
+    if residual_bn:
+        rxhat = ((residual.cpu().double() - rmean.cpu().double()) * rinvstd.cpu().double()).abs()
+        _within(residual_sum, residual_sum_ref, SUM_REL[dtype] * (g_abs * rxhat).sum((0, 1, 2)) + 1e-30,
+                "residual_sum_g_xhat")
+    else:
+        assert residual_sum.numel() == 0
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_bn_add_relu_rejects_bad_input(backend):
+    ops = _ops(backend)
+    h = torch.randn(2, 3, 5, 4, device=DEVICE)
+    v = torch.ones(4, device=DEVICE)
+    with pytest.raises((ValueError, RuntimeError), match="residual"):
+        ops.bn_add_relu(h, v, v, h[..., :2].contiguous(), None, None)
+    with pytest.raises((ValueError, RuntimeError), match="residual_scale and residual_shift"):
+        ops.bn_add_relu(h, v, v, h, v, None)
+    with pytest.raises((ValueError, RuntimeError), match="residual, residual_mean and residual_invstd"):
+        ops.bn_add_relu_backward(h, h, h, v, v, h, None, v)
+    with pytest.raises((TypeError, RuntimeError), match="y"):
+        ops.bn_add_relu_backward(h, h.double(), h, v, v, None, None, None)
+
+
+@pytest.mark.skipif(not _extension.available(), reason=str(_extension.unavailable_reason()))
+def test_bn_add_relu_backward_is_deterministic():
+    """Determinism: each backend returns the same sums on a second call."""
+    for backend in ("cuda", "triton"):
+        ops = _ops(backend)
+        h, dy = torch.randn(3, 5, 7, 9, device=DEVICE), torch.randn(3, 5, 7, 9, device=DEVICE)
+        y = torch.relu(torch.randn(3, 5, 7, 9, device=DEVICE))
+        mean, invstd = torch.randn(9, device=DEVICE), torch.rand(9, device=DEVICE) + 0.5
+        first = ops.bn_add_relu_backward(dy, y, h, mean, invstd, h, mean, invstd)
+        second = ops.bn_add_relu_backward(dy, y, h, mean, invstd, h, mean, invstd)
+        assert all(torch.equal(a, b) for a, b in zip(first, second)), backend
