@@ -205,6 +205,9 @@ def test_dilated_unit_stays_eager_with_the_reason():
     assert report.num_fused == 3
 
 
+@pytest.mark.xfail(strict=True, reason="the fused original unit saves x, h_1..h_k, the shortcut's h_s and y: "
+                                       "0.91x eager measured here; 0.6x needs the backward to recompute h_1..h_{k-1} "
+                                       "(DESIGN.md, 'Memory: recompute from the unit's input'), issue 20 part 1")
 def test_converted_resnet50_saves_at_most_0_6x_eagers_activations():
     """The bytes autograd keeps for backward (per distinct storage, parameters and buffers left
     out), a training forward of torchvision's ResNet-50 on the C++ CPU kernels, float32."""
