@@ -1,4 +1,4 @@
-"""``convert_to_fused``: swap the eager pre-activation units of a model for fused ones.
+"""``convert_to_fused``: swap the eager residual units of a model for fused ones.
 
 Which modules are units, and what they compute, is decided by the computation,
 not the class (``recognize``): any module holding BatchNorm2d and Conv2d children
@@ -9,9 +9,14 @@ pre-activated input, or 1x1 projection of the raw input (bare conv or inside an
 and conv modules: the same parameter and buffer tensors (an optimizer built
 before the conversion keeps working), and a state_dict with the original's keys
 in the original's order, so checkpoints load with ``strict=True`` both ways.
+Original (post-activation) units -- ``relu(bn_n(conv_n(...)) + s)`` with ``s`` the
+input, its zero-padded subsample (option A, channels appended), a 1x1 conv or a
+1x1 conv + BN (torchvision's ``BasicBlock`` / ``Bottleneck``, CIFAR ports) -- become
+``FusedOriginalBlock`` / ``FusedOriginalBottleneck`` the same way; grouped (ResNeXt)
+and dilated convs stay eager, with that reason.
 
-Two kinds are known by class: this project's ``PreActBlock`` / ``PreActBottleneck``
-change class in place, and timm's ``resnetv2`` units (whose BN-act layers the
+Two kinds are known by class: this project's ``PreActBlock`` / ``PreActBottleneck`` /
+``OriginalBlock`` / ``OriginalBottleneck`` change class in place, and timm's ``resnetv2`` units (whose BN-act layers the
 recording would not see as a plain BatchNorm) get a fused unit with timm's key names.
 
 Every distinct unit configuration is then checked once (``unit_guard``): original
@@ -97,7 +102,7 @@ class ConversionReport:
 
 
 def convert_to_fused(model: nn.Module, backend: str = "auto", *, return_report: bool = False):
-    """Replace every eager full pre-activation unit of ``model`` by its fused twin, in place.
+    """Replace every eager full pre-activation or original unit of ``model`` by its fused twin, in place.
 
     Returns the model (or, when ``model`` is itself a unit, its fused replacement);
     with ``return_report=True``, ``(model, ConversionReport)``. Outputs, gradients and
