@@ -10,7 +10,7 @@ and conv modules: the same parameter and buffer tensors (an optimizer built
 before the conversion keeps working), and a state_dict with the original's keys
 in the original's order, so checkpoints load with ``strict=True`` both ways.
 Original (post-activation) units -- ``relu(bn_n(conv_n(...)) + s)`` with ``s`` the
-input, its zero-padded subsample (option A, channels appended), a 1x1 conv or a
+input, its zero-padded subsample (option A, zeros before and/or after x's channels), a 1x1 conv or a
 1x1 conv + BN (torchvision's ``BasicBlock`` / ``Bottleneck``, CIFAR ports) -- become
 ``FusedOriginalBlock`` / ``FusedOriginalBottleneck`` the same way; grouped (ResNeXt)
 and dilated convs stay eager, with that reason.
@@ -44,7 +44,7 @@ from .fused import (FUSED_CLASS, FusedOriginalBlock, FusedOriginalBottleneck, Fu
                     FusedPreActBottleneck, _FusedUnitMixin)
 from .recognize import OriginalUnitMatch, UnitMatch, recognize
 from .unit_guard import HOOK_DICTS, check_replacement, describe_backend, guard_backend
-from .units import BOTTLENECK_EXPANSION
+from .units import BOTTLENECK_EXPANSION, PadShortcut
 
 logger = logging.getLogger(__name__)
 
@@ -394,13 +394,10 @@ def _from_original_match(unit: nn.Module, match: OriginalUnitMatch, backend: str
     shortcut = unit.get_submodule(match.shortcut_conv) if match.shortcut_conv else None
     if shortcut is not None and (shortcut.kernel_size != (1, 1) or shortcut.stride != (stride, stride)):
         return None, f"its shortcut {match.shortcut_conv} is not a 1x1 conv of stride {stride}"
-    if match.shortcut == "pad":
-        if match.pad_front:
-            return None, (f"its option-A shortcut puts {match.pad_front} zero channels before the input's "
-                          f"(the fused unit appends them after)")
-        if match.pad_stride != stride or in_channels + match.pad_back != out_channels:
-            return None, (f"its option-A shortcut (stride {match.pad_stride}, {match.pad_back} channels added) "
-                          f"does not give the branch's shape")
+    if match.shortcut == "pad" and (match.pad_stride != stride
+                                    or in_channels + match.pad_front + match.pad_back != out_channels):
+        return None, (f"its option-A shortcut (stride {match.pad_stride}, {match.pad_front} + {match.pad_back} "
+                      f"channels added) does not give the branch's shape")
     state = list(unit.state_dict(keep_vars=True))
 
     projection = "A" if match.shortcut == "pad" else "B"
@@ -424,7 +421,9 @@ def _from_original_match(unit: nn.Module, match: OriginalUnitMatch, backend: str
         ours_to_theirs["shortcut"] = match.shortcut_conv
     if match.shortcut_bn:
         ours_to_theirs["shortcut_bn"] = match.shortcut_bn
-    if match.shortcut != "pad":
+    if match.shortcut == "pad":      # zero channels in front of x's too, as CIFAR ports pad
+        fused.pad_shortcut = PadShortcut(in_channels, out_channels, stride, front_channels=match.pad_front)
+    else:
         fused.pad_shortcut = None
     fused.training = unit.training     # the submodules keep their own modes
 

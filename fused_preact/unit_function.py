@@ -84,10 +84,11 @@ class UnitPlan:
     strides: tuple[int, ...]
     shortcut: str               # "identity" | "projection" (of relu(bn1(x))) | "raw_projection" (of x) | "pad"
     shortcut_stride: int
-    pad_channels: int
+    pad_channels: int           # zero channels after x's (option A)
     bn: tuple[BatchNormMode, ...]
     post_activation: bool = False                  # the original unit: conv -> BN order, relu(bn_k(h_k) + s)
     shortcut_bn: Optional[BatchNormMode] = None     # the projection's own BN (post-activation units)
+    pad_front: int = 0                              # zero channels before x's (option A as CIFAR ports pad)
 
 
 def batchnorm_mode(bn: nn.BatchNorm2d) -> BatchNormMode:
@@ -103,15 +104,18 @@ def unit_plan(unit: nn.Module) -> UnitPlan:
     bns = [getattr(unit, f"bn{i}") for i in range(1, unit.num_convs + 1)]
     post_activation = not unit.preact
     shortcut_bn = getattr(unit, "shortcut_bn", None)
+    pad_front = 0
     if unit.shortcut is not None:
         shortcut, pad_channels = ("projection" if unit.shares_preact else "raw_projection"), 0
     elif unit.pad_shortcut is not None:
-        shortcut, pad_channels = "pad", unit.pad_shortcut.extra_channels
+        pad_front = getattr(unit.pad_shortcut, "front_channels", 0)
+        shortcut, pad_channels = "pad", unit.pad_shortcut.extra_channels - pad_front
     else:
         shortcut, pad_channels = "identity", 0
     return UnitPlan(kernel_sizes=tuple(c.kernel_size[0] for c in convs),
                     strides=tuple(c.stride[0] for c in convs),
                     shortcut=shortcut, shortcut_stride=unit.stride, pad_channels=pad_channels,
+                    pad_front=pad_front,
                     bn=tuple(batchnorm_mode(bn) for bn in bns), post_activation=post_activation,
                     shortcut_bn=batchnorm_mode(shortcut_bn) if shortcut_bn is not None else None)
 
@@ -242,7 +246,7 @@ class _PostActivation:
         residual, residual_affine, shortcut_saved = x, (None, None), []
         if plan.shortcut == "pad":
             s = plan.shortcut_stride
-            residual = F.pad(x[:, ::s, ::s, :], (0, plan.pad_channels)).contiguous()
+            residual = F.pad(x[:, ::s, ::s, :], (plan.pad_front, plan.pad_channels)).contiguous()
         elif plan.shortcut == "raw_projection":
             if plan.shortcut_bn is not None:
                 residual, s_stats, s_count = conv_and_bn(x, shortcut_weight, plan.shortcut_stride, (None, None),
@@ -317,7 +321,7 @@ class _PostActivation:
         elif plan.shortcut == "pad":
             s = plan.shortcut_stride
             shortcut_grad = g.new_zeros(x.shape)
-            shortcut_grad[:, ::s, ::s, :] = g[..., :x.shape[3]]
+            shortcut_grad[:, ::s, ::s, :] = g[..., plan.pad_front:plan.pad_front + x.shape[3]]
         else:
             shortcut_grad = g
 
@@ -394,7 +398,7 @@ class FusedUnitFunction(torch.autograd.Function):
                     residual = _raw_projection(x, shortcut_weight, plan.shortcut_stride)
                 elif plan.shortcut == "pad":
                     s = plan.shortcut_stride
-                    residual = F.pad(x[:, ::s, ::s, :], (0, plan.pad_channels)).contiguous()
+                    residual = F.pad(x[:, ::s, ::s, :], (plan.pad_front, plan.pad_channels)).contiguous()
                 else:
                     residual = x
             last = i == n_triples - 1
@@ -455,7 +459,7 @@ class FusedUnitFunction(torch.autograd.Function):
                 elif plan.shortcut == "pad":
                     s = plan.shortcut_stride
                     shortcut_grad = dy.new_zeros(x.shape)
-                    shortcut_grad[:, ::s, ::s, :] = dy[..., :x.shape[3]]
+                    shortcut_grad[:, ::s, ::s, :] = dy[..., plan.pad_front:plan.pad_front + x.shape[3]]
                 else:
                     shortcut_grad = dy
             g_masked, sum_g, sum_g_xhat = ops.conv_dgrad(g, conv_weights[i], h, scale, shift, mean, invstd,

@@ -16,9 +16,9 @@ from torch import nn
 import foreign_models as fm
 from comparisons import perturb_bn, relative_error
 from fused_preact import convert_to_fused, dispatch, models
-from fused_preact.fused import FusedOriginalBlock, FusedOriginalBottleneck, _FusedUnitMixin
+from fused_preact.fused import FusedOriginalBlock, FusedOriginalBottleneck, FusedPreActBlock, _FusedUnitMixin
 from fused_preact.recognize import OriginalUnitMatch, recognize
-from fused_preact.units import OriginalBlock, OriginalBottleneck
+from fused_preact.units import OriginalBlock, OriginalBottleneck, PadShortcut, PreActBlock
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet  # noqa: E402
@@ -128,25 +128,17 @@ def _check_converted(model, units, classes):
     return unconverted
 
 
-def test_torchvision_resnet18_converts_and_computes_the_same_in_float64():
-    """Every block fused; a training step as the unconverted net, on the C++ CPU kernels
-    (64 px, batch 4: layer4's BNs see 4 x 2 x 2 = 16 values per channel). Eval: the full run."""
-    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
-    _need("cuda", x)
-    model = perturb_bn(_torchvision(18).double())
-    reference = _check_converted(model, 8, {FusedOriginalBlock})
-    assert {u.backend for u in _fused_units(model)} == {"cuda"}
-    _assert_same_step(reference, model, x)
-
-
 @pytest.mark.full
 @pytest.mark.parametrize("depth,units,cls", [(18, 8, FusedOriginalBlock), (34, 16, FusedOriginalBlock),
                                              (50, 16, FusedOriginalBottleneck)])
 def test_torchvision_resnets_convert_and_compute_the_same_in_float64(depth, units, cls):
+    """Every block fused; a training and an eval step as the unconverted net, on the C++ CPU
+    kernels (64 px, batch 4: layer4's BNs see 4 x 2 x 2 = 16 values per channel)."""
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
     _need("cuda", x)
     model = perturb_bn(_torchvision(depth).double())
     reference = _check_converted(model, units, {cls})
+    assert {u.backend for u in _fused_units(model)} == {"cuda"}
     _assert_same_step(reference, model, x)
     reference.eval(), model.eval()
     _assert_same_step(reference, model, x)
@@ -176,8 +168,10 @@ def test_one_block_of_each_torchvision_form_on_the_triton_interpreter():
 
 
 def test_zero_init_residual_converts_and_stays_exact():
-    """torchvision's zero_init_residual=True: each unit's last BN weight is 0 (no perturbation here)."""
-    x = torch.randn(16, 3, 32, 32, dtype=torch.float64)
+    """A torchvision ResNet of one BasicBlock per stage with zero_init_residual=True: each unit's
+    last BN weight is 0 (no perturbation here). 16 px, batch 16: layer3 and layer4 run at 1x1,
+    their BNs see 16 values per channel. The whole ResNet-18/34/50: the full run."""
+    x = torch.randn(16, 3, 16, 16, dtype=torch.float64)
     _need("cuda", x)
     model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, zero_init_residual=True).double()
     assert all(float(block.bn2.weight.detach().abs().max()) == 0 for block in (model.layer1[0], model.layer4[0]))
@@ -205,6 +199,7 @@ def test_dilated_unit_stays_eager_with_the_reason():
     assert report.num_fused == 3
 
 
+@pytest.mark.full
 @pytest.mark.xfail(strict=True, reason="the fused original unit saves x, h_1..h_k, the shortcut's h_s and y: "
                                        "0.91x eager measured here; 0.6x needs the backward to recompute h_1..h_{k-1} "
                                        "(DESIGN.md, 'Memory: recompute from the unit's input'), issue 20 part 1")
@@ -234,26 +229,39 @@ def test_converted_resnet50_saves_at_most_0_6x_eagers_activations():
 
 
 # -- CIFAR ports of the original ResNet ------------------------------------------------------------
-@pytest.mark.parametrize("build,fused", [(lambda: fm.pad_resnet(20), 9), (lambda: fm.akamaster_resnet(20, "B"), 9)],
-                         ids=["F.pad in forward", "akamaster option B"])
-def test_cifar_ports_convert_and_compute_the_same_in_float64(build, fused):
+@pytest.mark.parametrize("build", [lambda: fm.pad_resnet(20), lambda: fm.akamaster_resnet(20, "A"),
+                                   lambda: fm.akamaster_resnet(20, "B")],
+                         ids=["F.pad in forward", "akamaster option A (lambda, zeros on both sides)",
+                              "akamaster option B"])
+def test_cifar_ports_convert_and_compute_the_same_in_float64(build):
     x = torch.randn(2, 3, 12, 12, dtype=torch.float64) * 1.5 + 0.3
     _need("cuda", x)
     model = perturb_bn(build().double())
-    reference = _check_converted(model, fused, {FusedOriginalBlock})
+    reference = _check_converted(model, 9, {FusedOriginalBlock})
     _assert_same_step(reference, model, x)
     reference.eval(), model.eval()
     _assert_same_step(reference, model, x)
 
 
-def test_option_a_lambda_padding_in_front_stays_eager_with_the_reason():
-    """akamaster's option A pads planes // 4 zero channels on both sides of x's; the fused
-    unit's option A appends them all after x's channels, so those units keep running eager."""
-    model = fm.akamaster_resnet(20, "A")
-    with pytest.warns(RuntimeWarning, match=r"7 of 9 residual units fused.*AKBasicBlock x1: its option-A shortcut "
-                                            r"puts 2 zero channels before the input's"):
-        _, report = convert_to_fused(model, backend="eager", return_report=True)
-    assert sorted(report.left_eager) == ["layer2.0", "layer3.0"]
+def test_option_a_with_zeros_in_front_on_the_triton_interpreter_and_in_a_preact_unit():
+    """akamaster's option A (half the zero channels before x's) on the Triton interpreter, and the
+    same shortcut in a pre-activation unit (``PadShortcut(front_channels=...)``) on the C++ kernels."""
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    _need("triton", x)
+    model = perturb_bn(fm.akamaster_resnet(8, "A").layer2.double())
+    reference = copy.deepcopy(model)
+    convert_to_fused(model, backend="triton")
+    assert model[0].pad_shortcut.front_channels == 2
+    _assert_same_step(reference, model, x)
+
+    _need("cuda", x)
+    unit = perturb_bn(PreActBlock(4, 8, 2, "A").double())
+    unit.pad_shortcut = PadShortcut(4, 8, 2, front_channels=3)
+    reference = copy.deepcopy(unit)
+    assert convert_to_fused(unit, backend="cuda") is unit and type(unit) is FusedPreActBlock
+    _assert_same_step(reference, unit, torch.randn(4, 4, 6, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="front_channels must be an int in \\[0, 4\\]"):
+        PadShortcut(4, 8, 2, front_channels=5)
 
 
 # -- this project's original nets --------------------------------------------------------------------
