@@ -338,8 +338,9 @@ _FULL_SLICE = (0, None, 1)     # start, end (None: to the end), step of a slice 
 
 def _slice_of(node: _Node) -> Optional[tuple[int, int, Optional[int], int]]:
     """(dim, start, end, step) of a recorded ``aten.slice``, end None when it runs to the end."""
-    args = list(node.extra.get("args", ()))
-    dim, start, end, step = (args + [0, None, None, 1])[:4] if args else (0, None, None, 1)
+    defaults = [0, None, None, 1]         # aten.slice(self, dim=0, start=None, end=None, step=1)
+    args = list(node.extra.get("args", ()))[:4]
+    dim, start, end, step = args + defaults[len(args):]
     start = 0 if start is None else start
     end = None if end is None or end >= 2 ** 62 else end
     return dim, start, end, step
