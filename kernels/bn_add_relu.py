@@ -82,9 +82,10 @@ def _bn_add_relu_bwd_kernel(
     col_ok = cols < channels
     mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
     acc_dtype = mean.dtype
-    sum_g = tl.zeros([BLOCK_C], dtype=acc_dtype)
-    sum_gc = tl.zeros([BLOCK_C], dtype=acc_dtype)     # sum(g * (h - mean))
-    sum_rc = tl.zeros([BLOCK_C], dtype=acc_dtype)     # sum(g * (residual - rmean))
+    # elementwise accumulators, reduced over rows once after the loop (no cross-warp reduction per tile)
+    sum_g = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_dtype)
+    sum_gc = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_dtype)     # sum(g * (h - mean))
+    sum_rc = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_dtype)     # sum(g * (residual - rmean))
     if RESIDUAL_BN:
         rmean = tl.load(rmean_ptr + cols, mask=col_ok, other=0.0)
 
@@ -98,19 +99,20 @@ def _bn_add_relu_bwd_kernel(
         g = tl.where(y > 0.0, dy, 0.0)   # masked rows load y = 0: g = 0 there
         tl.store(g_ptr + offsets, g.to(g_ptr.dtype.element_ty), mask=ok)
         h = tl.load(h_ptr + offsets, mask=ok, other=0.0).to(acc_dtype)
-        sum_g += tl.sum(g, axis=0)
-        sum_gc += tl.sum(g * (h - mean[None, :]), axis=0)
+        sum_g += g
+        sum_gc += g * (h - mean[None, :])
         if RESIDUAL_BN:
             r = tl.load(residual_ptr + offsets, mask=ok, other=0.0).to(acc_dtype)
-            sum_rc += tl.sum(g * (r - rmean[None, :]), axis=0)
+            sum_rc += g * (r - rmean[None, :])
 
+    # ---- one partial row per program; xhat's invstd applied once ----
     invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0)
     part = pid_t * channels + cols
-    tl.store(part_g_ptr + part, sum_g, mask=col_ok)
-    tl.store(part_g_xhat_ptr + part, sum_gc * invstd, mask=col_ok)
+    tl.store(part_g_ptr + part, tl.sum(sum_g, axis=0), mask=col_ok)
+    tl.store(part_g_xhat_ptr + part, tl.sum(sum_gc, axis=0) * invstd, mask=col_ok)
     if RESIDUAL_BN:
         rinvstd = tl.load(rinvstd_ptr + cols, mask=col_ok, other=0.0)
-        tl.store(part_r_xhat_ptr + part, sum_rc * rinvstd, mask=col_ok)
+        tl.store(part_r_xhat_ptr + part, tl.sum(sum_rc, axis=0) * rinvstd, mask=col_ok)
 
 
 # ---- argument checks ----------------------------------------------------------------------------

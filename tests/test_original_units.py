@@ -171,3 +171,64 @@ def test_saved_tensors_hold_no_bn_or_relu_output(backend):
     # x [2, 6, 9, 11], h1 [2, 3, 9, 11], h2 [2, 3, 5, 6], h3, h_s and y [2, 12, 5, 6]
     assert fused == 2 * 6 * 99 + 2 * 3 * 99 + 2 * 3 * 30 + 3 * 2 * 12 * 30
     assert fused == reference - 2 * 3 * 99 - 2 * 3 * 30, (fused, reference)
+
+
+def compare_low_precision(unit, x, dtype, autocast: bool):
+    """``unit`` (fused) in ``dtype`` (or under autocast to it) against its float64 eager twin; the
+    bound is 3x eager's own error in the same precision on the same inputs, and at least
+    LOW_PRECISION_TOL (as tests/test_fused_backends.py)."""
+    reference = copy.deepcopy(unit).double()
+    reference.backend = "eager"
+    x64 = x.double().requires_grad_(True)
+    y64 = reference(x64)
+    dy = torch.randn_like(y64)
+    (y64 * dy).sum().backward()
+
+    def run(module):
+        module = module.to(DEVICE)
+        xd = x.to(DEVICE).clone()
+        if autocast:
+            xd.requires_grad_(True)
+            with torch.autocast(DEVICE, dtype=dtype):
+                y = module(xd)
+        else:
+            module = module.to(dtype)
+            xd = xd.to(dtype).requires_grad_(True)
+            y = module(xd)
+        (y * dy.to(DEVICE, y.dtype)).sum().backward()
+        grads = {name: p.grad for name, p in module.named_parameters()}
+        return {"output": y, "input gradient": xd.grad, **grads, **dict(module.named_buffers())}
+
+    eager = copy.deepcopy(unit)
+    eager.backend = "eager"
+    expected = {"output": y64, "input gradient": x64.grad, **{n: p.grad for n, p in reference.named_parameters()},
+                **dict(reference.named_buffers())}
+    eager_got, fused_got = run(eager), run(unit)
+    for name, value in expected.items():
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(fused_got[name].cpu(), value), name
+            continue
+        bound = max(LOW_PRECISION_TOL[dtype], 3 * relative_error(eager_got[name].cpu(), value))
+        _close(fused_got[name].cpu(), value, name, bound)
+
+
+LOW_PRECISION_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+LOW_PRECISION_CASES = [
+    pytest.param(backend, dtype, autocast, id=f"{backend}-{str(dtype)[6:]}{'-autocast' if autocast else ''}",
+                 marks=() if (backend, dtype) == ("cuda", torch.float32) else pytest.mark.full)
+    for backend in BACKENDS for dtype, autocast in ((torch.float32, False), (torch.bfloat16, True),
+                                                    (torch.float16, True))]
+
+
+@pytest.mark.parametrize("backend,dtype,autocast", LOW_PRECISION_CASES)
+@pytest.mark.parametrize("unit_index", [2, 6], ids=["basic s2 B+BN", "bottleneck s2 3x3 B+BN"])
+def test_original_unit_lower_precision(backend, dtype, autocast, unit_index):
+    _, make, shape = UNITS[unit_index]
+    x = torch.randn(shape) * 1.5 + 0.5
+    _need(backend, x.to(DEVICE, dtype))
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        compare_low_precision(perturb_bn(make(backend)), x, dtype, autocast)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
