@@ -8,7 +8,10 @@
   64x8x8; bottleneck outputs 64/128/256) and of the ImageNet nets (batch 64: basic
   64..512 channels, bottleneck 256x56x56 .. 2048x7x7).
 - ``model``: CIFAR ResNet-110/164/1001 (batch 128, 32 px) and ImageNet pre-act
-  ResNet-50/152/200 (batch 64, 224 px).
+  ResNet-50/152/200 (batch 64, 224 px); beside them the original (post-activation)
+  unit's nets: CIFAR ResNet-110 original (option A, the paper's baseline) and
+  torchvision's ResNet-50 (``model/torchvision_resnet50``), which the fused contenders
+  run through ``convert_to_fused``.
 
 Names read ``level/family/what``, e.g. ``unit/imagenet/bottleneck-256x56x56``.
 Without a GPU, ``smoke_cases`` gives a handful of tiny shapes of each level.
@@ -93,6 +96,29 @@ def _model_case(name: str, batch: int, image: int, quick: bool) -> Case:
     return Case(f"model/{name}", "model", batch, (3, image, image), build=lambda: create_model(name), quick=quick)
 
 
+def _original_cifar_case(name: str, batch: int, image: int, quick: bool) -> Case:
+    """This project's CIFAR net of ``name`` with original units and option-A shortcuts (Table 1's baseline)."""
+    return Case(f"model/{name}-original", "model", batch, (3, image, image),
+                build=lambda: create_model(name, activation="original", projection="A"), quick=quick)
+
+
+def _torchvision_case(name: str, batch: int, image: int, quick: bool, **options) -> Case:
+    """``torchvision.models.<name>(**options)``: original units, stride on the 3x3 (v1.5)."""
+    def build() -> nn.Module:
+        import torchvision       # only the cases that use it need it
+        return getattr(torchvision.models, name)(**options)
+    return Case(f"model/torchvision_{name}", "model", batch, (3, image, image), build=build, quick=quick)
+
+
+def first_unit_channels(model: nn.Module) -> int:
+    """Input channels of the first residual unit of ``model`` (this project's ``ResNet`` or any net
+    whose units name their first conv ``conv1``, as torchvision's)."""
+    if hasattr(model, "units"):
+        return model.units()[0].in_channels
+    return next(m.conv1.in_channels for m in list(model.modules())[1:] if isinstance(getattr(m, "conv1", None),
+                                                                                      nn.Conv2d))
+
+
 def _family_cases(family: str, batch: int, stages: Sequence[tuple[int, int]]) -> tuple[list, list]:
     units, convs = [], []
     for index, (width, size) in enumerate(stages):
@@ -109,7 +135,9 @@ def gpu_cases() -> list[Case]:
     cifar_units, cifar_convs = _family_cases("cifar", CIFAR_BATCH, CIFAR_STAGES)
     imagenet_units, imagenet_convs = _family_cases("imagenet", IMAGENET_BATCH, IMAGENET_STAGES)
     models = ([_model_case(m, CIFAR_BATCH, 32, m == "cifar_resnet164") for m in CIFAR_MODELS]
-              + [_model_case(m, IMAGENET_BATCH, 224, m == "imagenet_resnet50") for m in IMAGENET_MODELS])
+              + [_model_case(m, IMAGENET_BATCH, 224, m == "imagenet_resnet50") for m in IMAGENET_MODELS]
+              + [_original_cifar_case("cifar_resnet110", CIFAR_BATCH, 32, False),
+                 _torchvision_case("resnet50", IMAGENET_BATCH, 224, True)])
     return _unique(cifar_convs + imagenet_convs) + cifar_units + imagenet_units + models
 
 
@@ -119,7 +147,12 @@ def smoke_cases() -> list[Case]:
     convs = [_conv_case("tiny", ConvShape(8, 8, 3, 1, 8), 4, True),
              _conv_case("tiny", ConvShape(32, 8, 1, 1, 8), 4, True)]
     # the smallest CIFAR net (one unit per stage) at 8 px: the net pools globally
-    return convs + units + [_model_case("cifar_resnet8", 2, 8, True)]
+    # and the original unit's: the same net with original units, torchvision's ResNet-18 at 16 px; batches
+    # such that every BN sees >= 16 values per channel (stage 3 at 2x2; layer3 and layer4 at 1x1), else
+    # fp32 training steps differ from float64 by O(1) in eager and fused alike
+    originals = [_original_cifar_case("cifar_resnet8", 4, 8, True),
+                 _torchvision_case("resnet18", 16, 16, True, num_classes=10)]
+    return convs + units + [_model_case("cifar_resnet8", 2, 8, True)] + originals
 
 
 def _unique(cases: list[Case]) -> list[Case]:

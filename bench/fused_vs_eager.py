@@ -1,4 +1,4 @@
-"""Fused pre-activation units against eager PyTorch and torch.compile, side by side.
+"""Fused residual units (pre-activation and original) against eager PyTorch and torch.compile, side by side.
 
     python bench/fused_vs_eager.py [--only unit,model/cifar_resnet164] [--dtype fp32,bf16]
                                    [--mode train,infer] [--contenders eager,fused-cuda+graph,...]
@@ -158,9 +158,8 @@ def make_inputs(case, dtype, device, base) -> dict:
         inputs["x"] = x.to(device).contiguous(memory_format=torch.channels_last)   # autocast casts the stem
         num_classes = base.fc.out_features
         inputs["labels"] = torch.randint(num_classes, (case.batch,), generator=generator).to(device)
-        first = base.units()[0]
-        inputs["unit_probe"] = torch.zeros(2, first.in_channels, 8, 8, device=device, dtype=dtype).contiguous(
-            memory_format=torch.channels_last)
+        inputs["unit_probe"] = torch.zeros(2, catalogue.first_unit_channels(base), 8, 8, device=device,
+                                           dtype=dtype).contiguous(memory_format=torch.channels_last)
     return inputs
 
 

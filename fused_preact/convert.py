@@ -1,4 +1,4 @@
-"""``convert_to_fused``: swap the eager pre-activation units of a model for fused ones.
+"""``convert_to_fused``: swap the eager residual units of a model for fused ones.
 
 Which modules are units, and what they compute, is decided by the computation,
 not the class (``recognize``): any module holding, anywhere in its subtree, a few
@@ -17,8 +17,14 @@ from the model down, and the module fused is the smallest that computes the whol
 unit, input to residual sum; a module whose sum is one of its children's (an
 ``nn.Sequential`` of units, a wrapper) is walked into.
 
-Two kinds are known by class: this project's ``PreActBlock`` / ``PreActBottleneck``
-change class in place, and timm's ``resnetv2`` units (whose BN-act layers the
+Original (post-activation) units -- ``relu(bn_n(conv_n(...)) + s)`` with ``s`` the
+input, its zero-padded subsample (option A, zeros before and/or after x's channels), a 1x1 conv or a
+1x1 conv + BN (torchvision's ``BasicBlock`` / ``Bottleneck``, CIFAR ports) -- become
+``FusedOriginalBlock`` / ``FusedOriginalBottleneck`` the same way; grouped (ResNeXt)
+and dilated convs stay eager, with that reason.
+
+Two kinds are known by class: this project's ``PreActBlock`` / ``PreActBottleneck`` /
+``OriginalBlock`` / ``OriginalBottleneck`` change class in place, and timm's ``resnetv2`` units (whose BN-act layers the
 recording would not see as a plain BatchNorm) get a fused unit with timm's key names.
 
 Every distinct unit configuration is then checked once (``unit_guard``): original
@@ -43,11 +49,12 @@ import torch
 from torch import nn
 
 from . import dispatch
-from .fused import FUSED_CLASS, FusedPreActBlock, FusedPreActBottleneck, _FusedUnitMixin
-from .recognize import UnitMatch, recognize
+from .fused import (FUSED_CLASS, FusedOriginalBlock, FusedOriginalBottleneck, FusedPreActBlock,
+                    FusedPreActBottleneck, _FusedUnitMixin)
+from .recognize import OriginalUnitMatch, UnitMatch, recognize
 from .unit_function import check_memory
 from .unit_guard import HOOK_DICTS, SAMPLE_SIZE, check_replacement, describe_backend, guard_backend
-from .units import BOTTLENECK_EXPANSION
+from .units import BOTTLENECK_EXPANSION, PadShortcut
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +113,7 @@ class ConversionReport:
 
 def convert_to_fused(model: nn.Module, backend: str = "auto", *, memory: str = "default",
                      return_report: bool = False):
-    """Replace every eager full pre-activation unit of ``model`` by its fused twin, in place.
+    """Replace every eager full pre-activation or original unit of ``model`` by its fused twin, in place.
 
     Returns the model (or, when ``model`` is itself a unit, its fused replacement);
     with ``return_report=True``, ``(model, ConversionReport)``. Outputs, gradients and
@@ -268,11 +275,12 @@ class _Converter:
         if recognition.match is None:
             return self._left_eager(module, path, recognition.reason)
         match = recognition.match
-        fused, reason = _from_match(module, match, self.backend)
+        build = _from_original_match if isinstance(match, OriginalUnitMatch) else _from_match
+        fused, reason = build(module, match, self.backend)
         if fused is None:
             return self._left_eager(module, path, reason)
         return self._guarded(module, path, key, module.get_submodule(match.convs[0]).in_channels,
-                             lambda unit, backend: _from_match(unit, match, backend)[0], fused,
+                             lambda unit, backend: build(unit, match, backend)[0], fused,
                              recognition.size)
 
 
@@ -354,6 +362,100 @@ def _from_match(unit: nn.Module, match: UnitMatch, backend: str):
     fused.training = unit.training     # the submodules keep their own modes
 
     # the original's module order, so parameters() and state_dict come out in its order
+    positions = {name: i for i, (name, _) in enumerate(unit.named_modules())}
+    ours = sorted(ours_to_theirs, key=lambda n: positions[ours_to_theirs[n]])
+    fused._modules = OrderedDict([(n, fused._modules[n]) for n in ours]
+                                 + [(n, m) for n, m in fused._modules.items() if n not in ours_to_theirs])
+    if any(t.is_meta for t in fused.state_dict(keep_vars=True).values()):
+        return None, "the fused unit would keep a tensor of its own"
+    renames = {n: t for n, t in ours_to_theirs.items() if n != t}
+    if renames:
+        _keep_state_dict_names(fused, renames)
+    if list(fused.state_dict(keep_vars=True)) != state:
+        extra = [k for k in state if k not in set(fused.state_dict(keep_vars=True))]
+        return None, (f"it holds state the fused unit would not carry ({', '.join(extra[:4])})" if extra
+                      else "its state_dict order cannot be kept")
+    return fused, None
+
+
+# -- a recognized original (post-activation) unit -------------------------------------
+def _dense_conv_reason(conv: nn.Module, name: str) -> Optional[str]:
+    """Why ``conv`` is no plain dense conv, naming grouped (ResNeXt) and dilated convs as such."""
+    if isinstance(conv, nn.Conv2d) and conv.groups != 1:
+        return (f"{name} is a grouped convolution (groups={conv.groups}, as in ResNeXt): the fused kernels "
+                f"compute dense convolutions")
+    if isinstance(conv, nn.Conv2d) and conv.dilation != (1, 1):
+        return f"{name} is a dilated convolution (dilation={conv.dilation}): the fused kernels do not dilate"
+    return _plain_conv_reason(conv, name)
+
+
+def _from_original_match(unit: nn.Module, match: OriginalUnitMatch, backend: str):
+    """(fused original unit holding ``unit``'s BN and conv modules, None) or (None, why it cannot be).
+
+    As ``_from_match``: built on the meta device, then given the original's modules, in the
+    original's module order, with its state_dict names (``downsample.0`` for our ``shortcut``)."""
+    bn_paths = match.bns + ((match.shortcut_bn,) if match.shortcut_bn else ())
+    conv_paths = match.convs + ((match.shortcut_conv,) if match.shortcut_conv else ())
+    for path in bn_paths:
+        bn = unit.get_submodule(path)
+        if type(bn) is not nn.BatchNorm2d:
+            return None, f"{path} is a {type(bn).__name__}, not a plain nn.BatchNorm2d"
+        if not bn.affine:
+            return None, f"{path} has no affine parameters (affine=False)"
+    for path in conv_paths:
+        reason = _dense_conv_reason(unit.get_submodule(path), path)
+        if reason:
+            return None, reason
+    convs = [unit.get_submodule(p) for p in match.convs]
+    kernels = tuple(c.kernel_size[0] for c in convs)
+    strides = [c.stride[0] for c in convs]
+    stride = max(strides)
+    if kernels not in ((3, 3), (1, 3, 1)):
+        return None, f"its branch has {'x'.join(map(str, kernels))} convolutions, not 3-3 (basic) or 1-3-1 (bottleneck)"
+    if any(c.stride[0] != c.stride[1] for c in convs) or stride not in (1, 2) or sum(s != 1 for s in strides) > 1:
+        return None, f"its strides {strides} are not one stride of 1 or 2"
+    bottleneck = len(convs) == 3
+    if (not bottleneck and strides[1] != 1) or (bottleneck and strides[2] != 1):
+        return None, f"its last convolution is strided ({strides})"
+    in_channels, out_channels = convs[0].in_channels, convs[-1].out_channels
+    if bottleneck and out_channels % BOTTLENECK_EXPANSION:
+        return None, f"its bottleneck output of {out_channels} channels is not a multiple of 4"
+    shortcut = unit.get_submodule(match.shortcut_conv) if match.shortcut_conv else None
+    if shortcut is not None and (shortcut.kernel_size != (1, 1) or shortcut.stride != (stride, stride)):
+        return None, f"its shortcut {match.shortcut_conv} is not a 1x1 conv of stride {stride}"
+    if match.shortcut == "pad" and (match.pad_stride != stride
+                                    or in_channels + match.pad_front + match.pad_back != out_channels):
+        return None, (f"its option-A shortcut (stride {match.pad_stride}, {match.pad_front} + {match.pad_back} "
+                      f"channels added) does not give the branch's shape")
+    state = list(unit.state_dict(keep_vars=True))
+
+    projection = "A" if match.shortcut == "pad" else "B"
+    with torch.device("meta"):
+        if bottleneck:
+            fused = FusedOriginalBottleneck(in_channels, out_channels, stride, projection,
+                                            stride_on="1x1" if strides[0] != 1 else "3x3",
+                                            shortcut_bn=match.shortcut_bn is not None, backend=backend)
+        else:
+            fused = FusedOriginalBlock(in_channels, out_channels, stride, projection,
+                                       shortcut_bn=match.shortcut_bn is not None, backend=backend)
+    ours_to_theirs = {}
+    for i, (conv_path, bn_path) in enumerate(zip(match.convs, match.bns), start=1):
+        setattr(fused, f"conv{i}", unit.get_submodule(conv_path))
+        setattr(fused, f"bn{i}", unit.get_submodule(bn_path))
+        ours_to_theirs[f"conv{i}"], ours_to_theirs[f"bn{i}"] = conv_path, bn_path
+    # a projection where the shape does not change too (a 1x1 conv on every unit)
+    fused.shortcut = shortcut
+    fused.shortcut_bn = unit.get_submodule(match.shortcut_bn) if match.shortcut_bn else None
+    if shortcut is not None:
+        ours_to_theirs["shortcut"] = match.shortcut_conv
+    if match.shortcut_bn:
+        ours_to_theirs["shortcut_bn"] = match.shortcut_bn
+    if match.shortcut == "pad":      # zero channels in front of x's too, as CIFAR ports pad
+        fused.pad_shortcut = PadShortcut(in_channels, out_channels, stride, front_channels=match.pad_front)
+    else:
+        fused.pad_shortcut = None
+    fused.training = unit.training     # the submodules keep their own modes
+
     positions = {name: i for i, (name, _) in enumerate(unit.named_modules())}
     ours = sorted(ours_to_theirs, key=lambda n: positions[ours_to_theirs[n]])
     fused._modules = OrderedDict([(n, fused._modules[n]) for n in ours]

@@ -15,6 +15,9 @@ stages at 56, 28, 14 and 7, then BN-ReLU, pooling and the classifier (as timm's
 Post-activation variants (original ResNet units) put BN-ReLU after the stem conv
 and need no final BN-ReLU, since their units end activated (or, for
 ``relu_before_add``, are never normalized after the addition in the paper either).
+Their original units with an identity shortcut (option A or B) are ``OriginalBlock`` /
+``OriginalBottleneck`` (``units.make_unit``), which ``convert_to_fused`` -- and so the
+trainer with a fused backend -- turns into fused units, as the pre-activation ones.
 
 Initialization as the paper: He-normal convs (fan-out, as its code), no conv
 bias, BN gamma 1 and beta 0; the classifier keeps PyTorch's default weights and a

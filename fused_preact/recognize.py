@@ -1,4 +1,5 @@
-"""Recognize a full pre-activation residual unit by what it computes, not by its class.
+"""Recognize a residual unit by what it computes, not by its class: full pre-activation
+units (``UnitMatch``) and original, post-activation ones (``OriginalUnitMatch``, below).
 
 ``recognize(module, in_channels)`` runs a copy of ``module`` once on a small random
 input under a ``TorchDispatchMode`` that records every executed ATen operator and
@@ -12,7 +13,12 @@ where each ``conv_i`` may take its activation through an explicit zero padding o
 and W (``F.pad``, ``nn.ZeroPad2d``: ``aten.constant_pad_nd`` with value 0), as
 TensorFlow-ported code writes "SAME" padding before a ``padding=0`` conv; the match
 keeps those pads per conv (``UnitMatch.pads``), and a pad that changes with the
-input size (computed from ``x.shape``) is refused.
+input size (computed from ``x.shape``) is refused;
+
+or the original unit's (a ReLU after the sum; see ``OriginalUnitMatch``)::
+
+    h1 = conv_1(x);  h2 = conv_2(relu(bn_1(h1)))  [; h3 = conv_3(relu(bn_2(h2)))]
+    y  = relu(bn_n(h_n) + s),   s = x | pad(x[:, :, ::k, ::k]) | conv_s(x) | bn_s(conv_s(x))
 
 A recording, not a symbolic trace, so Python control flow in ``forward``
 (``hasattr(self, "shortcut")``, ``if self.equalInOut``) is simply the branch that
@@ -66,7 +72,7 @@ class Recognition:
     one of the children's (then the module only contains a unit, the child or deeper).
     """
     residual: bool
-    match: Optional[UnitMatch] = None
+    match: Optional[UnitMatch | OriginalUnitMatch] = None
     reason: Optional[str] = None
     inner: Optional[str] = None
     size: int = SAMPLE_SIZE         # the input size it was recorded at (the guard checks it there too)
@@ -181,7 +187,9 @@ class _Recorder(TorchDispatchMode):
             return _Node("relu", (tracked[0],), op=name)
         if name in _ADD_OPS and len(tracked) == 2 and kwargs.get("alpha", 1) == 1 and len(args) == 2:
             return _Node("add", tuple(tracked), op=name)
-        return _Node("other", tuple(tracked), op=name)
+        return _Node("other", tuple(tracked), op=name,
+                     extra={"args": tuple(a for a in list(args[1:]) + list(kwargs.values())
+                                          if not isinstance(a, torch.Tensor))})
 
 
 def _describe(node: _Node) -> str:
@@ -388,8 +396,17 @@ def recognize(module: nn.Module, in_channels: int) -> Recognition:
         before = nodes[final.inputs[0]] if len(final.inputs) == 1 else None
         if before is not None and before.kind == "add":
             inner = _computed_by_child(recorder, final.inputs[0])
+            # relu(bn_n(h_n) + s): an original (post-activation) unit, unless one child computed both
+            # the sum and its ReLU (then that child is the smaller module holding the unit)
+            if final.kind == "relu" and (inner is None or _computed_by_child(recorder, out) != inner):
+                if recorder.values.get(_key(x)) != 0:
+                    return Recognition(True, reason="it modifies its input in place")
+                recognition = _recognize_original(nodes, final.inputs[0], replica, size)
+                if recognition.match is not None or inner is None:
+                    return recognition
             return Recognition(True, reason=f"its output is {_describe(final)} of the residual sum, not the sum "
-                                            f"itself (the fused unit is a full pre-activation unit)", inner=inner)
+                                            f"itself or its ReLU (the fused units: full pre-activation and "
+                                            f"original)", inner=inner)
         return Recognition(False, reason=f"its output is {_describe(final)}, not a residual sum")
     inner = _computed_by_child(recorder, out)
     if inner is not None:
@@ -408,4 +425,139 @@ def recognize(module: nn.Module, in_channels: int) -> Recognition:
         if other is None or _pads(other.nodes) != _pads(nodes):
             seen = why or f"{_pads(nodes)} at {size} px, {_pads(other.nodes)} at {other_size} px"
             return Recognition(True, reason=f"its explicit padding depends on the input size ({seen})")
+    return Recognition(True, match=match, size=size)
+
+
+# -- the original (post-activation) unit --------------------------------------------
+# He et al. 2015's unit, torchvision's BasicBlock / Bottleneck and the CIFAR ports:
+#
+#     h1 = conv_1(x);  h2 = conv_2(relu(bn_1(h1)))  [; h3 = conv_3(relu(bn_2(h2)))]
+#     y  = relu(bn_n(h_n) + s),   s = x | pad(x[:, :, ::k, ::k]) (option A) | conv_s(x) | bn_s(conv_s(x))
+@dataclass(frozen=True)
+class OriginalUnitMatch:
+    """A module that computes an original (post-activation) unit, in terms of its submodules' paths.
+
+    ``bns[i]`` normalizes ``convs[i]``'s output. The option-A shortcut subsamples x
+    by ``pad_stride`` and puts ``pad_front`` zero channels before x's channels and
+    ``pad_back`` after them."""
+    convs: tuple[str, ...]          # conv_1 .. conv_n
+    bns: tuple[str, ...]            # bn_1 .. bn_n
+    shortcut: str                   # "identity" | "pad" | "projection" (1x1 conv of x, with or without a BN)
+    shortcut_conv: Optional[str] = None
+    shortcut_bn: Optional[str] = None
+    pad_stride: int = 1
+    pad_front: int = 0
+    pad_back: int = 0
+
+
+_FULL_SLICE = (0, None, 1)     # start, end (None: to the end), step of a slice that keeps a whole dim
+
+
+def _slice_of(node: _Node) -> Optional[tuple[int, int, Optional[int], int]]:
+    """(dim, start, end, step) of a recorded ``aten.slice``, end None when it runs to the end."""
+    defaults = [0, None, None, 1]         # aten.slice(self, dim=0, start=None, end=None, step=1)
+    args = list(node.extra.get("args", ()))[:4]
+    dim, start, end, step = args + defaults[len(args):]
+    start = 0 if start is None else start
+    end = None if end is None or end >= 2 ** 62 else end
+    return dim, start, end, step
+
+
+def _pad_shortcut(nodes: list[_Node], at: int):
+    """((stride, front, back), None) when node ``at`` is x subsampled and zero-padded along the
+    channels, else (None, why not)."""
+    pad = nodes[at]
+    widths, value = list(pad.extra["pad"]), pad.extra["value"]
+    if len(widths) != 6 or any(widths[:4]) or value != 0 or min(widths[4:]) < 0:
+        return None, f"its shortcut pads x by {widths} with {value} (option A pads only channels, with zeros)"
+    steps = {}
+    at = pad.inputs[0]
+    while nodes[at].kind == "other" and nodes[at].op == "slice":
+        dim, start, end, step = _slice_of(nodes[at])
+        dim = dim % 4
+        if dim in steps or (dim in (0, 1) and (start, end, step) != _FULL_SLICE) or start != 0 or end is not None:
+            return None, "its shortcut crops or subsamples x other than x[:, :, ::k, ::k]"
+        steps[dim] = step
+        at = nodes[at].inputs[0]
+    if nodes[at].kind != "input":
+        return None, f"its zero-padded shortcut takes {_describe(nodes[at])}, not the input"
+    stride = steps.get(2, 1)
+    if steps.get(3, 1) != stride:
+        return None, f"its shortcut subsamples height and width by different steps ({steps})"
+    return (stride, widths[4], widths[5]), None
+
+
+def _original_shortcut(nodes: list[_Node], at: int):
+    """(fields of OriginalUnitMatch for the shortcut, None) or (None, why not)."""
+    node = nodes[at]
+    if node.kind == "input":
+        return {"shortcut": "identity"}, None
+    if node.kind == "bn" and nodes[node.inputs[0]].kind == "conv":
+        conv = nodes[node.inputs[0]]
+        if conv.inputs[0] == 0:
+            return {"shortcut": "projection", "shortcut_conv": conv.module, "shortcut_bn": node.module}, None
+        return None, f"its shortcut convolves {_describe(nodes[conv.inputs[0]])}, not the input"
+    if node.kind == "conv":
+        if node.inputs[0] == 0:
+            return {"shortcut": "projection", "shortcut_conv": node.module}, None
+        return None, f"its shortcut convolves {_describe(nodes[node.inputs[0]])}, not the input"
+    if node.kind == "pad":
+        pad, why = _pad_shortcut(nodes, at)
+        if pad is None:
+            return None, why
+        return {"shortcut": "pad", "pad_stride": pad[0], "pad_front": pad[1], "pad_back": pad[2]}, None
+    return None, (f"its shortcut is {_describe(node)}, not the input, a zero-padded subsampled input or a "
+                  f"1x1 projection")
+
+
+def _original_branch(nodes: list[_Node], end: int):
+    """The conv-BN pairs of an original unit's branch ending at node ``end`` (first to last), or why not."""
+    pairs = []
+    at = end
+    while True:
+        bn = nodes[at]
+        if bn.kind != "bn":
+            return None, f"its residual branch ends in {_describe(bn)}, not a BatchNorm of a convolution"
+        conv = nodes[bn.inputs[0]]
+        if conv.kind != "conv":
+            return None, f"{bn.module} takes {_describe(conv)}, not a convolution"
+        pairs.append((conv.module, bn.module))
+        source = nodes[conv.inputs[0]]
+        if source.kind == "input":
+            if len(pairs) < 2:
+                return None, f"its residual branch is the single convolution {conv.module}"
+            return pairs[::-1], None
+        if source.kind == "dropout":
+            return None, "it applies dropout between its convolutions (the fused unit has no dropout)"
+        if source.kind != "relu":
+            return None, f"{conv.module} takes {_describe(source)}, not the input or a ReLU of a BatchNorm"
+        at = source.inputs[0]
+
+
+def _match_original(nodes: list[_Node], total: int) -> tuple[Optional[OriginalUnitMatch], Optional[str]]:
+    """Match ``relu(node total)`` with ``total = bn_n(h_n) + s`` against the original unit."""
+    reasons = []
+    for branch_end, shortcut_end in (nodes[total].inputs, nodes[total].inputs[::-1]):
+        pairs, why = _original_branch(nodes, branch_end)
+        if pairs is None:
+            reasons.append((len(reasons), why))
+            continue
+        shortcut, why = _original_shortcut(nodes, shortcut_end)
+        if shortcut is None:
+            reasons.append((-1, why))      # the other side was a branch: its shortcut is the reason
+            continue
+        return OriginalUnitMatch(convs=tuple(p[0] for p in pairs), bns=tuple(p[1] for p in pairs), **shortcut), None
+    reasons.sort(key=lambda r: (not r[1].startswith("it applies dropout"), r[0]))
+    return None, reasons[0][1]
+
+
+def _recognize_original(nodes: list[_Node], total: int, replica: nn.Module, size: int) -> Recognition:
+    match, reason = _match_original(nodes, total)
+    if match is None:
+        return Recognition(True, reason=reason)
+    bns = match.bns + ((match.shortcut_bn,) if match.shortcut_bn else ())
+    reason = _check_calls(nodes, UnitMatch(bns=bns, convs=match.convs, shortcut=match.shortcut,
+                                           shortcut_conv=match.shortcut_conv), replica)
+    if reason is not None:
+        return Recognition(True, reason=reason)
     return Recognition(True, match=match, size=size)

@@ -121,7 +121,7 @@ class UnitPlan:
     strides: tuple[int, ...]
     shortcut: str               # "identity" | "projection" (of relu(bn1(x))) | "raw_projection" (of x) | "pad"
     shortcut_stride: int
-    pad_channels: int
+    pad_channels: int           # zero channels after x's (option A)
     bn: tuple[BatchNormMode, ...]
     # per branch conv, the (left, right, top, bottom) zero padding of its activated input;
     # None: K // 2 on every side (the operators' default)
@@ -129,6 +129,7 @@ class UnitPlan:
     recompute: bool = False     # memory="min": save x (and y if post-activation), recompute the h_i in the backward
     post_activation: bool = False                  # the original unit: conv -> BN order, relu(bn_k(h_k) + s)
     shortcut_bn: Optional[BatchNormMode] = None     # the projection's own BN (post-activation units)
+    pad_front: int = 0                              # zero channels before x's (option A as CIFAR ports pad)
 
     def padding_args(self, i: int) -> tuple:
         """The trailing ``padding`` argument of conv ``i``'s operators: none for the default."""
@@ -148,10 +149,12 @@ def unit_plan(unit: nn.Module) -> UnitPlan:
     bns = [getattr(unit, f"bn{i}") for i in range(1, unit.num_convs + 1)]
     post_activation = not unit.preact
     shortcut_bn = getattr(unit, "shortcut_bn", None)
+    pad_front = 0
     if unit.shortcut is not None:
         shortcut, pad_channels = ("projection" if unit.shares_preact else "raw_projection"), 0
     elif unit.pad_shortcut is not None:
-        shortcut, pad_channels = "pad", unit.pad_shortcut.extra_channels
+        pad_front = getattr(unit.pad_shortcut, "front_channels", 0)
+        shortcut, pad_channels = "pad", unit.pad_shortcut.extra_channels - pad_front
     else:
         shortcut, pad_channels = "identity", 0
     projection_padding = getattr(unit.shortcut, "padding", (0, 0))   # a 1x1's "same"/"valid" pad nothing
@@ -163,6 +166,7 @@ def unit_plan(unit: nn.Module) -> UnitPlan:
     return UnitPlan(kernel_sizes=tuple(c.kernel_size[0] for c in convs),
                     strides=tuple(c.stride[0] for c in convs),
                     shortcut=shortcut, shortcut_stride=unit.stride, pad_channels=pad_channels,
+                    pad_front=pad_front,
                     bn=tuple(batchnorm_mode(bn) for bn in bns),
                     paddings=None if paddings is None else tuple(tuple(p) for p in paddings),
                     recompute=check_memory(getattr(unit, "memory", "default")) == "min",
@@ -332,7 +336,7 @@ class _PostActivation:
         residual, residual_affine, shortcut_saved = x, (None, None), []
         if plan.shortcut == "pad":
             s = plan.shortcut_stride
-            residual = F.pad(x[:, ::s, ::s, :], (0, plan.pad_channels)).contiguous()
+            residual = F.pad(x[:, ::s, ::s, :], (plan.pad_front, plan.pad_channels)).contiguous()
         elif plan.shortcut == "raw_projection":
             if plan.shortcut_bn is not None:
                 residual, s_stats, s_count = conv_and_bn(x, shortcut_weight, plan.shortcut_stride, (None, None),
@@ -432,7 +436,7 @@ class _PostActivation:
         elif plan.shortcut == "pad":
             s = plan.shortcut_stride
             shortcut_grad = g.new_zeros(x.shape)
-            shortcut_grad[:, ::s, ::s, :] = g[..., :x.shape[3]]
+            shortcut_grad[:, ::s, ::s, :] = g[..., plan.pad_front:plan.pad_front + x.shape[3]]
         else:
             shortcut_grad = g
 
@@ -509,7 +513,7 @@ class FusedUnitFunction(torch.autograd.Function):
                     residual = _raw_projection(x, shortcut_weight, plan.shortcut_stride)
                 elif plan.shortcut == "pad":
                     s = plan.shortcut_stride
-                    residual = F.pad(x[:, ::s, ::s, :], (0, plan.pad_channels)).contiguous()
+                    residual = F.pad(x[:, ::s, ::s, :], (plan.pad_front, plan.pad_channels)).contiguous()
                 else:
                     residual = x
             last = i == n_triples - 1
@@ -575,7 +579,7 @@ class FusedUnitFunction(torch.autograd.Function):
                 elif plan.shortcut == "pad":
                     s = plan.shortcut_stride
                     shortcut_grad = dy.new_zeros(x.shape)
-                    shortcut_grad[:, ::s, ::s, :] = dy[..., :x.shape[3]]
+                    shortcut_grad[:, ::s, ::s, :] = dy[..., plan.pad_front:plan.pad_front + x.shape[3]]
                 else:
                     shortcut_grad = dy
             g_masked, sum_g, sum_g_xhat = ops.conv_dgrad(g, conv_weights[i], h, scale, shift, mean, invstd,

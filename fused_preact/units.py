@@ -92,24 +92,34 @@ def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 
 
 class PadShortcut(nn.Module):
-    """Option A of the original ResNet: subsample by ``stride`` and zero-pad channels."""
+    """Option A of the original ResNet: subsample by ``stride`` and zero-pad channels.
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int):
+    ``extra_channels = out_channels - in_channels`` zero channels, ``front_channels`` of
+    them before x's channels (0: all appended, this project's layout; CIFAR ports such as
+    akamaster's put half in front, which ``convert_to_fused`` keeps)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, *, front_channels: int = 0):
         super().__init__()
         if out_channels < in_channels:
             raise ValueError(
                 f"projection='A' needs out_channels >= in_channels, got {in_channels} -> {out_channels}")
+        if isinstance(front_channels, bool) or not isinstance(front_channels, int) \
+                or not 0 <= front_channels <= out_channels - in_channels:
+            raise ValueError(f"front_channels must be an int in [0, {out_channels - in_channels}], "
+                             f"got {front_channels!r}")
         self.extra_channels = out_channels - in_channels
+        self.front_channels = front_channels
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
             x = x[:, :, ::self.stride, ::self.stride]
-        # pad (W_left, W_right, H_top, H_bottom, C_front, C_back): new channels at the end
-        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+        # pad (W_left, W_right, H_top, H_bottom, C_front, C_back)
+        return F.pad(x, (0, 0, 0, 0, self.front_channels, self.extra_channels - self.front_channels))
 
     def extra_repr(self) -> str:
-        return f"stride={self.stride}, extra_channels={self.extra_channels}"
+        front = f", front_channels={self.front_channels}" if self.front_channels else ""
+        return f"stride={self.stride}, extra_channels={self.extra_channels}{front}"
 
 
 class ResidualUnit(nn.Module):
@@ -403,8 +413,9 @@ def make_unit(in_channels: int, out_channels: int, stride: int = 1, *, bottlenec
               activation: str = "full_preact", shortcut: str = "identity", projection: str = "B",
               stride_on: str = "1x1", single_conv: bool = False, **shortcut_options) -> ResidualUnit:
     """A unit of the given variant. The standard full pre-activation unit with an
-    identity shortcut comes back as ``PreActBlock`` / ``PreActBottleneck`` (so
-    ``convert_to_fused`` finds it); ``shortcut_options`` (``scale_shortcut``,
+    identity shortcut comes back as ``PreActBlock`` / ``PreActBottleneck``, the original
+    unit with an identity shortcut (projection ``"A"`` or ``"B"``) as ``OriginalBlock`` /
+    ``OriginalBottleneck`` (so ``convert_to_fused`` changes their class); ``shortcut_options`` (``scale_shortcut``,
     ``scale_residual``, ``gate_bias``, ``dropout``) only matter to other shortcuts.
     ``single_conv=True`` gives a ``SingleConvUnit`` (one 3x3 conv, always eager)."""
     if single_conv:
@@ -416,5 +427,9 @@ def make_unit(in_channels: int, out_channels: int, stride: int = 1, *, bottlenec
         if bottleneck:
             return PreActBottleneck(in_channels, out_channels, stride, projection, stride_on)
         return PreActBlock(in_channels, out_channels, stride, projection)
+    if activation == "original" and shortcut == "identity" and projection in ("A", "B"):
+        if bottleneck:
+            return OriginalBottleneck(in_channels, out_channels, stride, projection, stride_on)
+        return OriginalBlock(in_channels, out_channels, stride, projection)
     return ResidualUnit(in_channels, out_channels, stride, bottleneck=bottleneck, activation=activation,
                         shortcut=shortcut, projection=projection, stride_on=stride_on, **shortcut_options)

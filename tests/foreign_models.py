@@ -326,3 +326,124 @@ class TFSamePreResNet(nn.Module):
 
 def tf_same_preresnet(widths=(4, 8), units_per_stage=1, pad="module"):
     return TFSamePreResNet(widths, units_per_stage, pad)
+
+
+# -- original (post-activation) CIFAR ResNets, the two ways public ports write option A ---------
+# akamaster/pytorch_resnet_cifar10 style: the option-A shortcut is a ``LambdaLayer`` wrapping a
+# lambda that subsamples with ``x[:, :, ::2, ::2]`` and zero-pads channels on *both* sides
+# (``planes // 4`` each), an empty ``nn.Sequential`` is the identity, option B is
+# ``nn.Sequential(conv1x1, BatchNorm2d)``; ``F.relu`` calls, ``out += self.shortcut(x)``.
+class LambdaLayer(nn.Module):
+    def __init__(self, lambd):
+        super().__init__()
+        self.lambd = lambd
+
+    def forward(self, x):
+        return self.lambd(x)
+
+
+class AKBasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1, option="A"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            if option == "A":
+                side = planes // 4
+                self.shortcut = LambdaLayer(
+                    lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, side, side), "constant", 0))
+            else:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_planes, self.expansion * planes, kernel_size=1, stride=stride, bias=False),
+                    nn.BatchNorm2d(self.expansion * planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        out = F.relu(out)
+        return out
+
+
+class AKResNet(nn.Module):
+    def __init__(self, num_blocks, option="A", base=16, num_classes=10):
+        super().__init__()
+        self.in_planes = base
+        self.conv1 = nn.Conv2d(3, base, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(base)
+        self.layer1 = self._make_layer(base, num_blocks[0], 1, option)
+        self.layer2 = self._make_layer(2 * base, num_blocks[1], 2, option)
+        self.layer3 = self._make_layer(4 * base, num_blocks[2], 2, option)
+        self.linear = nn.Linear(4 * base, num_classes)
+
+    def _make_layer(self, planes, num_blocks, stride, option):
+        layers = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            layers.append(AKBasicBlock(self.in_planes, planes, s, option))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.avg_pool2d(out, out.size()[3])
+        return self.linear(out.view(out.size(0), -1))
+
+
+def akamaster_resnet(depth=20, option="A", base=4):
+    n = (depth - 2) // 6
+    return AKResNet((n, n, n), option, base)
+
+
+# The other common way (ports of the Torch "resnet.lua" CIFAR nets): the block itself decides
+# in ``forward`` that its shape changes and builds the option-A shortcut inline with
+# ``F.pad`` of the strided input, the new channels appended after the input's; one in-place
+# ``nn.ReLU`` module at both places, ``residual`` rebound, ``out = out + residual``.
+class PadBasicBlock(nn.Module):
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.stride = stride
+        self.extra = planes - inplanes
+
+    def forward(self, x):
+        residual = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.stride != 1 or self.extra:
+            residual = F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, 0, self.extra))
+        out = out + residual
+        return self.relu(out)
+
+
+class PadResNet(nn.Module):
+    def __init__(self, depth, base=16, num_classes=10):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv = nn.Conv2d(3, base, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(base)
+        self.relu = nn.ReLU(inplace=True)
+        blocks, inplanes = [], base
+        for stage, planes in enumerate((base, 2 * base, 4 * base)):
+            for i in range(n):
+                blocks.append(PadBasicBlock(inplanes, planes, 2 if i == 0 and stage else 1))
+                inplanes = planes
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(inplanes, num_classes)
+
+    def forward(self, x):
+        x = self.blocks(self.relu(self.bn(self.conv(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def pad_resnet(depth=20, base=4):
+    return PadResNet(depth, base)

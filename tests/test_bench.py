@@ -89,6 +89,20 @@ def test_every_figure_comes_from_its_samples(smoke_run):
     assert trains and all(e["saved_activation_bytes"] > 0 for e in trains)
 
 
+def test_smoke_run_measures_the_original_unit_nets(smoke_run):
+    """The original (post-activation) unit's cases: this project's net with original units and
+    torchvision's ResNet-18, eager and (when the extension is built) converted to fused C++ CPU units."""
+    from fused_preact import _extension
+    _, _, data = smoke_run
+    for case in ("model/cifar_resnet8-original", "model/torchvision_resnet18"):
+        measured = {(e["contender"], e["mode"]): e for e in data["results"]
+                    if e["case"] == case and e["status"] == "measured"}
+        assert {("eager", "train"), ("eager", "infer")} <= set(measured), case
+        if _extension.available():
+            fused = measured[("fused-cuda", "train")]
+            assert fused["max_abs_diff_vs_eager"] < 1e-3 and fused["saved_activation_bytes"] > 0, case
+
+
 def test_contenders_that_cannot_run_are_listed_with_a_reason(smoke_run):
     _, done, data = smoke_run
     not_run = [e for e in data["results"] if e["status"] != "measured"]
@@ -271,7 +285,8 @@ def test_catalogue_has_the_issue_shapes():
     names = {c.name for c in cases.gpu_cases()}
     for name in ("unit/cifar/basic-16x32x32", "unit/cifar/bottleneck-256x8x8", "unit/imagenet/bottleneck-2048x7x7",
                  "unit/imagenet/basic-512x7x7", "model/cifar_resnet1001", "model/imagenet_resnet200",
-                 "conv/imagenet/3x3-64x56x56-to-64", "conv/imagenet/1x1-256x56x56-to-64"):
+                 "conv/imagenet/3x3-64x56x56-to-64", "conv/imagenet/1x1-256x56x56-to-64",
+                 "model/cifar_resnet110-original", "model/torchvision_resnet50"):
         assert name in names, name
 
 

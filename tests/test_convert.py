@@ -47,9 +47,9 @@ def test_converts_own_models_in_place(builder, size):
 
 
 def test_other_variants_are_left_alone():
-    model = models.cifar_resnet20(activation="original")
-    with pytest.warns(RuntimeWarning, match=r"0 of 9 residual units fused; left eager: ResidualUnit x9: its output "
-                                            r"is a ReLU of the residual sum"):
+    model = models.cifar_resnet20(activation="relu_before_add")
+    with pytest.warns(RuntimeWarning, match=r"0 of 9 residual units fused; left eager: ResidualUnit x7: its residual "
+                                            r"branch ends in a ReLU, not a convolution"):
         _, report = convert_to_fused(model, return_report=True)
     assert all(type(u) is ResidualUnit for u in model.units())
     assert report.num_units == 9 and not report.fused

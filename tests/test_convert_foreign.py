@@ -166,6 +166,11 @@ class _PostActivation(nn.Module):      # torchvision's BasicBlock layout
         return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
 
 
+class _TanhAfterSum(_PostActivation):   # an original unit but for the activation after the sum
+    def forward(self, x):
+        return torch.tanh(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
 class _Scaled(fm.KLPreActBlock):       # a scaled residual: y = x + 0.2 * F(x)
     def forward(self, x):
         out = self.conv2(torch.relu(self.bn2(self.conv1(torch.relu(self.bn1(x))))))
@@ -189,11 +194,11 @@ class _SharedPreact(fm.KLPreActBlock):   # the shortcut's projection behind a BN
 
 
 @pytest.mark.parametrize("unit,reason", [
-    (_PostActivation(4), "its output is a ReLU of the residual sum"),
+    (_TanhAfterSum(4), "its output is aten.tanh of the residual sum"),
     (_Scaled(4, 4), "its residual branch ends in aten.mul"),
     (_Grouped(4), "conv2 has bias, groups"),
     (_SharedPreact(4), "its shortcut convolves a ReLU"),
-], ids=["post-activation", "scaled", "grouped", "separate shortcut BN"])
+], ids=["tanh after the sum", "scaled", "grouped", "separate shortcut BN"])
 def test_units_computing_something_else_stay_eager_and_named(unit, reason):
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), unit)
     with pytest.warns(RuntimeWarning, match=r"0 of 1 residual units fused; left eager: "

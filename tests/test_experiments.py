@@ -74,6 +74,15 @@ def test_registry_covers_every_row_and_figure():
     assert gating.units == {"activation": "original", "projection": "A", "shortcut": "exclusive_gating",
                             "gate_bias": -6.0} and not gating.fusable
     assert EXPERIMENTS["c10-1001-preact"].fusable and not EXPERIMENTS["c10-110-1layer-preact"].fusable
+    # the original-unit rows run fused; the eager marks stay on what no fused unit computes
+    fused = {n for n, e in EXPERIMENTS.items() if e.fusable and e.units.get("activation") == "original"}
+    assert fused == {"c10-110-original", "c10-110-conv1x1", "c10-164-original", "c10-1001-original",
+                     "c100-164-original", "c100-1001-original", "c10-1202-original", "in-152-original",
+                     "in-200-original", "in-101-original"}
+    eager = {n for n, e in EXPERIMENTS.items() if not e.fusable}
+    assert all(n.split("-", 2)[2].startswith(("scaling", "exclusive-gating", "shortcut-gating", "dropout",
+                                              "bn-after-add", "relu-before-add", "relu-only-preact", "1layer"))
+               for n in eager), eager
     assert EXPERIMENTS["c10-110-1layer-original"].arch == "cifar_resnet110_1layer"
     assert EXPERIMENTS["in-200-preact"].eval_crops == ("256:224", "320:320")
     with pytest.raises(ValueError, match="unknown experiment 'c10-110-gating'.*did you mean"):

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fused_preact.units import ACTIVATIONS, SHORTCUTS, PreActBlock, PreActBottleneck, ResidualUnit, make_unit
+from fused_preact.units import (ACTIVATIONS, SHORTCUTS, OriginalBlock, OriginalBottleneck, PreActBlock, PreActBottleneck,
+                                ResidualUnit, make_unit)
 
 SHAPES = [  # (in, out, stride)
     (8, 8, 1),     # identity unit
@@ -138,7 +139,9 @@ def test_dropout_shortcut_drops_half_in_training():
 def test_make_unit_returns_the_standard_classes():
     assert type(make_unit(4, 4)) is PreActBlock
     assert type(make_unit(4, 16, 2, bottleneck=True, stride_on="3x3")) is PreActBottleneck
-    assert type(make_unit(4, 4, activation="original")) is ResidualUnit
+    assert type(make_unit(4, 4, activation="original")) is OriginalBlock
+    assert type(make_unit(4, 16, 2, bottleneck=True, activation="original", projection="A")) is OriginalBottleneck
+    assert type(make_unit(4, 4, activation="original", shortcut="scaling")) is ResidualUnit
 
 
 @pytest.mark.parametrize("kwargs,match", [

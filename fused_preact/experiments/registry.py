@@ -44,9 +44,15 @@ class Experiment:
 
     @property
     def fusable(self) -> bool:
-        """Whether its units are the full pre-activation identity units the fused kernels compute."""
-        return (self.units.get("activation", "full_preact") == "full_preact"
-                and self.units.get("shortcut", "identity") == "identity" and not self.arch.endswith("_1layer"))
+        """Whether its units are ones the fused kernels compute: full pre-activation units with an
+        identity shortcut, or original (post-activation) units with an identity shortcut or a 1x1
+        conv on every unit (Table 1's "1x1 conv"); two-conv or bottleneck units, not the 1-layer-skip
+        net. Scaled, gated and dropout shortcuts and Table 2's (b)-(d) run eager."""
+        activation = self.units.get("activation", "full_preact")
+        shortcut = self.units.get("shortcut", "identity")
+        fused_shortcuts = ("identity", "conv1x1") if activation == "original" else ("identity",)
+        return (activation in ("full_preact", "original") and shortcut in fused_shortcuts
+                and not self.arch.endswith("_1layer"))
 
     def cells(self) -> list[paper.PaperCell]:
         return paper.cells_of(experiment=self.name)
