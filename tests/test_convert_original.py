@@ -199,33 +199,8 @@ def test_dilated_unit_stays_eager_with_the_reason():
     assert report.num_fused == 3
 
 
-@pytest.mark.full
-@pytest.mark.xfail(strict=True, reason="the fused original unit saves x, h_1..h_k, the shortcut's h_s and y: "
-                                       "0.91x eager measured here; 0.6x needs the backward to recompute h_1..h_{k-1} "
-                                       "(DESIGN.md, 'Memory: recompute from the unit's input'), issue 20 part 1")
-def test_converted_resnet50_saves_at_most_0_6x_eagers_activations():
-    """The bytes autograd keeps for backward (per distinct storage, parameters and buffers left
-    out), a training forward of torchvision's ResNet-50 on the C++ CPU kernels, float32."""
-    x = torch.randn(2, 3, 32, 32)
-    _need("cuda", x)
-    model = _torchvision(50)
-    fused = convert_to_fused(copy.deepcopy(model), backend="cuda")
-    assert len(_fused_units(fused)) == 16
-
-    def saved_bytes(net):
-        own = {t.untyped_storage().data_ptr() for t in list(net.parameters()) + list(net.buffers())}
-        storages = {}
-
-        def pack(t):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in own and storage.device.type != "meta":
-                storages[storage.data_ptr()] = storage.nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            net(x).sum()
-        return sum(storages.values())
-    eager, ours = saved_bytes(model), saved_bytes(fused)
-    assert ours <= 0.6 * eager, f"fused {ours / 2**20:.1f} MiB vs eager {eager / 2**20:.1f} MiB"
+# The saved-activation bound of a converted torchvision ResNet-50 (memory="min": at most 0.6x eager) is
+# tests/test_original_memory.py::test_torchvision_resnet50_saves_at_most_0_6x_eagers_activations.
 
 
 # -- CIFAR ports of the original ResNet ------------------------------------------------------------

@@ -7,7 +7,7 @@ h_1 .. h_k and the projection's h_s with the forward's own calls.
   Triton's interpreter; bf16 autocast bitwise on the C++ CPU kernels;
 - the running statistics are updated once (num_batches_tracked 1 after a step, eager's values);
 - what is saved: x and y alone per unit; torchvision's ResNet-50 (its 16 Bottlenecks replaced by
-  FusedOriginalBottleneck units with their weights) saves at most 0.6x eager's activation bytes;
+  fused by convert_to_fused) saves at most 0.6x eager's activation bytes;
 - the constructors and convert_to_fused take ``memory``; torch.compile(fullgraph=True) runs the recompute.
 """
 from __future__ import annotations
@@ -178,24 +178,10 @@ def test_min_saves_the_input_and_output_only():
 
 
 def _torchvision_resnet50_fused(model: nn.Module, memory: str) -> nn.Module:
-    """A copy of torchvision's ``model`` with each ``Bottleneck`` replaced by a
-    ``FusedOriginalBottleneck`` (C++ backend) holding its weights (``downsample.0`` / ``.1`` are
-    ``shortcut`` / ``shortcut_bn``)."""
-    from torchvision.models.resnet import Bottleneck
-    model = copy.deepcopy(model)
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, block in list(parent.named_children()):
-            if isinstance(block, Bottleneck):
-                fused = FusedOriginalBottleneck(block.conv1.in_channels, block.conv3.out_channels, block.stride,
-                                                backend="cuda", memory=memory)
-                state = {key.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut_bn."): value
-                         for key, value in block.state_dict().items()}
-                fused.load_state_dict(state, strict=True)
-                setattr(parent, name, fused.train(block.training))
-                replaced += 1
-    assert replaced == 16
-    return model
+    """A converted copy of torchvision's ``model`` (C++ backend): all 16 Bottlenecks fused."""
+    fused, report = convert_to_fused(copy.deepcopy(model), "cuda", memory=memory, return_report=True)
+    assert report.num_fused == report.num_units == 16, report.summary()
+    return fused
 
 
 def test_torchvision_resnet50_saves_at_most_0_6x_eagers_activations():
