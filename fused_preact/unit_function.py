@@ -19,9 +19,10 @@ backward, last triple first, with g the gradient reaching the triple's output::
     g', sum, sum_xhat = conv_dgrad(g, w_i, h, ...)             # ReLU mask recomputed from h
     g                 = bn_backward_finish(g', h, ...)         # + the identity shortcut's dy on the first
 
-The raw-input projection does not go through ``conv_bnrelu``, whose BN-ReLU
-prologue is not optional: a 1x1 conv without padding is a matrix product over the
-subsampled NHWC rows, ``x[:, ::s, ::s, :] @ W^T``, and so is its weight gradient;
+The pre-activation unit's raw-input projection is a matrix product over the
+subsampled NHWC rows, ``x[:, ::s, ::s, :] @ W^T`` (a 1x1 conv without padding;
+written before ``conv_bnrelu``'s prologue became optional, which the original
+unit's projection uses), and so is its weight gradient;
 its data gradient is ``conv_dgrad`` without ``h`` and joins the input gradient in
 the first ``bn_backward_finish`` (as the identity shortcut's dy does).
 

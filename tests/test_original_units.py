@@ -232,3 +232,22 @@ def test_original_unit_lower_precision(backend, dtype, autocast, unit_index):
         compare_low_precision(perturb_bn(make(backend)), x, dtype, autocast)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@pytest.mark.parametrize("backend", ["cuda", pytest.param("triton", marks=pytest.mark.full)])
+def test_original_unit_compiles_without_graph_breaks(backend):
+    """torch.compile(fullgraph=True) traces the fused original unit (opaque operators with fake / Meta
+    kernels) and gives what the uncompiled unit gives, running statistics included."""
+    x = torch.randn(2, 6, 9, 11, device=DEVICE)
+    _need(backend, x)
+    unit = perturb_bn(FusedOriginalBottleneck(6, 12, stride=2, backend=backend)).to(DEVICE)
+    twin = copy.deepcopy(unit)
+    compiled = torch.compile(unit, fullgraph=True, backend="aot_eager")
+    out, expected = compiled(x), twin(x)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(unit.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    for b, c in zip(unit.buffers(), twin.buffers()):
+        torch.testing.assert_close(b, c)
