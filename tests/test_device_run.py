@@ -48,6 +48,8 @@ def test_dry_run_ends_in_time_and_packs_everything_within_the_rules(tmp_path):
     for step in ("environment", "tests-triton", "tests-gpu", "tests-fused", "memcheck", "racecheck", "benchmark"):
         assert f"   {step}: exit 0 after " in summary, step      # every step ran and logged its time
     assert "== build: skipped (dry run)" in summary
+    pytest_steps = [line for line in summary.splitlines() if " -m pytest " in line]
+    assert len(pytest_steps) == 5 and all(" --full " in line for line in pytest_steps), pytest_steps
     assert "junit-gpu.xml:" in summary and "skipped" in summary
     with tarfile.open(out / "device_run.tar.gz") as tar:
         names = set(tar.getnames())
