@@ -126,18 +126,21 @@ def backend(monkeypatch):
 
 
 def test_backend_finds_the_target_environments_torch_when_isolation_hides_it(backend, monkeypatch):
-    """Under pip's isolation `import torch` fails in the backend; the target interpreter's
-    site-packages (where this torch lies, unless it came from PYTHONPATH) hold it."""
+    """Under pip's isolation `import torch` fails in the backend; should asking the target
+    interpreter fail, its site-packages (where this torch lies, unless it came from PYTHONPATH or a
+    .pth file) still hold it."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
     if here not in backend.target_site_packages():
         pytest.skip(f"this torch is not in the interpreter's site-packages ({here})")
     monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name, *args: None)
+    monkeypatch.setattr(backend, "ask_target_interpreter", lambda: {"torch": None, "path": []})
     assert backend.find_target_torch() == here
     assert sys.path[-1] == here
 
 
 def test_backend_without_any_torch_says_what_to_install(backend, monkeypatch):
     monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name, *args: None)
+    monkeypatch.setattr(backend, "ask_target_interpreter", lambda: {"torch": None, "path": []})
     monkeypatch.setattr(backend, "target_site_packages", lambda: [])
     with pytest.raises(SystemExit, match=r"torch is not installed in the environment of .*install torch first"):
         backend.get_requires_for_build_editable()
