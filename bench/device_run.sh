@@ -15,6 +15,7 @@
 #     --max-minutes from the time left) | pack.
 #   The tests and sanitizers leave the benchmark at least BENCH_MIN_S (150) seconds.
 # Without --budget: no deadline; the whole test suite, the benchmark (--quick) and bench/micro.
+# Every pytest step runs with --full: the whole cross-product sweep, not the default run's sample.
 # Either way logs, JUnit XML and benchmark outputs go to a work folder ($WORK, default a temporary
 # one), and bench/pack_outputs.py packs them into $OUT: summary.txt, device_run.tar.gz and the
 # benchmark's results.json / report.md / speedup.png (at most 8 files, 16 MiB each, flat).
@@ -67,8 +68,9 @@ else
     export FUSED_PREACT_TEST_TIMEOUT="$TEST_TIMEOUT"
 fi
 pytest_cmd() {   # pytest_cmd NAME ARGS...: sets CMD to one pytest run writing $WORK/junit-NAME.xml
+    # --full: the whole cross-product sweep (the default run samples it; tests/conftest.py)
     local name="$1"; shift
-    CMD=("$PYTHON" -m pytest -q -rfEs -p no:cacheprovider ${PER_TEST[@]+"${PER_TEST[@]}"}
+    CMD=("$PYTHON" -m pytest -q -rfEs -p no:cacheprovider --full ${PER_TEST[@]+"${PER_TEST[@]}"}
          --junitxml="$WORK/junit-$name.xml" "$@")
 }
 COLLECT=""
@@ -126,7 +128,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     else
         # shellcheck disable=SC2086
         pytest_cmd all $COLLECT tests
-        step tests 0 env FUSED_PREACT_AOT_ALL=1 "${CMD[@]}"
+        step tests 0 "${CMD[@]}"
     fi
 fi
 

@@ -1,12 +1,21 @@
 import contextlib
 import os
 import signal
+import sys
 import threading
 import zlib
 
 import pytest
 import torch
 import torch._functorch.config
+
+# The tests import their helpers as plain modules (`import reference_ops`, `from comparisons import ...`,
+# `import foreign_models as fm`), never through a package named `tests`: some packages on the registry
+# install a top-level `tests` package of their own, which would win over this folder. This folder goes
+# first on sys.path whatever pytest's import mode (prepend puts it there too; importlib does not).
+TESTS_FOLDER = os.path.dirname(os.path.abspath(__file__))
+if TESTS_FOLDER not in sys.path:
+    sys.path.insert(0, TESTS_FOLDER)
 
 # Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter, which
 # must be switched on before triton is first imported.
@@ -32,6 +41,18 @@ def pytest_addoption(parser):
 def full_run_requested(config) -> bool:
     return (config.getoption("--full") or os.environ.get("FUSED_PREACT_FULL_TESTS", "") == "1"
             or "full" in (config.getoption("markexpr") or ""))
+
+
+def pytest_itemcollected(item):
+    """A sample of a cross product in the default run (``@pytest.mark.default_cases``): each code path
+    once, the rest of the product marked ``full`` (before -m selects by mark, so ``-m full`` runs it)."""
+    marker = item.get_closest_marker("default_cases")
+    if marker is None or not hasattr(item, "callspec"):
+        return
+    keep = marker.kwargs.get("keep")   # a keyword: a lone callable argument would decorate the mark
+    ids = set(marker.kwargs.get("ids", ()))
+    if not (item.callspec.id in ids or (keep is not None and keep(item.callspec.params))):
+        item.add_marker(pytest.mark.full)
 
 
 @pytest.fixture

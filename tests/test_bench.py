@@ -128,6 +128,7 @@ def test_report_is_rebuilt_from_the_json_of_a_run_stopped_early(smoke_run, tmp_p
     assert data["info"]["git_commit"][:12] in done.stdout
 
 
+@pytest.mark.full   # a second benchmark process (about 6 s); the GPU run measures the Triton contenders
 def test_smoke_run_through_the_triton_interpreter_measures_or_explains(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("the interpreter path is the no-GPU path")

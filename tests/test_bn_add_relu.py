@@ -127,7 +127,7 @@ def test_bn_add_relu_backward_is_deterministic():
 # Under the interpreter the kernels are not JIT functions: the compile runs in a subprocess without
 # TRITON_INTERPRET, which writes one cubin per variant and architecture. The default run compiles the
 # training path (bf16, the widest channel tile, with the shortcut's BN: every load and sum); the full
-# sweep (--full, FUSED_PREACT_FULL_TESTS=1 or FUSED_PREACT_AOT_ALL=1) every dtype, switch and tile:
+# sweep (--full, FUSED_PREACT_FULL_TESTS=1 or -m full) every dtype, switch and tile:
 # 64 variants x 2 archs, none spilling (measured 2026-12-03 with triton 3.8.0).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_AOT = ("bn_add_relu_fwd_bf16_c128_residual_bn", "bn_add_relu_bwd_bf16_c128_residual_bn")
@@ -139,7 +139,8 @@ def _aot_variants(every_variant: bool):
 
 
 AOT_VARIANTS = _aot_variants(os.environ.get("FUSED_PREACT_FULL_TESTS") == "1" or "--full" in sys.argv
-                             or os.environ.get("FUSED_PREACT_AOT_ALL") == "1")
+                             or any(a.startswith("-m") and "full" in a for a in sys.argv)
+                             or "full" in sys.argv)
 
 
 def compile_all(folder: str, every_variant: bool) -> None:

@@ -106,7 +106,9 @@ def test_converts_and_keeps_state(name, build, size, units, fused_class, shortcu
         assert len(_fused_units(clone)) == units and list(clone.state_dict()) == list(state)
 
 
-@pytest.mark.parametrize("backend", ["cuda", pytest.param("triton", marks=pytest.mark.slow)])   # 3-9 s each
+# every form on the C++ backend; on the Triton interpreter (2-5 s a form) one form by default, all with --full
+@pytest.mark.default_cases(keep=lambda params: params["backend"] == "cuda" or params["name"] == "kuangliu basic")
+@pytest.mark.parametrize("backend", ["cuda", pytest.param("triton", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name,build,size,units,fused_class,shortcuts", FORMS, ids=[f[0] for f in FORMS])
 def test_converted_model_computes_the_same_in_float64(backend, name, build, size, units, fused_class, shortcuts):
     x = torch.randn(2, 3, size, size, dtype=torch.float64) * 1.5 + 0.3

@@ -29,6 +29,7 @@ def _tree_ok(out: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.full   # the whole script, seven pytest and benchmark processes: about 45 s here
 def test_dry_run_ends_in_time_and_packs_everything_within_the_rules(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("the dry run is what a machine without a GPU does")
@@ -47,6 +48,8 @@ def test_dry_run_ends_in_time_and_packs_everything_within_the_rules(tmp_path):
     for step in ("environment", "tests-triton", "tests-gpu", "tests-fused", "memcheck", "racecheck", "benchmark"):
         assert f"   {step}: exit 0 after " in summary, step      # every step ran and logged its time
     assert "== build: skipped (dry run)" in summary
+    pytest_steps = [line for line in summary.splitlines() if " -m pytest " in line]
+    assert len(pytest_steps) == 5 and all(" --full " in line for line in pytest_steps), pytest_steps
     assert "junit-gpu.xml:" in summary and "skipped" in summary
     with tarfile.open(out / "device_run.tar.gz") as tar:
         names = set(tar.getnames())
@@ -138,7 +141,13 @@ def test_check_names_every_broken_rule(tmp_path):
 
 # -- tests/conftest.py: the per-test alarm and the sample, in a pytest of their own ----------------
 def _pytest_in(folder: Path, test_source: str, **env_vars) -> subprocess.CompletedProcess:
-    (folder / "conftest.py").write_text("from tests.conftest import *  # noqa: F401,F403\n")
+    (folder / "conftest.py").write_text(textwrap.dedent(f"""\
+        import importlib.util   # the project's conftest by path: no package named `tests` is imported
+        spec = importlib.util.spec_from_file_location("project_conftest", {str(REPO / "tests" / "conftest.py")!r})
+        project = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(project)
+        globals().update({{k: v for k, v in vars(project).items() if not k.startswith("__")}})
+    """))
     (folder / "test_subject.py").write_text(textwrap.dedent(test_source))
     env = {**os.environ, "PYTHONPATH": str(REPO), **env_vars}
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:timeout",

@@ -153,6 +153,9 @@ def test_repr_names_the_backend_and_deepcopy_keeps_it():
     assert copy.deepcopy(unit).backend == "eager"
 
 
+# inductor's compile takes about 30 s here: with --full. Fullgraph tracing of fused units runs by default
+# in test_fused_backends.py (aot_eager).
+@pytest.mark.full
 def test_compiles_without_graph_breaks():
     from fused_preact import convert_to_fused, models
     model = convert_to_fused(models.cifar_resnet(8), backend="auto")

@@ -7,9 +7,20 @@ run on CUDA tensors (and the GPU-only cases below join in).
 Tolerances (relative to the largest magnitude of each compared tensor):
 float32 1e-4 (fp32 accumulation over at most a few hundred products; TF32 is
 turned off for these tests), float64 1e-10. Under bfloat16 autocast a gradient can
-be off by 10% even in eager PyTorch (a ReLU mask flips when a bf16 value rounds across
-zero), so the bound is 3x eager's own bf16 error on the same inputs, and at least
-5e-2 (the interpreter truncates instead of rounding).
+be off by 10% and more even in eager PyTorch (a ReLU mask flips where a value rounds across
+zero, and a BN bias gradient sums values that cancel), so the bound is eager's own error
+against float64 on the same input: at most 2x it, plus 2^-8 (one bf16 step: eager's error on a
+single tensor is one draw of rounding luck, and where it came out lucky, at 1e-3, twice it is
+below what one rounding of each bf16 operand gives; measured over seeds, fused and eager errors
+agree to within 0.6x-1.6x per tensor, both fused backends alike).
+
+A fused unit under autocast rounds a float32 input to bf16 before its first BN (its kernels
+read activations in the compute dtype), where eager normalizes the float32 input; inside an
+autocast network the input already is bf16 (the stem's conv output, the previous unit's).
+Both are tested: a bf16 input against eager on that input, and a float32 input against eager
+on the same input rounded to bf16, the one the fused unit normalizes (measured on "basic s2 B":
+bn1.bias.grad 0.35 relative error for eager on the rounded input and for both fused backends,
+0.05 for eager on the float32 input).
 """
 import copy
 import warnings
@@ -24,7 +35,8 @@ from comparisons import perturb_bn, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["triton", "cuda"]
-RELATIVE_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float64: 1e-10}
+RELATIVE_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.float64: 1e-10}
+EAGER_FACTOR, EAGER_FLOOR = 2.0, 2.0 ** -8   # autocast: the bound on each tensor's error from eager's
 
 
 @pytest.fixture(autouse=True)
@@ -47,13 +59,23 @@ def test_backend_runs_on_this_machine(backend):
     assert dispatch.unavailable_reason(backend, torch.randn(2, 4, 5, 5, device=DEVICE)) is None
 
 
-def _close(got, expected, dtype, what, eager_error=0.0):
-    error, bound = relative_error(got, expected), max(RELATIVE_TOL[dtype], 3 * eager_error)
-    assert error <= bound, f"{what}: max error {error:.3g} relative to max |value| (bound {bound:.3g})"
+def _close(got, expected, dtype, what, eager_error=None):
+    """got against float64 ``expected``: within RELATIVE_TOL[dtype], or, given eager's own error on
+    the same input (autocast), within EAGER_FACTOR times it plus EAGER_FLOOR."""
+    error = relative_error(got, expected)
+    if eager_error is None:
+        bound = RELATIVE_TOL[dtype]
+    else:
+        bound = EAGER_FACTOR * eager_error + EAGER_FLOOR
+    assert error <= bound, (f"{what}: max error {error:.3g} relative to max |value| (bound {bound:.3g}"
+                            + ("" if eager_error is None else f", eager's error {eager_error:.3g}") + ")")
 
 
-def compare_with_float64_eager(fused_unit, x, dtype, autocast=False):
-    """Run ``fused_unit`` (any backend) on x in ``dtype`` and its eager twin in float64."""
+def compare_with_float64_eager(fused_unit, x, dtype, autocast=False, eager_input=None):
+    """Run ``fused_unit`` (any backend) on x in ``dtype`` and its eager twin in float64.
+
+    Under autocast the bound is eager's own error against float64, eager run on ``eager_input``
+    (default: x itself)."""
     reference = copy.deepcopy(fused_unit).double()
     reference.backend = "eager"
     x64 = x.double().requires_grad_(True)
@@ -61,7 +83,7 @@ def compare_with_float64_eager(fused_unit, x, dtype, autocast=False):
     dy = torch.randn_like(y64)
     (y64 * dy).sum().backward()
 
-    def run(unit):
+    def run(unit, x=x):
         xd = x.to(DEVICE).clone()
         if autocast:
             xd = xd.requires_grad_(True)
@@ -78,7 +100,7 @@ def compare_with_float64_eager(fused_unit, x, dtype, autocast=False):
     if autocast:   # eager PyTorch's own error under autocast, on the same inputs
         eager_unit = copy.deepcopy(fused_unit).to(DEVICE)
         eager_unit.backend = "eager"
-        eager_unit, xe, ye = run(eager_unit)
+        eager_unit, xe, ye = run(eager_unit, x if eager_input is None else eager_input)
         eager_error = {"output": relative_error(ye.cpu(), y64), "input gradient": relative_error(xe.grad.cpu(), x64.grad)}
         eager_params = dict(eager_unit.named_parameters())
         for name, p in reference.named_parameters():
@@ -88,17 +110,15 @@ def compare_with_float64_eager(fused_unit, x, dtype, autocast=False):
             eager_error[name] = relative_error(eager_buffers[name].cpu(), b)
     unit, xd, y = run(fused_unit.to(DEVICE))
 
-    _close(y.cpu(), y64, dtype, "output", eager_error.get("output", 0.0))
+    _close(y.cpu(), y64, dtype, "output", eager_error.get("output"))
     assert y.is_contiguous(memory_format=torch.channels_last)
-    _close(xd.grad.cpu(), x64.grad, dtype, "input gradient", eager_error.get("input gradient", 0.0))
+    _close(xd.grad.cpu(), x64.grad, dtype, "input gradient", eager_error.get("input gradient"))
     params = dict(unit.named_parameters())
     for name, p in reference.named_parameters():
-        _close(params[name].grad.cpu(), p.grad, dtype, f"{name}.grad", eager_error.get(name, 0.0))
+        _close(params[name].grad.cpu(), p.grad, dtype, f"{name}.grad", eager_error.get(name))
     buffers = dict(unit.named_buffers())
     for name, b in reference.named_buffers():
-        # running statistics are float32, but under autocast they average bf16 conv outputs
-        _close(buffers[name].cpu(), b, dtype if dtype in (torch.float64, torch.float32) else torch.float16, name,
-               eager_error.get(name, 0.0))
+        _close(buffers[name].cpu(), b, dtype, name, eager_error.get(name))
 
 
 UNITS = [
@@ -111,6 +131,13 @@ UNITS = [
 ]
 
 
+# by default: every unit form on both backends in training mode, eval mode (running statistics) once per
+# backend; the rest of the product on the Triton interpreter (about 0.7 s a case) with --full
+def _default_unit_case(params):
+    return params["backend"] == "cuda" or params["train"] or params["name"] == "basic"
+
+
+@pytest.mark.default_cases(keep=_default_unit_case)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,make,shape", UNITS, ids=[u[0] for u in UNITS])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -122,16 +149,23 @@ def test_unit_float32(backend, name, make, shape, train):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,make,shape", UNITS[:2] + UNITS[4:5], ids=[UNITS[i][0] for i in (0, 1, 4)])
-def test_unit_bfloat16_autocast(backend, name, make, shape, request):
-    if backend == "triton" and DEVICE == "cpu" and "B" in name:
-        # measured: bn1.bias.grad 0.35 relative error against a bound of 0.19 in the interpreter
-        # (fp32 cases of the same unit pass at 1e-4); recheck on a GPU, where casts round
-        request.node.add_marker(pytest.mark.xfail(reason="Triton interpreter: bf16 gradient of the joined "
-                                                  "projection path exceeds the bound; unverified on GPU",
-                                                  strict=False))
+def test_unit_bfloat16_autocast(backend, name, make, shape):
+    """A bf16 input, as inside an autocast network, against eager on the same input."""
+    x = torch.randn(shape).to(torch.bfloat16)
+    _need(backend, x.to(DEVICE))
+    compare_with_float64_eager(perturb_bn(make(backend)), x, torch.bfloat16, autocast=True)
+
+
+@pytest.mark.default_cases(keep=lambda params: params["name"] == "basic s2 B")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,make,shape", UNITS[:2] + UNITS[4:5], ids=[UNITS[i][0] for i in (0, 1, 4)])
+def test_unit_bfloat16_autocast_of_a_float32_input(backend, name, make, shape):
+    """A float32 input, which the fused unit rounds to bf16 before its first BN: against eager on
+    that rounded input (float64 of the float32 input stays the reference)."""
     x = torch.randn(shape)
     _need(backend, x.to(DEVICE, torch.bfloat16))
-    compare_with_float64_eager(perturb_bn(make(backend)), x, torch.bfloat16, autocast=True)
+    compare_with_float64_eager(perturb_bn(make(backend)), x, torch.bfloat16, autocast=True,
+                               eager_input=x.to(torch.bfloat16).float())
 
 
 RAW_PROJECTION_UNITS = [
@@ -143,6 +177,8 @@ RAW_PROJECTION_UNITS = [
 ]
 
 
+@pytest.mark.default_cases(keep=lambda params: params["backend"] == "cuda" or params["train"]
+                           or params["name"] == "basic s2 raw")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,make,shape", RAW_PROJECTION_UNITS, ids=[u[0] for u in RAW_PROJECTION_UNITS])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -299,6 +335,9 @@ def test_gradients_match_float64_finite_differences(backend):
         assert abs(numeric - analytic) <= tol * max(1.0, abs(numeric)), (numeric, analytic)
 
 
+# the Triton operators' own trace runs by default in test_triton_ops.py; through a whole model here
+# (about 8 s in the interpreter) with --full
+@pytest.mark.default_cases(ids=["cuda"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_step_compiles_without_graph_breaks(backend):
     x = torch.randn(2, 3, 8, 8, device=DEVICE)

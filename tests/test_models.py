@@ -38,6 +38,11 @@ def test_basic_cifar_nets_offer_options_a_and_b():
     assert all(u.shortcut is None for u in a.units())
 
 
+# by default each builder once (CIFAR basic and bottleneck, 1-layer skips, ImageNet basic and bottleneck);
+# the deeper presets of the same builders with --full
+@pytest.mark.default_cases(keep=lambda params: params["name"] in {"cifar_resnet20", "cifar_resnet164",
+                                                                  "cifar_resnet110_1layer", "imagenet_resnet18",
+                                                                  "imagenet_resnet50"})
 @pytest.mark.parametrize("name", [n for n in MODELS if n != "cifar_resnet1001"])
 def test_presets_run(name):
     net = create_model(name, num_classes=7)
@@ -47,6 +52,7 @@ def test_presets_run(name):
 
 
 @pytest.mark.slow
+@pytest.mark.full   # the 1001-layer net (about 10 s here); the builder's other depths run by default
 def test_resnet1001_trains_one_step():
     net = models.cifar_resnet1001(num_classes=100)
     out = net(torch.randn(2, 3, 16, 16))
@@ -54,6 +60,7 @@ def test_resnet1001_trains_one_step():
     assert out.shape == (2, 100) and net.stem[0].weight.grad is not None
 
 
+@pytest.mark.default_cases(keep=lambda params: params["depth"] in (18, 50, 200))   # basic, bottleneck, timm's
 @pytest.mark.parametrize("depth", [18, 34, 50, 101, 152, 200])
 def test_imagenet_parameter_counts_match_timm(depth):
     timm = pytest.importorskip("timm")
@@ -67,6 +74,9 @@ def test_imagenet_parameter_counts_match_timm(depth):
     assert ours == count(theirs)
 
 
+# each (activation, shortcut) once by default, basic and bottleneck nets in turn; both with --full
+@pytest.mark.default_cases(keep=lambda params: (ACTIVATIONS.index(params["activation"]) * len(SHORTCUTS)
+                                                + SHORTCUTS.index(params["shortcut"])) % 2 == params["bottleneck"])
 @pytest.mark.parametrize("activation,shortcut", list(itertools.product(ACTIVATIONS, SHORTCUTS)))
 @pytest.mark.parametrize("bottleneck", [False, True])
 def test_every_variant_builds_a_trainable_net(activation, shortcut, bottleneck):

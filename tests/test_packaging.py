@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,18 +126,149 @@ def backend(monkeypatch):
 
 
 def test_backend_finds_the_target_environments_torch_when_isolation_hides_it(backend, monkeypatch):
-    """Under pip's isolation `import torch` fails in the backend; the target interpreter's
-    site-packages (where this torch lies, unless it came from PYTHONPATH) hold it."""
+    """Under pip's isolation `import torch` fails in the backend; should asking the target
+    interpreter fail, its site-packages (where this torch lies, unless it came from PYTHONPATH or a
+    .pth file) still hold it."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
     if here not in backend.target_site_packages():
         pytest.skip(f"this torch is not in the interpreter's site-packages ({here})")
     monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name, *args: None)
+    monkeypatch.setattr(backend, "ask_target_interpreter", lambda: {"torch": None, "path": []})
     assert backend.find_target_torch() == here
     assert sys.path[-1] == here
 
 
 def test_backend_without_any_torch_says_what_to_install(backend, monkeypatch):
     monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name, *args: None)
+    monkeypatch.setattr(backend, "ask_target_interpreter", lambda: {"torch": None, "path": []})
     monkeypatch.setattr(backend, "target_site_packages", lambda: [])
     with pytest.raises(SystemExit, match=r"torch is not installed in the environment of .*install torch first"):
         backend.get_requires_for_build_editable()
+
+
+# -- torch where the target interpreter finds it: a .pth file, the user site, PYTHONPATH ----------------
+# A bare interpreter (this Python's binary and standard library, site-packages empty, not a venv,
+# whose user site is always off) gets this torch in one of three ways; the build backend runs in it
+# the way pip runs it: PYTHONNOUSERSITE=1 and a PYTHONPATH of pip's own, whose sitecustomize drops the
+# interpreter's site-packages. A torch folder copied for the test would cost gigabytes, so the three
+# setups reach this torch's folder: a .pth file in the interpreter's site-packages, a .pth file in
+# the user site under PYTHONUSERBASE, or PYTHONPATH. Objects of the real builds (--full) are shared
+# with any build against this torch (build/<variant>-...-<hash of torch's folder>).
+TORCH_SITE = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+SETUPS = ["pth", "user site", "PYTHONPATH"]
+
+
+def _bare_interpreter(folder) -> str:
+    import sysconfig
+    stdlib, version = sysconfig.get_paths()["stdlib"], f"python{sys.version_info.major}.{sys.version_info.minor}"
+    (folder / "bin").mkdir(parents=True)
+    lib = folder / "lib" / version
+    (lib / "site-packages").mkdir(parents=True)
+    for entry in os.listdir(stdlib):
+        if entry != "site-packages":
+            os.symlink(os.path.join(stdlib, entry), lib / entry)
+    python = folder / "bin" / version
+    shutil.copy2(os.path.realpath(sys.executable), python)
+    return str(python)
+
+
+def _setup(tmp_path, setup: str):
+    """(python, environment) of a bare interpreter that imports this torch through ``setup``."""
+    python = _bare_interpreter(tmp_path / "bare")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    env["PYTHONUSERBASE"] = str(tmp_path / "userbase")
+    if setup == "pth":
+        site_packages = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                       env=env, capture_output=True, text=True, check=True).stdout.strip()
+        (Path(site_packages) / "torch_here.pth").write_text(TORCH_SITE + "\n")
+    elif setup == "user site":
+        user_site = subprocess.run([python, "-c", "import site; print(site.getusersitepackages())"],
+                                   env=env, capture_output=True, text=True, check=True).stdout.strip()
+        os.makedirs(user_site)
+        (Path(user_site) / "torch_here.pth").write_text(TORCH_SITE + "\n")
+    else:
+        env["PYTHONPATH"] = TORCH_SITE
+    found = subprocess.run([python, "-c", "import importlib.util; print(importlib.util.find_spec('torch').origin)"],
+                           env=env, capture_output=True, text=True)
+    assert found.stdout.strip() == torch.__file__, found.stderr[-2000:]
+    return python, env
+
+
+# pip's build isolation, as pip 23 sets it up: this sitecustomize (its logic) on PYTHONPATH
+ISOLATION_SITECUSTOMIZE = """\
+import os, site, sys
+original_sys_path = sys.path[:]
+known_paths = set()
+for path in {system_sites!r}:
+    site.addsitedir(path, known_paths=known_paths)
+system_paths = set(os.path.normcase(p) for p in sys.path[len(original_sys_path):])
+sys.path = [p for p in original_sys_path if os.path.normcase(p) not in system_paths]
+for path in {lib_dirs!r}:
+    site.addsitedir(path)
+"""
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_backend_under_isolation_finds_torch_where_the_interpreter_does(tmp_path, setup):
+    """The backend in a process that pip's isolation hides torch from, started by a process with the
+    user's environment (as pip is): it finds torch through the .pth file, the user site or PYTHONPATH."""
+    python, env = _setup(tmp_path, setup)
+    system_sites = subprocess.run([python, "-c", "import site; print(repr(site.getsitepackages()))"], env=env,
+                                  capture_output=True, text=True, check=True).stdout.strip()
+    isolation = tmp_path / "pip-build-env-test" / "site"
+    isolation.mkdir(parents=True)
+    build_requirements = tmp_path / "pip-build-env-test" / "overlay"   # setuptools, as pip installs it there
+    build_requirements.mkdir()
+    import setuptools
+    for name in ("setuptools", "_distutils_hack", "pkg_resources"):
+        source = os.path.join(os.path.dirname(os.path.dirname(setuptools.__file__)), name)
+        if os.path.exists(source):
+            os.symlink(source, build_requirements / name)
+    (isolation / "sitecustomize.py").write_text(ISOLATION_SITECUSTOMIZE.format(
+        system_sites=eval(system_sites), lib_dirs=[str(build_requirements)]))
+    backend_code = ("import importlib.util, json, sys; hidden = importlib.util.find_spec('torch') is None; "
+                    f"sys.path.insert(0, {os.path.join(ROOT, 'build_backend')!r}); import fused_preact_backend as b; "
+                    "folder = b.find_target_torch(); "
+                    "print(json.dumps({'hidden': hidden, 'folder': folder, "
+                    "'torch': importlib.util.find_spec('torch').origin}))")
+    launcher = ("import os, subprocess, sys; "
+                "env = dict(os.environ, PYTHONNOUSERSITE='1', PYTHONPATH=sys.argv[1]); "
+                "sys.exit(subprocess.run([sys.executable, '-c', sys.argv[2]], env=env).returncode)")
+    done = subprocess.run([python, "-c", launcher, str(isolation), backend_code], env=env, cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["hidden"], "the simulated isolation did not hide torch"
+    assert report["folder"] == TORCH_SITE and report["torch"] == torch.__file__
+
+
+def test_backend_takes_pips_isolation_variables_back(backend, tmp_path):
+    site = tmp_path / "pip-build-env-abc" / "site"
+    site.mkdir(parents=True)
+    (site / "sitecustomize.py").write_text("")
+    isolated = {"PYTHONPATH": str(site), "PYTHONNOUSERSITE": "1", "PATH": "/x"}
+    assert backend.target_environment(isolated, launched={"PYTHONPATH": "/modules/torch"}) == \
+        {"PYTHONPATH": "/modules/torch", "PATH": "/x"}
+    assert backend.target_environment(isolated, launched={"PYTHONNOUSERSITE": "1"}) == \
+        {"PYTHONNOUSERSITE": "1", "PATH": "/x"}
+    plain = {"PYTHONPATH": "/a", "PYTHONNOUSERSITE": "1"}
+    assert backend.target_environment(plain, launched={}) == plain    # no isolation: left as it is
+
+
+@pytest.mark.full   # pip installs the build requirements and builds (the CPU part, objects reused): ~1 min
+@pytest.mark.parametrize("setup", SETUPS)
+def test_pip_builds_the_extension_with_torch_where_the_interpreter_finds_it(tmp_path, setup):
+    """`pip wheel` of this tree under build isolation (the default) for a bare interpreter that imports
+    torch through ``setup``: the extension is built, against this torch."""
+    import zipfile
+    python, env = _setup(tmp_path, setup)
+    env.update(FUSED_PREACT_CUDA="0", MAX_JOBS=env.get("MAX_JOBS", "2"))
+    done = subprocess.run([sys.executable, "-m", "pip", "--python", python, "wheel", "--no-deps", "-w",
+                           str(tmp_path / "wheels"), ROOT], env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheels").glob("fused_preact-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        info = json.loads(archive.read("fused_preact/_build_info.json"))
+    assert any(n.startswith("fused_preact/_C") and n.endswith(".so") for n in names), names
+    assert info["torch"] == torch.__version__ and info["cuda_not_built"] == "FUSED_PREACT_CUDA=0"

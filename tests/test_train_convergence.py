@@ -8,6 +8,7 @@ from fused_preact.train import main
 
 
 @pytest.mark.slow
+@pytest.mark.full   # a convergence run (about 25 s); the default run's trainer tests check that losses fall
 @pytest.mark.usefixtures("one_cpu_thread")
 def test_resnet20_learns_digits_in_three_epochs(tmp_path):
     data = digits_cifar(tmp_path / "data").parent

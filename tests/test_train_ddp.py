@@ -37,7 +37,9 @@ def data(tmp_path_factory):
 
 # "eager": every BN (inside the units too) is synchronized by the trainer's ProcessGroupBatchNorm;
 # "auto": fused units synchronize through fused_preact.sync_batch_stats (the integrator's hook).
+# by default "eager"; "auto"'s sync_batch_stats path also runs in test_sync_bn's two processes
 @pytest.mark.slow
+@pytest.mark.default_cases(ids=["eager"])
 @pytest.mark.parametrize("backend", ["eager", "auto"])
 @pytest.mark.usefixtures("one_cpu_thread")
 def test_two_gloo_processes_match_one_process(data, tmp_path, backend):

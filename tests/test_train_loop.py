@@ -107,6 +107,17 @@ def test_interrupted_and_resumed_run_ends_bit_exact(data, tmp_path, monkeypatch,
         assert torch.equal(state["momentum_buffer"], parts["optimizer"]["state"][index]["momentum_buffer"])
 
 
+def test_stop_after_iters_stops_a_run_resumed_past_it_at_its_first_iteration(data, tmp_path, capsys):
+    first = main(_argv(data, tmp_path, "--iters", "9", "--stop-after-iters", "4"))
+    assert first == {"interrupted": "--stop-after-iters", "iteration": 4, "exit_code": 0}
+    capsys.readouterr()
+    resumed = main(_argv(data, tmp_path, "--iters", "9", "--stop-after-iters", "3", "--resume"))
+    assert resumed == {"interrupted": "--stop-after-iters", "iteration": 5, "exit_code": 0}
+    assert _weights(tmp_path)["iteration"] == 5
+    assert ("stopped by --stop-after-iters 3 (resumed at iteration 4, at or past it: stopped at its first "
+            "iteration) after iteration 5") in capsys.readouterr().out
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
     calls = []
 

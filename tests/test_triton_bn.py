@@ -34,6 +34,12 @@ CHANNELS = [1, 3, 17, 64]
 FINISH_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 
+def _diagonal(params):
+    """The default run's sample of rows x channels x dtype: each dtype at four (rows, channels) pairs
+    that take every row count and every channel count once; the whole product with --full."""
+    return list(ROW_SHAPES).index(params["rows"]) == CHANNELS.index(params["channels"])
+
+
 def _stat_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -64,6 +70,7 @@ def _float64_stats(x):
 
 
 # ---- channel_stats -----------------------------------------------------------------
+@pytest.mark.default_cases(keep=_diagonal)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels", CHANNELS)
 @pytest.mark.parametrize("rows", list(ROW_SHAPES))
@@ -309,6 +316,7 @@ def _backward_inputs(rows, channels, dtype):
             float(rows))
 
 
+@pytest.mark.default_cases(keep=_diagonal)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels", CHANNELS)
 @pytest.mark.parametrize("rows", list(ROW_SHAPES))
@@ -358,16 +366,24 @@ def test_bn_backward_finish_rejects_bad_input():
 
 # ---- ahead-of-time compile for the GPUs we target ------------------------------------
 # Under the interpreter the kernels are not JIT functions: the compile runs in a subprocess
-# without TRITON_INTERPRET, which writes one cubin per variant and architecture. Triton's
-# cache makes a rerun of unchanged kernels quick; the first run takes about two minutes here.
+# without TRITON_INTERPRET, which writes one cubin per variant and architecture, of the variants
+# whose tests were selected. Triton's cache makes a rerun of unchanged kernels quick; all of them
+# take about two minutes here with a cold cache (50 s warm): the default run compiles one variant of
+# each kernel and dtype, every switch at least once (DEFAULT_AOT), the rest with --full.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AOT_VARIANTS = {v["name"]: v for module in (stats_module, finalize_module, finish_module)
                 for v in module.aot_variants()}
+DEFAULT_AOT = {"channel_stats_bf16_c64", "channel_stats_fp16_c64", "channel_stats_fp32_c64", "channel_stats_fp64_c64",
+               "bn_finalize_fp32_bf16_momentum", "bn_finalize_fp32_fp16_cumulative", "bn_finalize_fp32_fp32_no_running",
+               "bn_finalize_fp64_fp32_momentum", "bn_finalize_fp64_fp64_cumulative",
+               "bn_backward_finish_bf16_c128_batch_add", "bn_backward_finish_fp16_c16_running",
+               "bn_backward_finish_fp32_c64_batch", "bn_backward_finish_fp64_c128_running_add"}
 
 
-def compile_all(folder: str) -> None:
-    """Entry point of the subprocess: ``<name>.sm<arch>.cubin`` for every variant and arch."""
-    for name, variant in AOT_VARIANTS.items():
+def compile_all(folder: str, names) -> None:
+    """Entry point of the subprocess: ``<name>.sm<arch>.cubin`` for each variant named and arch."""
+    for name in names:
+        variant = AOT_VARIANTS[name]
         for arch in ARCHS:
             cubin = compile_triton(variant["kernel"], variant["signature"], variant["constexprs"], arch,
                                    num_warps=variant["num_warps"], num_stages=variant["num_stages"])
@@ -376,17 +392,21 @@ def compile_all(folder: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cubins(tmp_path_factory):
+def cubins(request, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("bn_cubins"))
+    names = sorted({item.callspec.params["name"] for item in request.session.items
+                    if getattr(item, "originalname", None) == "test_aot_compile_without_spills"
+                    and item.path == request.path})
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]; "
-            f"from test_triton_bn import compile_all; compile_all({folder!r})")
+            f"from test_triton_bn import compile_all; compile_all({folder!r}, {names!r})")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     return folder
 
 
 def test_aot_variants_cover_every_launch_configuration():
+    assert DEFAULT_AOT <= set(AOT_VARIANTS)
     variants = list(AOT_VARIANTS.values())
     assert not any(v["tensor_cores"] for v in variants)
     for v in variants:   # every kernel argument is typed, every constexpr given
@@ -402,6 +422,7 @@ def test_aot_variants_cover_every_launch_configuration():
 
 
 @pytest.mark.slow
+@pytest.mark.default_cases(keep=lambda params: params["name"] in DEFAULT_AOT)
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", sorted(AOT_VARIANTS))
 def test_aot_compile_without_spills(cubins, name, arch):

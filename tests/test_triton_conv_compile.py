@@ -9,14 +9,15 @@ TRITON_INTERPRET (under the interpreter the kernels are not JIT functions), two 
 time; Triton's cache makes a rerun of unchanged kernels quick, the first run takes minutes.
 Deselect with ``-m "not slow"``.
 
-All 224 variants x 2 archs (112 with the default padding, 112 with per-side padding,
-``_pad``) take twice the 15 minutes the 112 took on the 2-core CI machine with a cold cache,
-too long for CI's budget beside the rest of the suite. By default the test compiles the training path in full
-(bf16 activations with fp32 weights: every epilogue switch and tile, all three kernels, default
-padding), the per-side padding twins of its large tile with every epilogue switch on (forward
-residual+stats, dgrad add+h, wgrad), plus one
-variant of every other (kernel, dtype, weight dtype, precision); ``FUSED_PREACT_AOT_ALL=1``
-compiles every variant (``bench/device_run.sh`` sets it).
+All 112 variants with the default padding have a twin with per-side padding (``_pad``) and the
+forward and weight-gradient kernels have variants without prologue (``_raw``); every variant x 2
+archs takes well over the 15 minutes the 112 took on the 2-core CI machine with a cold cache,
+too long for the default run. The fixture compiles the variants whose tests are selected: by
+default the first variant of every (kernel, dtype, weight dtype, precision), for sm_80 and sm_90 in
+turn, plus the training path (bf16 activations with fp32 weights) with every epilogue switch on, at
+each tile, for sm_90, and on sm_90 the large tile's per-side padding twins (forward residual+stats,
+dgrad add+h, wgrad) and no-prologue variants (forward stats, wgrad); ``pytest --full``
+(``bench/device_run.sh`` passes it) compiles every variant for both.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from tests.gpu_code import ARCHS, assert_no_spills, assert_tensor_cores, sass
+from gpu_code import ARCHS, assert_no_spills, assert_tensor_cores, sass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = ("fused_preact.kernels.conv_bnrelu_fwd", "fused_preact.kernels.conv_dgrad", "fused_preact.kernels.conv_wgrad")
@@ -55,27 +56,27 @@ DEFAULT_PADDED = ("conv_bnrelu_fwd_bf16_wfp32_ieee_residual_stats_pad_m128n64k32
 DEFAULT_RAW = ("conv_bnrelu_fwd_bf16_wfp32_ieee_stats_raw_m128n64k32", "conv_wgrad_bf16_ieee_raw_m128n64k32")
 
 
-def _variants():
-    if os.environ.get("FUSED_PREACT_AOT_ALL") == "1":
-        yield from _all_variants()
-        return
-    seen = set()
+def _default_cases() -> set:
+    """(name, arch) of the default run: see the module docstring."""
+    cases, seen = set(), set()
     for v in _all_variants():
         name = v["name"]
+        if _family(name) not in seen:
+            seen.add(_family(name))
+            cases.add((name, ARCHS[len(seen) % len(ARCHS)]))
         if "_pad_" in name or "_raw_" in name:
             if name in DEFAULT_PADDED or name in DEFAULT_RAW:
-                yield v
-            continue
-        training_path = "_bf16_wfp32_" in name or name.startswith("conv_wgrad_bf16_")
-        if training_path or _family(name) not in seen:
-            seen.add(_family(name))
-            yield v
+                cases.add((name, 90))
+        elif ("_bf16_wfp32_ieee_residual_stats_" in name or "_bf16_wfp32_ieee_add_h_" in name
+                or name.startswith("conv_wgrad_bf16_")):
+            cases.add((name, 90))
+    return cases
 
 
 def _compile_one(job):
     name, arch, folder = job
-    from tests.gpu_code import compile_triton
-    variant = next(v for v in _variants() if v["name"] == name)
+    from gpu_code import compile_triton
+    variant = next(v for v in _all_variants() if v["name"] == name)
     cubin = compile_triton(variant["kernel"], variant["signature"], variant["constexprs"], arch,
                            variant["num_warps"], variant["num_stages"])
     path = os.path.join(folder, f"{name}.sm{arch}.cubin")
@@ -84,28 +85,33 @@ def _compile_one(job):
     return path
 
 
-def compile_all(folder: str) -> None:
-    """Entry point of the subprocess: write ``<name>.sm<arch>.cubin`` for every variant and arch."""
-    jobs = [(v["name"], arch, folder) for v in _variants() for arch in ARCHS]
+def compile_all(folder: str, cases) -> None:
+    """Entry point of the subprocess: write ``<name>.sm<arch>.cubin`` for each (name, arch) given."""
+    jobs = [(name, arch, folder) for name, arch in cases]
     with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
         list(pool.map(_compile_one, jobs))
 
 
-VARIANTS = {v["name"]: v for v in _variants()}
+VARIANTS = {v["name"]: v for v in _all_variants()}
+DEFAULT_CASES = _default_cases()
 
 
 @pytest.fixture(scope="module")
-def cubins(tmp_path_factory):
+def cubins(request, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("conv_cubins"))
+    cases = sorted({(item.callspec.params["name"], item.callspec.params["arch"]) for item in request.session.items
+                    if getattr(item, "originalname", None) == "test_conv_variant_compiles_without_spills"
+                    and item.path == request.path})
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import sys; sys.path.insert(0, {ROOT!r}); from tests.test_triton_conv_compile import compile_all; " \
-           f"compile_all({folder!r})"
+    code = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]; "
+            f"from test_triton_conv_compile import compile_all; compile_all({folder!r}, {cases!r})")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     return folder
 
 
 @pytest.mark.slow
+@pytest.mark.default_cases(keep=lambda params: (params["name"], params["arch"]) in DEFAULT_CASES)
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_conv_variant_compiles_without_spills(cubins, name, arch):

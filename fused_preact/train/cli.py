@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="record ||x_l|| and ||dL/dx_l|| at every unit (signal.csv, signal.png)")
     run.add_argument("--log-signal-every", type=int, default=500, help="iterations between signal records")
     run.add_argument("--stop-after-iters", type=int, default=None,
-                     help="stop after this iteration as on SIGINT: save a checkpoint and exit")
+                     help="stop at the first iteration >= N as on SIGINT: save a checkpoint and exit "
+                          "(a run resumed at or past N stops after one iteration, and says so)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

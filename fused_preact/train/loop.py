@@ -360,7 +360,8 @@ class Trainer:
                         scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
                         self.history["signal"] += [(it, d, x, g) for d, x, g in recorder.collect(scale)]
                     epoch_end = it % self.batches_per_epoch == 0
-                    asked_stop = args.stop_after_iters is not None and it == args.stop_after_iters
+                    # the first iteration at or past N: a run resumed past N stops after one iteration
+                    asked_stop = args.stop_after_iters is not None and it >= args.stop_after_iters
                     if not (it % args.print_freq == 0 or epoch_end or it == self.total_iters or asked_stop):
                         continue
 
@@ -434,7 +435,12 @@ class Trainer:
 
         if stopped is not None:
             if p.main:
-                print(f"stopped by {stopped} after iteration {it}; checkpoint {self.out / 'checkpoint.pt'} "
+                why = stopped
+                if stopped == "--stop-after-iters":
+                    why = f"--stop-after-iters {args.stop_after_iters}"
+                    if it != args.stop_after_iters:   # resumed at or past N
+                        why += f" (resumed at iteration {start}, at or past it: stopped at its first iteration)"
+                print(f"stopped by {why} after iteration {it}; checkpoint {self.out / 'checkpoint.pt'} "
                       f"(continue with --resume)", flush=True)
             return {"interrupted": stopped, "iteration": it, "exit_code": 128 + stop_signal if stop_signal else 0}
         return self.finish(it)
