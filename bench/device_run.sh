@@ -9,15 +9,18 @@
 #   budget on a bare machine, even if a step hangs. Steps, each under `timeout` with its own cap
 #   (CAP_<STEP>=seconds overrides) and never past the deadline less the packing reserve:
 #     environment | build (sm_90, 16 jobs) while the Triton tests run | GPU-marked tests | fused
-#     backends' tests | compute-sanitizer memcheck, racecheck over a sample of the CUDA operator
-#     tests (tiny shapes; SAMPLE_MEMCHECK=3 / SAMPLE_RACECHECK=2 cases per test function) |
-#     benchmark (BENCH_ARGS; default: the headline selection with the +graph contenders,
-#     --max-minutes from the time left) | pack.
-#   The tests and sanitizers leave the benchmark at least BENCH_MIN_S (150) seconds.
+#     units' and operators' tests (pre-activation and original units, padding, memory="min") |
+#     compute-sanitizer memcheck, racecheck over a sample of the CUDA operator tests (gpu and
+#     cuda_kernels marks; tiny shapes; SAMPLE_MEMCHECK=3 / SAMPLE_RACECHECK=2 cases per test
+#     function) | memory (bench/memory.py: ResNet-1001 bf16, every memory mode, peak memory and
+#     largest batch; MEMORY_BENCH_ARGS) | benchmark (BENCH_ARGS; default: the headline selection
+#     with the +graph contenders, then the original-unit cases, --max-minutes from the time left) | pack.
+#   The tests, sanitizers and memory step leave the benchmark at least BENCH_MIN_S (150) seconds.
 # Without --budget: no deadline; the whole test suite, the benchmark (--quick) and bench/micro.
 # Every pytest step runs with --full: the whole cross-product sweep, not the default run's sample.
 # Either way logs, JUnit XML and benchmark outputs go to a work folder ($WORK, default a temporary
-# one), and bench/pack_outputs.py packs them into $OUT: summary.txt, device_run.tar.gz and the
+# one), and bench/pack_outputs.py packs them into $OUT: summary.txt, device_run.tar.gz, memory.json,
+# memory.png and the
 # benchmark's results.json / report.md / speedup.png (at most 8 files, 16 MiB each, flat).
 # $OUT/summary.txt is rewritten after every step, so a killed command still returns the steps so far.
 #
@@ -25,7 +28,7 @@
 # Triton and fused-backend tests collected only, the GPU-marked tests (they skip), the sanitizer
 # steps' pytest without compute-sanitizer, the benchmark's CPU smoke run on one tiny unit.
 # Other switches: SKIP_BUILD=1 (a warm machine that built already), SKIP_TESTS=1, SKIP_SANITIZER=1,
-# SKIP_BENCH=1, SKIP_MICRO=1; TEST_TIMEOUT (seconds per test, default 60); FUSED_PREACT_GIT_COMMIT
+# SKIP_MEMORY=1, SKIP_BENCH=1, SKIP_MICRO=1; TEST_TIMEOUT (seconds per test, default 60); FUSED_PREACT_GIT_COMMIT
 # (the commit, recorded where the copied tree has no .git).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -78,7 +81,12 @@ dry && COLLECT="--collect-only"
 
 MARKED=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
 TRITON_TESTS="tests/test_triton_ops.py tests/test_triton_bn.py tests/test_triton_conv.py"
-SANITIZED_TESTS="tests/test_conv1x1_cuda.py tests/test_cpp_ops.py"
+# fused units and operators on whatever device there is (both backends against eager / float64): the
+# pre-activation and original units, per-side padding, the memory="min" recompute
+FUSED_TESTS="tests/test_fused_backends.py tests/test_original_units.py tests/test_bn_add_relu.py \
+tests/test_conv_padding.py tests/test_memory_mode.py tests/test_original_memory.py"
+# the extension's CUDA kernels: gpu-marked tests and the cuda_kernels cases (bn_add_relu, padded convs)
+SANITIZED_TESTS="tests/test_conv1x1_cuda.py tests/test_cpp_ops.py tests/test_bn_add_relu.py tests/test_conv_padding.py"
 
 note "device run: $( dry && echo 'DRY RUN (no GPU: GPU steps left out) ' )budget ${BUDGET_S:-none} s, work folder $WORK"
 
@@ -123,8 +131,9 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
         pytest_cmd gpu -m gpu $MARKED
         step tests-gpu "${CAP_TESTS_GPU:-100}" "${CMD[@]}"
         # shellcheck disable=SC2086
-        pytest_cmd fused $COLLECT -m "not gpu" tests/test_fused_backends.py
-        step tests-fused "${CAP_TESTS_FUSED:-60}" "${CMD[@]}"
+        # not slow: their AOT compile tests need no GPU (the CPU machines run them)
+        pytest_cmd fused $COLLECT -m "not gpu and not slow" $FUSED_TESTS
+        step tests-fused "${CAP_TESTS_FUSED:-120}" "${CMD[@]}"
     else
         # shellcheck disable=SC2086
         pytest_cmd all $COLLECT tests
@@ -147,19 +156,34 @@ if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
     # the caching allocator hides out-of-bounds accesses inside its blocks: allocate each tensor on its own
     sanitize --tool memcheck --leak-check no
     # shellcheck disable=SC2086
-    pytest_cmd memcheck -m gpu $SANITIZED_TESTS
+    pytest_cmd memcheck -m "gpu or cuda_kernels" $SANITIZED_TESTS
     step memcheck "${CAP_MEMCHECK:-75}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         FUSED_PREACT_SAMPLE_PER_TEST="${SAMPLE_MEMCHECK:-3}" "${PREFIX[@]}" "${CMD[@]}"
     sanitize --tool racecheck
     # shellcheck disable=SC2086
-    pytest_cmd racecheck -m gpu $SANITIZED_TESTS
+    pytest_cmd racecheck -m "gpu or cuda_kernels" $SANITIZED_TESTS
     step racecheck "${CAP_RACECHECK:-50}" env FUSED_PREACT_SAMPLE_PER_TEST="${SAMPLE_RACECHECK:-2}" \
         "${PREFIX[@]}" "${CMD[@]}"
 fi
 
-# -- 5. benchmark with whatever time is left ----------------------------------------------------------------
+# -- 5. memory: saved activations, peak memory and the largest batch of ResNet-1001, every memory mode --------
+if [ "${SKIP_MEMORY:-0}" != 1 ]; then
+    if dry; then
+        MEMORY_ARGS="--models cifar_resnet20 --dtypes fp32 --device cpu --batch 2"
+    elif [ -n "$BUDGET_S" ]; then
+        MEMORY_ARGS="--models cifar_resnet1001 --dtypes bf16 --max-batch-seconds 8 --repeats 3"
+    else
+        MEMORY_ARGS="--max-batch-seconds 30"
+    fi
+    # shellcheck disable=SC2086
+    step memory "${CAP_MEMORY:-60}" "$PYTHON" bench/memory.py ${MEMORY_BENCH_ARGS:-$MEMORY_ARGS} --out "$WORK/memory"
+fi
+
+# -- 6. benchmark with whatever time is left ----------------------------------------------------------------
 RESERVE=0
-HEADLINE="unit/cifar/basic-16x32x32,model/cifar_resnet164,unit/cifar/basic-32x16x16,unit/cifar/basic-64x8x8"
+# the pre-activation headline first; the original (post-activation) units after it, as time allows
+HEADLINE="unit/cifar/basic-16x32x32,model/cifar_resnet164,unit/cifar/basic-32x16x16,unit/cifar/basic-64x8x8,\
+model/cifar_resnet110-original,model/torchvision_resnet50"
 GRAPHED="eager,eager+graph,compile,fused-triton,fused-triton+graph,fused-cuda,fused-cuda+graph"
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
     if dry; then
@@ -189,7 +213,7 @@ if [ -z "$BUDGET_S" ] && [ "${SKIP_MICRO:-0}" != 1 ] && ! dry; then
         --benchmark-json="$WORK/micro.json" --benchmark-columns=min,median,max,rounds
 fi
 
-# -- 6. pack ---------------------------------------------------------------------------------------------------
+# -- 7. pack ---------------------------------------------------------------------------------------------------
 note "== pack (at $((SECONDS - START)) s): $WORK -> $OUT"
 "$PYTHON" bench/pack_outputs.py "$WORK" "$OUT"
 rc=$?

@@ -11,7 +11,8 @@ than 2 folders down, named in letters, digits, ``.``, ``_`` and ``-``. This writ
   the benchmark's measured entries as a table;
 - ``device_run.tar.gz``: all of ``WORK`` (logs, JUnit XML, benchmark outputs); a file
   that would push the archive over the limit is cut to its head and tail;
-- ``results.json``, ``report.md``, ``speedup.png`` of the benchmark, when it wrote them.
+- ``results.json``, ``report.md``, ``speedup.png`` of the benchmark and ``memory.json``,
+  ``memory.png`` of ``bench/memory.py``, when they were written.
 
 Then it checks ``OUT`` against the rules (``check``) and exits 1 on a violation.
 """
@@ -31,7 +32,7 @@ MAX_FILES, MAX_BYTES, MAX_DEPTH = 8, 16 * 2 ** 20, 2
 ARCHIVE_BUDGET = 15 * 2 ** 20            # compressed; leaves room under MAX_BYTES
 CUT_BYTES = 2 * 2 ** 20                  # what is kept of a file that is cut: head and tail, 1 MiB each
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-BENCH_FILES = ("results.json", "report.md", "speedup.png")
+BENCH_FILES = ("results.json", "report.md", "speedup.png", "memory.json", "memory.png")
 
 
 # -- the summary ---------------------------------------------------------------------------------

@@ -52,6 +52,8 @@ CASES = [
     ("triton", 0, torch.float64, True), ("triton", 0, torch.float32, False), ("triton", 0, torch.bfloat16, True),
     ("triton", 0, torch.float16, False),
 ]
+# the extension's cases run its CUDA kernels on a GPU: bench/device_run.sh sanitizes them
+CASES = [pytest.param(*case, marks=pytest.mark.cuda_kernels) if case[0] == "cuda" else case for case in CASES]
 
 
 @pytest.mark.parametrize("backend,shape,dtype,residual_bn", CASES)

@@ -80,7 +80,7 @@ def _activated(x, scale, shift):
     return torch.relu(x * scale + shift).permute(0, 3, 1, 2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.cuda_kernels)])
 @pytest.mark.parametrize("n,h,w,cin,cout,k,stride,padding", OP_CASES, ids=OP_IDS)
 def test_conv_ops_with_padding(backend, n, h, w, cin, cout, k, stride, padding):
     ops = _ops(backend)

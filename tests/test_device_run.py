@@ -41,11 +41,12 @@ def test_dry_run_ends_in_time_and_packs_everything_within_the_rules(tmp_path):
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     _tree_ok(out)
-    assert sorted(p.name for p in out.iterdir()) == ["device_run.tar.gz", "report.md", "results.json",
-                                                      "speedup.png", "summary.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["device_run.tar.gz", "memory.json", "memory.png", "report.md",
+                                                      "results.json", "speedup.png", "summary.txt"]
     summary = (out / "summary.txt").read_text()
     assert "DRY RUN" in summary and "budget 540 s" in summary
-    for step in ("environment", "tests-triton", "tests-gpu", "tests-fused", "memcheck", "racecheck", "benchmark"):
+    for step in ("environment", "tests-triton", "tests-gpu", "tests-fused", "memcheck", "racecheck", "memory",
+                 "benchmark"):
         assert f"   {step}: exit 0 after " in summary, step      # every step ran and logged its time
     assert "== build: skipped (dry run)" in summary
     pytest_steps = [line for line in summary.splitlines() if " -m pytest " in line]
