@@ -360,22 +360,7 @@ def _from_match(unit: nn.Module, match: UnitMatch, backend: str):
     if shortcut is not None:
         ours_to_theirs["shortcut"] = match.shortcut_conv
     fused.training = unit.training     # the submodules keep their own modes
-
-    # the original's module order, so parameters() and state_dict come out in its order
-    positions = {name: i for i, (name, _) in enumerate(unit.named_modules())}
-    ours = sorted(ours_to_theirs, key=lambda n: positions[ours_to_theirs[n]])
-    fused._modules = OrderedDict([(n, fused._modules[n]) for n in ours]
-                                 + [(n, m) for n, m in fused._modules.items() if n not in ours_to_theirs])
-    if any(t.is_meta for t in fused.state_dict(keep_vars=True).values()):
-        return None, "the fused unit would keep a tensor of its own"
-    renames = {n: t for n, t in ours_to_theirs.items() if n != t}
-    if renames:
-        _keep_state_dict_names(fused, renames)
-    if list(fused.state_dict(keep_vars=True)) != state:
-        extra = [k for k in state if k not in set(fused.state_dict(keep_vars=True))]
-        return None, (f"it holds state the fused unit would not carry ({', '.join(extra[:4])})" if extra
-                      else "its state_dict order cannot be kept")
-    return fused, None
+    return _with_original_names(fused, unit, ours_to_theirs, state)
 
 
 # -- a recognized original (post-activation) unit -------------------------------------
@@ -455,7 +440,13 @@ def _from_original_match(unit: nn.Module, match: OriginalUnitMatch, backend: str
     else:
         fused.pad_shortcut = None
     fused.training = unit.training     # the submodules keep their own modes
+    return _with_original_names(fused, unit, ours_to_theirs, state)
 
+
+def _with_original_names(fused: nn.Module, unit: nn.Module, ours_to_theirs: dict[str, str], state: list):
+    """(``fused`` with ``unit``'s module order and state_dict names, None), or (None, why not): ``state``
+    is the original's state_dict keys, which the fused twin must give back in the same order."""
+    # the original's module order, so parameters() and state_dict come out in its order
     positions = {name: i for i, (name, _) in enumerate(unit.named_modules())}
     ours = sorted(ours_to_theirs, key=lambda n: positions[ours_to_theirs[n]])
     fused._modules = OrderedDict([(n, fused._modules[n]) for n in ours]
