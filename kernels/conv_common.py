@@ -38,7 +38,8 @@ GPU_CONFIGS = (
     {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 4},
 )
 # float64 runs for gradient checks, not speed: one small tile (fp64 registers are twice as wide).
-FP64_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 8, "num_stages": 2}  # 4 warps: 16 B of stack on sm_80
+# 4 warps: 16 B of stack on sm_80; 2 stages: 8 B of stack in dgrad add+h on sm_90; 8 warps, 1 stage: none spills
+FP64_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 8, "num_stages": 1}
 # The interpreter pays per program, not per element: one large tile, few programs.
 INTERPRETER_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
 # The smallest BLOCK_M any configuration uses (sizes per-tile partial buffers from shapes alone).
