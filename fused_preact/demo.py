@@ -77,9 +77,27 @@ def normwise_error(a: torch.Tensor, exact: torch.Tensor) -> float:
     return difference / norm
 
 
+def normwise_error_of_mean(mean: torch.Tensor, exact_mean: torch.Tensor, exact_var: torch.Tensor) -> float:
+    """||mean - exact_mean|| / ||sqrt(exact_var)||: a mean's error in units of the spread of what it averages.
+    Relative to the mean itself it would measure only how close to 0 the mean is (a running mean of
+    zero-mean data is ill-conditioned: any rounding is a large part of it), not how well it was computed."""
+    mean, exact_mean = mean.detach().double().cpu(), exact_mean.detach().double().cpu()
+    spread = exact_var.detach().double().cpu().clamp_min(0).sqrt().norm().item()
+    difference = (mean - exact_mean).norm().item()
+    return (0.0 if difference == 0.0 else math.inf) if spread == 0.0 else difference / spread
+
+
 def tensor_errors(named: dict, exact: dict) -> dict:
-    """{name: normwise_error} over the floating-point tensors of ``named``."""
-    return {name: normwise_error(t, exact[name]) for name, t in named.items() if t.is_floating_point()}
+    """{name: normwise_error} over the floating-point tensors of ``named``; running means against their
+    running variance's spread (``normwise_error_of_mean``)."""
+    errors = {}
+    for name, t in named.items():
+        if not t.is_floating_point():
+            continue
+        variance = name[:-len("running_mean")] + "running_var" if name.endswith("running_mean") else None
+        errors[name] = (normwise_error_of_mean(t, exact[name], exact[variance]) if variance in exact
+                        else normwise_error(t, exact[name]))
+    return errors
 
 
 @dataclass
@@ -203,8 +221,8 @@ def main(argv=None) -> None:
             row(f"ResNet-{args.depth} logits (convert_to_fused)", model_fused, model_eager, model_float64,
                 ["output"]),
             row(f"ResNet-{args.depth} parameter gradients", model_fused, model_eager, model_float64, model_names)]
-    print("\nnorm-wise relative error against float64 eager, ||x - x64|| / ||x64||, the largest over each "
-          "row's tensors:")
+    print("\nnorm-wise relative error against float64 eager, ||x - x64|| / ||x64|| (running means: "
+          "/ ||sqrt(running_var64)||), the largest over each row's tensors:")
     print(f"{'what':<44}{'fused':>11}{'eager':>11}{'fused/eager':>12}   worst tensor (fused)")
     for r in rows:
         named = f"   {r.worst_tensor}" if len(r.fused) > 1 else ""

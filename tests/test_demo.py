@@ -2,6 +2,7 @@
 verdict line computed from the numbers (both outcomes, on errors constructed here)."""
 import re
 
+import pytest
 import torch
 
 from fused_preact import _extension, demo
@@ -40,6 +41,20 @@ def test_normwise_error_is_the_norm_of_the_difference_over_the_norm():
     assert demo.normwise_error(torch.tensor([3.0, 4.5]), exact) == 0.5 / 5.0
     assert demo.normwise_error(torch.zeros(2), torch.zeros(2)) == 0.0
     assert demo.normwise_error(torch.ones(2), torch.zeros(2)) == float("inf")
+
+
+def test_a_running_mean_is_measured_against_the_spread_it_averages():
+    """A running mean of nearly zero-mean data: a rounding-sized difference is tiny against the data's
+    spread (sqrt of the running variance), though large against the mean itself."""
+    exact_mean = torch.randn(64, dtype=torch.float64) * 1e-3
+    exact_var = torch.rand(64, dtype=torch.float64) + 0.5
+    rounded = exact_mean + torch.randn(64, dtype=torch.float64) * 1e-8
+    against_spread = demo.normwise_error_of_mean(rounded, exact_mean, exact_var)
+    assert against_spread == pytest.approx((rounded - exact_mean).norm().item() / exact_var.sqrt().norm().item())
+    assert against_spread < 1e-7 < demo.normwise_error(rounded, exact_mean)
+    errors = demo.tensor_errors({"bn.running_mean": rounded, "bn.running_var": exact_var},
+                                {"bn.running_mean": exact_mean, "bn.running_var": exact_var})
+    assert errors == {"bn.running_mean": against_spread, "bn.running_var": 0.0}
 
 
 def test_verdict_says_as_close_when_fused_is_within_twice_eager():
