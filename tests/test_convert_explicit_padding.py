@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import foreign_models as fm
-from comparisons import perturb_bn, relative_error
+from comparisons import assert_same_step, perturb_bn, relative_error
 from fused_preact import convert_to_fused, dispatch
 from fused_preact.fused import _FusedUnitMixin
 from fused_preact.recognize import recognize
@@ -89,30 +89,6 @@ def test_pads_the_fused_unit_cannot_take_stay_eager_with_the_reason(unit, reason
     assert torch.equal(model(x), reference(x))
 
 
-def _assert_same_step(reference, converted, x):
-    results = []
-    for model in (reference, converted):
-        model.zero_grad(set_to_none=True)
-        xd = x.clone().requires_grad_(True)
-        y = model(xd)
-        if not results:
-            dy = torch.randn_like(y)
-        (y * dy).sum().backward()
-        results.append((y, xd.grad, model.state_dict(keep_vars=True)))
-    (y0, dx0, state0), (y1, dx1, state1) = results
-    assert relative_error(y1, y0) <= TOLERANCE, "output"
-    assert relative_error(dx1, dx0) <= TOLERANCE, "input gradient"
-    assert list(state1) == list(state0)
-    for name, t0 in state0.items():
-        t1 = state1[name]
-        if isinstance(t0, nn.Parameter):
-            assert relative_error(t1.grad, t0.grad) <= TOLERANCE, f"{name}.grad"
-        elif t0.is_floating_point():
-            assert relative_error(t1.detach(), t0) <= TOLERANCE, name
-        else:
-            assert torch.equal(t1, t0), name
-
-
 @pytest.mark.parametrize("backend,pad", [("cuda", "module"), ("cuda", "function"), ("triton", "module")])
 def test_explicit_padding_fused_and_exact(backend, pad, one_cpu_thread):
     """Both forms, (1, 1, 1, 1) and the stride-2 (0, 1, 0, 1), fused on the C++ CPU kernels and the
@@ -132,7 +108,7 @@ def test_explicit_padding_fused_and_exact(backend, pad, one_cpu_thread):
                                                                           for u in _fused_units(model)]
     for training in (True, False):
         reference.train(training), model.train(training)
-        _assert_same_step(reference, model, x)
+        assert_same_step(reference, model, x)
 
 
 def test_size_dependent_pad_stays_eager_the_rest_fuses():

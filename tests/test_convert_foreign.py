@@ -18,7 +18,7 @@ import foreign_models as fm
 from fused_preact import convert, convert_to_fused, dispatch, models
 from fused_preact.fused import FusedPreActBlock, FusedPreActBottleneck, _FusedUnitMixin
 from fused_preact.recognize import UnitMatch, recognize
-from comparisons import perturb_bn, relative_error
+from comparisons import assert_same_step, perturb_bn, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -47,31 +47,6 @@ def _need(backend, x):
 
 def _fused_units(model):
     return [m for m in model.modules() if isinstance(m, _FusedUnitMixin)]
-
-
-def _assert_same_step(reference, converted, x):
-    """One training step (or eval forward/backward) of both: outputs, input and parameter
-    gradients, buffers, all compared under the original state_dict names."""
-    results = []
-    for model in (reference, converted):
-        xd = x.clone().to(DEVICE).requires_grad_(True)
-        y = model(xd)
-        if not results:
-            dy = torch.randn_like(y)
-        (y * dy.to(y.device)).sum().backward()
-        results.append((y.cpu(), xd.grad.cpu(), model.state_dict(keep_vars=True)))
-    (y0, dx0, state0), (y1, dx1, state1) = results
-    assert relative_error(y1, y0) <= 1e-10, "output"
-    assert relative_error(dx1, dx0) <= 1e-10, "input gradient"
-    assert list(state1) == list(state0)
-    for name, t0 in state0.items():
-        t1 = state1[name]
-        if isinstance(t0, nn.Parameter):
-            assert relative_error(t1.grad.cpu(), t0.grad) <= 1e-10, f"{name}.grad"
-        elif t0.is_floating_point():
-            assert relative_error(t1.detach().cpu(), t0) <= 1e-10, name
-        else:
-            assert torch.equal(t1.cpu(), t0), name
 
 
 @pytest.mark.parametrize("name,build,size,units,fused_class,shortcuts", FORMS, ids=[f[0] for f in FORMS])
@@ -114,13 +89,14 @@ def test_converted_model_computes_the_same_in_float64(backend, name, build, size
     x = torch.randn(2, 3, size, size, dtype=torch.float64) * 1.5 + 0.3
     _need(backend, x.to(DEVICE))
     model = perturb_bn(build().double())
-    reference = copy.deepcopy(model)
+    reference = copy.deepcopy(model).to(DEVICE)
     convert_to_fused(model, backend=backend).to(DEVICE)
     assert len(_fused_units(model)) == units
-    _assert_same_step(reference, model, x)                   # training: batch statistics, running updates
+    x = x.to(DEVICE)
+    assert_same_step(reference, model, x)                   # training: batch statistics, running updates
     if backend == "cuda":                                      # eval too (Triton's interpreter is slow)
         reference.eval(), model.eval()
-        _assert_same_step(reference, model, x)
+        assert_same_step(reference, model, x)
 
 
 def test_wide_resnet_with_dropout_stays_eager_with_the_reason():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import foreign_models as fm
-from comparisons import perturb_bn, relative_error
+from comparisons import assert_same_step, perturb_bn
 from fused_preact import convert_to_fused, dispatch, models
 from fused_preact.fused import FusedOriginalBlock, FusedOriginalBottleneck, FusedPreActBlock, _FusedUnitMixin
 from fused_preact.recognize import OriginalUnitMatch, recognize
@@ -32,33 +32,6 @@ def _need(backend, x):
 
 def _fused_units(model):
     return [m for m in model.modules() if isinstance(m, _FusedUnitMixin)]
-
-
-def _step(model, x, dy=None):
-    x = x.clone().requires_grad_(True)
-    model.zero_grad(set_to_none=True)
-    y = model(x)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype) if dy is None else dy
-    (y * dy).sum().backward()
-    return y.detach(), x.grad, dy, model.state_dict(keep_vars=True)
-
-
-def _assert_same_step(reference, converted, x):
-    """One step of both (training: batch statistics and running updates; or eval): outputs,
-    input and parameter gradients, buffers, compared under the original state_dict names."""
-    y0, dx0, dy, state0 = _step(reference, x)
-    y1, dx1, _, state1 = _step(converted, x, dy)
-    assert relative_error(y1, y0) <= 1e-10, "output"
-    assert relative_error(dx1, dx0) <= 1e-10, "input gradient"
-    assert list(state1) == list(state0)
-    for name, t0 in state0.items():
-        t1 = state1[name]
-        if isinstance(t0, nn.Parameter):
-            assert relative_error(t1.grad, t0.grad) <= 1e-10, f"{name}.grad"
-        elif t0.is_floating_point():
-            assert relative_error(t1.detach(), t0) <= 1e-10, name
-        else:
-            assert torch.equal(t1, t0), name
 
 
 # -- recognition: what each way of writing the unit is seen as ------------------------------------
@@ -139,9 +112,9 @@ def test_torchvision_resnets_convert_and_compute_the_same_in_float64(depth, unit
     model = perturb_bn(_torchvision(depth).double())
     reference = _check_converted(model, units, {cls})
     assert {u.backend for u in _fused_units(model)} == {"cuda"}
-    _assert_same_step(reference, model, x)
+    assert_same_step(reference, model, x)
     reference.eval(), model.eval()
-    _assert_same_step(reference, model, x)
+    assert_same_step(reference, model, x)
 
 
 @pytest.mark.full
@@ -152,7 +125,7 @@ def test_torchvision_resnet18_on_the_triton_interpreter():
     reference = copy.deepcopy(model)
     convert_to_fused(model, backend="triton")
     assert len(_fused_units(model)) == 8
-    _assert_same_step(reference, model, x)
+    assert_same_step(reference, model, x)
 
 
 def test_one_block_of_each_torchvision_form_on_the_triton_interpreter():
@@ -164,7 +137,7 @@ def test_one_block_of_each_torchvision_form_on_the_triton_interpreter():
     reference = copy.deepcopy(model)
     convert_to_fused(model, backend="triton")
     assert [type(u) for u in _fused_units(model)] == [FusedOriginalBlock, FusedOriginalBottleneck]
-    _assert_same_step(reference, model, x)
+    assert_same_step(reference, model, x)
 
 
 def test_zero_init_residual_converts_and_stays_exact():
@@ -176,7 +149,7 @@ def test_zero_init_residual_converts_and_stays_exact():
     model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, zero_init_residual=True).double()
     assert all(float(block.bn2.weight.detach().abs().max()) == 0 for block in (model.layer1[0], model.layer4[0]))
     reference = _check_converted(model, 4, {FusedOriginalBlock})
-    _assert_same_step(reference, model, x)
+    assert_same_step(reference, model, x)
 
 
 def test_resnext_reports_its_blocks_left_eager_with_the_reason():
@@ -213,9 +186,9 @@ def test_cifar_ports_convert_and_compute_the_same_in_float64(build):
     _need("cuda", x)
     model = perturb_bn(build().double())
     reference = _check_converted(model, 9, {FusedOriginalBlock})
-    _assert_same_step(reference, model, x)
+    assert_same_step(reference, model, x)
     reference.eval(), model.eval()
-    _assert_same_step(reference, model, x)
+    assert_same_step(reference, model, x)
 
 
 def test_option_a_with_zeros_in_front_on_the_triton_interpreter_and_in_a_preact_unit():
@@ -227,14 +200,14 @@ def test_option_a_with_zeros_in_front_on_the_triton_interpreter_and_in_a_preact_
     reference = copy.deepcopy(model)
     convert_to_fused(model, backend="triton")
     assert model[0].pad_shortcut.front_channels == 2
-    _assert_same_step(reference, model, x)
+    assert_same_step(reference, model, x)
 
     _need("cuda", x)
     unit = perturb_bn(PreActBlock(4, 8, 2, "A").double())
     unit.pad_shortcut = PadShortcut(4, 8, 2, front_channels=3)
     reference = copy.deepcopy(unit)
     assert convert_to_fused(unit, backend="cuda") is unit and type(unit) is FusedPreActBlock
-    _assert_same_step(reference, unit, torch.randn(4, 4, 6, 6, dtype=torch.float64))
+    assert_same_step(reference, unit, torch.randn(4, 4, 6, 6, dtype=torch.float64))
     with pytest.raises(ValueError, match="front_channels must be an int in \\[0, 4\\]"):
         PadShortcut(4, 8, 2, front_channels=5)
 
@@ -253,6 +226,6 @@ def test_own_original_nets_build_units_that_convert_by_class(build, size, eager_
     backend = "cuda" if dispatch.unavailable_reason("cuda", x) is None else "eager"
     assert convert_to_fused(model, backend=backend) is model
     assert {type(u) for u in model.units()} == {fused_class}
-    _assert_same_step(reference, model, x)
+    assert_same_step(reference, model, x)
     reference.load_state_dict(model.state_dict(), strict=True)
 

@@ -26,13 +26,12 @@ from pytorchcv.models.pyramidnet_cifar import get_pyramidnet_cifar  # noqa: E402
 from pytorchcv.models.sepreresnet_cifar import sepreresnet20_cifar10  # noqa: E402
 from pytorchcv.models.wrn_cifar import get_wrn_cifar  # noqa: E402
 
-from comparisons import perturb_bn, relative_error  # noqa: E402
+from comparisons import assert_same_step, perturb_bn  # noqa: E402
 from fused_preact import convert_to_fused, dispatch  # noqa: E402
 from fused_preact.fused import FusedPreActBlock, FusedPreActBottleneck, _FusedUnitMixin  # noqa: E402
 from fused_preact.recognize import UnitMatch, recognize  # noqa: E402
 
 BATCH = 4
-TOLERANCE = 1e-10
 
 # name, builder, input size, fused class
 NETS = [
@@ -58,32 +57,6 @@ def _units(model, class_name):
 
 def _fused_units(model):
     return [m for m in model.modules() if isinstance(m, _FusedUnitMixin)]
-
-
-def _assert_same_step(reference, converted, x):
-    """One forward and backward of both: output, input and parameter gradients, buffers (running
-    statistics), all under the original state_dict names and in the same order."""
-    results = []
-    for model in (reference, converted):
-        model.zero_grad(set_to_none=True)
-        xd = x.clone().requires_grad_(True)
-        y = model(xd)
-        if not results:
-            dy = torch.randn_like(y)
-        (y * dy).sum().backward()
-        results.append((y, xd.grad, model.state_dict(keep_vars=True)))
-    (y0, dx0, state0), (y1, dx1, state1) = results
-    assert relative_error(y1, y0) <= TOLERANCE, "output"
-    assert relative_error(dx1, dx0) <= TOLERANCE, "input gradient"
-    assert list(state1) == list(state0)
-    for name, t0 in state0.items():
-        t1 = state1[name]
-        if isinstance(t0, nn.Parameter):
-            assert relative_error(t1.grad, t0.grad) <= TOLERANCE, f"{name}.grad"
-        elif t0.is_floating_point():
-            assert relative_error(t1.detach(), t0) <= TOLERANCE, name
-        else:
-            assert torch.equal(t1, t0), name
 
 
 def _converted(build, backend, x):
@@ -131,7 +104,7 @@ def test_every_preres_unit_fused_and_exact_on_the_cpp_cpu_kernels(name, build, s
     assert all(type(u) is fused_class for u in _fused_units(model))
     for training in (True, False):
         reference.train(training), model.train(training)
-        _assert_same_step(reference, model, x)
+        assert_same_step(reference, model, x)
 
 
 # the interpreter costs ~0.1 s per program instance: by default a PreResNet-8 (one unit per stage:
@@ -151,7 +124,7 @@ def test_fused_and_exact_on_the_triton_interpreter(name, build, size, fused_clas
     reference, model, _ = _converted(build, "triton", x)
     for training in (True, False):
         reference.train(training), model.train(training)
-        _assert_same_step(reference, model, x)
+        assert_same_step(reference, model, x)
 
 
 @pytest.mark.parametrize("build,unit_class,reason", [
