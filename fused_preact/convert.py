@@ -319,19 +319,10 @@ def _from_match(unit: nn.Module, match: UnitMatch, backend: str):
         reason = _plain_conv_reason(conv, path) if pad is None else _padded_conv_reason(conv, path, pad)
         if reason:
             return None, reason
-    kernels = tuple(c.kernel_size[0] for c in convs)
-    strides = [c.stride[0] for c in convs]
-    stride = max(strides)
-    if kernels not in ((3, 3), (1, 3, 1)):
-        return None, f"its branch has {'x'.join(map(str, kernels))} convolutions, not 3-3 (basic) or 1-3-1 (bottleneck)"
-    if any(c.stride[0] != c.stride[1] for c in convs) or stride not in (1, 2) or sum(s != 1 for s in strides) > 1:
-        return None, f"its strides {strides} are not one stride of 1 or 2"
-    bottleneck = len(convs) == 3
-    if (not bottleneck and strides[1] != 1) or (bottleneck and strides[2] != 1):
-        return None, f"its last convolution is strided ({strides})"
-    in_channels, out_channels = convs[0].in_channels, convs[-1].out_channels
-    if bottleneck and out_channels % BOTTLENECK_EXPANSION:
-        return None, f"its bottleneck output of {out_channels} channels is not a multiple of 4"
+    shape, reason = _branch_shape(convs)
+    if shape is None:
+        return None, reason
+    stride, bottleneck, stride_on, in_channels, out_channels = shape
     shortcut = unit.get_submodule(match.shortcut_conv) if match.shortcut_conv else None
     if shortcut is not None:
         reason = _plain_conv_reason(shortcut, match.shortcut_conv)
@@ -343,7 +334,7 @@ def _from_match(unit: nn.Module, match: UnitMatch, backend: str):
     with torch.device("meta"):
         if bottleneck:
             fused = FusedPreActBottleneck(in_channels, out_channels, stride, projection,
-                                          stride_on="1x1" if strides[0] != 1 else "3x3", backend=backend)
+                                          stride_on=stride_on, backend=backend)
         else:
             fused = FusedPreActBlock(in_channels, out_channels, stride, projection, backend=backend)
     ours_to_theirs = {}
@@ -392,19 +383,10 @@ def _from_original_match(unit: nn.Module, match: OriginalUnitMatch, backend: str
         if reason:
             return None, reason
     convs = [unit.get_submodule(p) for p in match.convs]
-    kernels = tuple(c.kernel_size[0] for c in convs)
-    strides = [c.stride[0] for c in convs]
-    stride = max(strides)
-    if kernels not in ((3, 3), (1, 3, 1)):
-        return None, f"its branch has {'x'.join(map(str, kernels))} convolutions, not 3-3 (basic) or 1-3-1 (bottleneck)"
-    if any(c.stride[0] != c.stride[1] for c in convs) or stride not in (1, 2) or sum(s != 1 for s in strides) > 1:
-        return None, f"its strides {strides} are not one stride of 1 or 2"
-    bottleneck = len(convs) == 3
-    if (not bottleneck and strides[1] != 1) or (bottleneck and strides[2] != 1):
-        return None, f"its last convolution is strided ({strides})"
-    in_channels, out_channels = convs[0].in_channels, convs[-1].out_channels
-    if bottleneck and out_channels % BOTTLENECK_EXPANSION:
-        return None, f"its bottleneck output of {out_channels} channels is not a multiple of 4"
+    shape, reason = _branch_shape(convs)
+    if shape is None:
+        return None, reason
+    stride, bottleneck, stride_on, in_channels, out_channels = shape
     shortcut = unit.get_submodule(match.shortcut_conv) if match.shortcut_conv else None
     if shortcut is not None and (shortcut.kernel_size != (1, 1) or shortcut.stride != (stride, stride)):
         return None, f"its shortcut {match.shortcut_conv} is not a 1x1 conv of stride {stride}"
@@ -418,7 +400,7 @@ def _from_original_match(unit: nn.Module, match: OriginalUnitMatch, backend: str
     with torch.device("meta"):
         if bottleneck:
             fused = FusedOriginalBottleneck(in_channels, out_channels, stride, projection,
-                                            stride_on="1x1" if strides[0] != 1 else "3x3",
+                                            stride_on=stride_on,
                                             shortcut_bn=match.shortcut_bn is not None, backend=backend)
         else:
             fused = FusedOriginalBlock(in_channels, out_channels, stride, projection,
@@ -441,6 +423,25 @@ def _from_original_match(unit: nn.Module, match: OriginalUnitMatch, backend: str
         fused.pad_shortcut = None
     fused.training = unit.training     # the submodules keep their own modes
     return _with_original_names(fused, unit, ours_to_theirs, state)
+
+
+def _branch_shape(convs: list) -> tuple:
+    """((stride, bottleneck, stride_on, in_channels, out_channels), None) of a residual branch that the
+    fused units run (3x3-3x3 or 1x1-3x3-1x1, one stride of 1 or 2, not on the last conv), or (None, why not)."""
+    kernels = tuple(c.kernel_size[0] for c in convs)
+    strides = [c.stride[0] for c in convs]
+    stride = max(strides)
+    if kernels not in ((3, 3), (1, 3, 1)):
+        return None, f"its branch has {'x'.join(map(str, kernels))} convolutions, not 3-3 (basic) or 1-3-1 (bottleneck)"
+    if any(c.stride[0] != c.stride[1] for c in convs) or stride not in (1, 2) or sum(s != 1 for s in strides) > 1:
+        return None, f"its strides {strides} are not one stride of 1 or 2"
+    bottleneck = len(convs) == 3
+    if (not bottleneck and strides[1] != 1) or (bottleneck and strides[2] != 1):
+        return None, f"its last convolution is strided ({strides})"
+    in_channels, out_channels = convs[0].in_channels, convs[-1].out_channels
+    if bottleneck and out_channels % BOTTLENECK_EXPANSION:
+        return None, f"its bottleneck output of {out_channels} channels is not a multiple of 4"
+    return (stride, bottleneck, "1x1" if strides[0] != 1 else "3x3", in_channels, out_channels), None
 
 
 def _with_original_names(fused: nn.Module, unit: nn.Module, ours_to_theirs: dict[str, str], state: list):

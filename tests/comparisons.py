@@ -50,3 +50,18 @@ def assert_same_step(reference: torch.nn.Module, converted: torch.nn.Module, x: 
             assert relative_error(t1.detach().cpu(), t0.cpu()) <= tolerance, name
         else:
             assert torch.equal(t1.cpu(), t0.cpu()), name
+
+
+def assert_processes_match_one(parts: list, y: torch.Tensor, dx: torch.Tensor, grads: dict, state: dict,
+                               tol: float = 1e-9) -> None:
+    """``parts[r] = (y, dx, grads, state)`` of rank r's shard of a synchronized-BN step against one
+    process's whole-batch step: outputs and input gradients concatenate to it, local parameter
+    gradients sum to it (DDP averages them), every rank's buffers equal it."""
+    close = dict(rtol=tol, atol=tol)
+    torch.testing.assert_close(torch.cat([p[0] for p in parts]), y, **close)
+    torch.testing.assert_close(torch.cat([p[1] for p in parts]), dx, **close)
+    for name, grad in grads.items():
+        torch.testing.assert_close(sum(p[2][name] for p in parts), grad, **close, msg=lambda m: f"{name}: {m}")
+    for name, value in state.items():
+        for p in parts:
+            torch.testing.assert_close(p[3][name], value, **close, msg=lambda m: f"{name}: {m}")

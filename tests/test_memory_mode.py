@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.checkpoint import checkpoint
 
-from comparisons import perturb_bn, relative_error
+from comparisons import assert_processes_match_one, perturb_bn, relative_error
 from fused_preact import convert_to_fused, dispatch, models, sync_batch_stats
 from fused_preact.fused import FusedPreActBlock, FusedPreActBottleneck, _FusedUnitMixin
 from fused_preact.unit_function import MEMORY_MODES, check_memory
@@ -297,14 +297,7 @@ def test_synchronized_statistics_two_gloo_processes(tmp_path):
     mp.spawn(_sync_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=WORLD, join=True)
     y, dx, grads, state = _sync_step(unit, x, dy)
     parts = [torch.load(tmp_path / f"out.{r}") for r in range(WORLD)]
-    tol = dict(rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(torch.cat([p[0] for p in parts]), y, **tol)
-    torch.testing.assert_close(torch.cat([p[1] for p in parts]), dx, **tol)
-    for name, grad in grads.items():   # local gradients sum to the global one (DDP averages them)
-        torch.testing.assert_close(sum(p[2][name] for p in parts), grad, **tol, msg=lambda m: f"{name}: {m}")
-    for name, value in state.items():
-        for p in parts:
-            torch.testing.assert_close(p[3][name], value, **tol, msg=lambda m: f"{name}: {m}")
+    assert_processes_match_one(parts, y, dx, grads, state)
 
 
 def test_memory_reaches_every_fused_unit_and_is_not_state():

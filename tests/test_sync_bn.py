@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import reference_ops
+from comparisons import assert_processes_match_one
 from fused_preact import sync_batch_stats
 from fused_preact.fused import FusedPreActBottleneck
 from fused_preact.units import PreActBottleneck
@@ -60,14 +61,7 @@ def _compare_with_one_process(tmp_path, memory):
     unit, x, dy = _make_unit()
     y, dx, grads, state = _step(copy.deepcopy(unit), x, dy)
     parts = [torch.load(tmp_path / f"out.{memory}.{r}") for r in range(WORLD)]
-    tol = dict(rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(torch.cat([p[0] for p in parts]), y, **tol)
-    torch.testing.assert_close(torch.cat([p[1] for p in parts]), dx, **tol)
-    for name, grad in grads.items():   # local gradients sum to the global one (DDP averages them)
-        torch.testing.assert_close(sum(p[2][name] for p in parts), grad, **tol, msg=lambda m: f"{name}: {m}")
-    for name, value in state.items():
-        for p in parts:
-            torch.testing.assert_close(p[3][name], value, **tol, msg=lambda m: f"{name}: {m}")
+    assert_processes_match_one(parts, y, dx, grads, state)
 
 
 def test_needs_an_initialized_process_group():
