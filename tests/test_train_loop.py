@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cifar_folder import random_cifar
-from fused_preact.train import NonFiniteLoss, main
+from fused_preact.train import Diverged, main
 from fused_preact.train import loop
 
 ITERS_PER_EPOCH = 6     # 96 training images, batch 16
@@ -127,8 +127,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
         return loss * float("nan") if len(calls) >= 8 else loss
 
     monkeypatch.setattr(loop, "compute_loss", loss_nan_from_8)
-    with pytest.raises(NonFiniteLoss, match=r"not finite at iteration 8 \(of 18\); stopping, after the "
-                                            r"checkpoint at iteration 6 kept"):
+    with pytest.raises(Diverged, match=r"diverged by iteration 8 \(of 18\): the training loss is not finite from "
+                                       r"iteration 8; .*kept: the checkpoint '.*checkpoint.pt' of iteration 6"):
         main(_argv(data, tmp_path, "--epochs", "3"))
     kept = _weights(tmp_path)
     assert kept["iteration"] == ITERS_PER_EPOCH
