@@ -156,7 +156,7 @@ def load(path: str | os.PathLike) -> dict:
     if head.startswith(_ZIP_MAGIC):
         if not zipfile.is_zipfile(path):
             raise CheckpointError(path, Problem.TRUNCATED, f"{size:,} bytes of a zip archive without its end "
-                                                           f"(cut short by a copy or a full disk)")
+                                                           f"(cut short: an interrupted copy or transfer)")
     elif not head or head[0] != _PICKLE_PROTOCOL:
         raise CheckpointError(path, Problem.NOT_PYTORCH, f"it starts with {head!r}")
     try:
