@@ -124,7 +124,7 @@ def recorded_configs(folder: Path) -> dict[str, Optional[dict]]:
 
 def check_folder(run: Run) -> None:
     """Refuse a run folder whose records describe another configuration than ``run``'s."""
-    from ..train.run_config import differences, mismatch_advice
+    from ..train.run_config import describe, differences
 
     expected = run.config
     for name, config in recorded_configs(run.folder).items():
@@ -135,7 +135,7 @@ def check_folder(run: Run) -> None:
         found = differences(config, expected)
         if found:
             raise RunFolderMismatch(f"{run.folder} holds a run of another configuration (its {name}): "
-                                    f"{mismatch_advice(found)}")
+                                    f"{describe(found)}; give another --out or move that folder away")
 
 
 def execute(run: Run, *, nproc: int = 1, subprocess: bool = False) -> str:
