@@ -2,7 +2,7 @@
 
 A run lives in ``<out>/<experiment>/seed<k>[-x<scale>][-n<units>]``: the trainer's
 own outputs (``checkpoint.pt``, ``log.csv``, ``metrics.json``, ``curves.png``),
-its ``diverged.json`` when the loss stopped being finite, and this runner's
+its ``diverged.json`` when the run stopped being finite, and this runner's
 ``run.json`` (the experiment, seed, scale and trainer configuration).
 
 - a run with ``metrics.json`` (the trainer writes it only at the end) or
