@@ -14,14 +14,14 @@ from fused_preact.train import checkpoint
 from fused_preact.train.checkpoint import CheckpointWriteError, Problem
 from trainer_args import ITERS_PER_EPOCH, tiny_argv
 
-pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+pytestmark = pytest.mark.usefixtures("one_cpu_thread", "no_training_plots")
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A real checkpoint of a tiny run."""
+    """A real checkpoint of a tiny run (stopped after iteration 2)."""
     out = tmp_path_factory.mktemp("run")
-    main(tiny_argv(out, "--iters", "2"))
+    main(tiny_argv(out, "--iters", "4", "--stop-after-iters", "2"))
     return out / "checkpoint.pt"
 
 

@@ -13,7 +13,7 @@ from fused_preact.cuda_graph import forbid_host_reads
 from fused_preact.train import Diverged, loop, main
 from trainer_args import tiny_argv
 
-pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+pytestmark = pytest.mark.usefixtures("one_cpu_thread", "no_training_plots")
 
 
 def _assert_entirely_finite(path):

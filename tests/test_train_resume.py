@@ -13,7 +13,7 @@ from fused_preact.train.cli import build_parser
 from fused_preact.train.run_config import DEFINING, OVERRIDABLE, RUN_ONLY
 from trainer_args import tiny_argv
 
-pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+pytestmark = pytest.mark.usefixtures("one_cpu_thread", "no_training_plots")
 
 
 @pytest.fixture(scope="module")
