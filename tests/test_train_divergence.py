@@ -40,6 +40,13 @@ def test_lr_1e6_stops_with_the_last_finite_checkpoint_named(tmp_path):
     assert record["non_finite"]["BN running statistics"], record   # not the loss alone
     assert not (tmp_path / "metrics.json").exists()
 
+    # continued from the kept checkpoint at a sane lr, the run is no longer a diverged one
+    metrics = main(tiny_argv(tmp_path, "--iters", "12", "--lr", "0.05", "--warmup-iters", "4", "--warmup-lr", "0.01",
+                             "--resume", "--override", "lr"))
+    assert metrics["iterations"] == 12 and math.isfinite(metrics["final_train_loss"])
+    assert not (tmp_path / "diverged.json").exists()
+    assert json.loads((tmp_path / f"diverged-{record['iteration']}.json").read_text()) == record
+
 
 def _poisoning_step(at_iteration, poison):
     """``Trainer.step`` that, after the step of ``at_iteration``, puts an inf into one tensor."""

@@ -39,7 +39,8 @@ keeps a second trainer out while one runs (a lock left by a killed trainer is ta
 
 divergence: at every --print-freq window end the loss, weights, gradients, BN running statistics and
 momentum are checked for NaN/inf (no extra host reads per step); a diverged run writes diverged.json,
-never writes a non-finite checkpoint, and names the last (finite) checkpoint it kept.
+never writes a non-finite checkpoint, and names the last (finite) checkpoint it kept. A --resume from
+it (e.g. with --override lr) continues the run and keeps the record as diverged-<iteration>.json.
 
 exit status: 0 done (or stopped by --stop-after-iters), 1 failed while running (a checkpoint could
 not be written: the previous one is kept), 2 refused (flags, --out, --resume), 3 diverged,

@@ -10,7 +10,9 @@ into another's.
   the folder, a dead one left a stale lock.
 - ``claim``: a folder holding another run's outputs (its checkpoint, log, metrics or divergence
   record) is refused for a fresh run; ``--overwrite`` moves those outputs aside into
-  ``<out>/replaced-<time>/`` (nothing is deleted), ``--resume`` continues the run that is there.
+  ``<out>/replaced-<time>/`` (nothing is deleted), ``--resume`` continues the run that is there
+  (a divergence record of it becomes ``diverged-<iteration>.json``: the continued run is not
+  diverged, e.g. after ``--override lr``).
 """
 from __future__ import annotations
 
@@ -137,7 +139,10 @@ def claim(folder: Path, *, continues: bool, overwrite: bool) -> Optional[Path]:
     the one there; with ``overwrite`` the run there is moved aside (returns where to); otherwise
     ``OutFolderError``."""
     found = holds_run(folder)
-    if not found or continues:
+    if continues:
+        _retire_divergence_record(Path(folder))
+        return None
+    if not found:
         return None
     if not overwrite:
         raise OutFolderError(Path(folder), Refusal.HOLDS_RUN,
@@ -155,3 +160,21 @@ def claim(folder: Path, *, continues: bool, overwrite: bool) -> Optional[Path]:
         if (Path(folder) / name).exists():
             os.replace(Path(folder) / name, aside / name)
     return aside
+
+
+def _retire_divergence_record(folder: Path) -> None:
+    """A diverged run that is continued (from its last finite checkpoint, usually with --override) is
+    no longer diverged: its ``diverged.json`` becomes ``diverged-<iteration>.json``, kept as history."""
+    record = folder / "diverged.json"
+    if not record.exists():
+        return
+    try:
+        iteration = json.loads(record.read_text()).get("iteration", "unknown")
+    except ValueError:
+        iteration = "unknown"
+    target = folder / f"diverged-{iteration}.json"
+    k = 1
+    while target.exists():
+        k += 1
+        target = folder / f"diverged-{iteration}-{k}.json"
+    os.replace(record, target)
