@@ -92,6 +92,13 @@ def test_a_full_disk_is_named_and_leaves_the_previous_checkpoint(saved, tmp_path
     assert path.read_bytes() == saved.read_bytes() and os.listdir(tmp_path) == ["checkpoint.pt"]  # no temp file
 
 
+def test_partial_writes_of_a_killed_trainer_are_removed_at_the_next_start(saved, tmp_path):
+    (tmp_path / ".checkpoint.pt.4242.ab12cd34.tmp").write_bytes(saved.read_bytes()[:1000])   # kill -9 while saving
+    (tmp_path / "checkpoint.pt").write_bytes(saved.read_bytes())
+    main(tiny_argv(tmp_path, "--iters", "4", "--resume"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_a_failed_checkpoint_write_writes_no_row_and_the_resume_duplicates_none(tmp_path, monkeypatch):
     """The epoch-2 checkpoint cannot be written: log.csv keeps epoch 1's row only, the resume from
     epoch 1 writes epochs 2 and 3 once, as the uninterrupted run does."""

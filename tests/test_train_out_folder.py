@@ -73,6 +73,32 @@ def test_a_second_trainer_gets_the_lock_error_and_a_dead_holders_lock_is_taken_o
         assert lock.stale is None
 
 
+def test_without_flock_the_recorded_process_decides(tmp_path, monkeypatch):
+    """On a file system without flock (some network mounts), a live recorded process holds the folder
+    and a dead one left a stale lock."""
+    import errno
+    import fcntl
+    import json
+    import socket
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        with pytest.raises(OutFolderError, match=f"process {sleeper.pid} on host"):
+            RunLock(tmp_path).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with RunLock(tmp_path) as lock:
+        assert lock.stale["pid"] == sleeper.pid
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert (tmp_path / LOCK_NAME).read_text() == ""
+
+
 @pytest.mark.full   # two trainer processes (about 15 s of imports)
 def test_two_trainer_processes_on_one_out(tmp_path):
     command = [sys.executable, "-m", "fused_preact.train", *tiny_argv(tmp_path, "--iters", "100000")]

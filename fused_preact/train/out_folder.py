@@ -12,7 +12,8 @@ into another's.
   record) is refused for a fresh run; ``--overwrite`` moves those outputs aside into
   ``<out>/replaced-<time>/`` (nothing is deleted), ``--resume`` continues the run that is there
   (a divergence record of it becomes ``diverged-<iteration>.json``: the continued run is not
-  diverged, e.g. after ``--override lr``).
+  diverged, e.g. after ``--override lr``). Temporary files of writes a killed trainer left
+  are removed.
 """
 from __future__ import annotations
 
@@ -138,6 +139,7 @@ def claim(folder: Path, *, continues: bool, overwrite: bool) -> Optional[Path]:
     """Make ``folder`` this run's: nothing to do when it holds no run or when this run ``continues``
     the one there; with ``overwrite`` the run there is moved aside (returns where to); otherwise
     ``OutFolderError``."""
+    _remove_partial_writes(Path(folder))
     found = holds_run(folder)
     if continues:
         _retire_divergence_record(Path(folder))
@@ -160,6 +162,14 @@ def claim(folder: Path, *, continues: bool, overwrite: bool) -> Optional[Path]:
         if (Path(folder) / name).exists():
             os.replace(Path(folder) / name, aside / name)
     return aside
+
+
+def _remove_partial_writes(folder: Path) -> None:
+    """Temporary files of checkpoint or log writes that a killed trainer left (under the lock no
+    other trainer writes here): never a run's record, only space."""
+    for pattern in (".checkpoint.pt.*.tmp", ".log.csv.*.tmp"):
+        for path in folder.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 def _retire_divergence_record(folder: Path) -> None:
