@@ -64,18 +64,20 @@ class FinitenessProbe:
         self.model, self.optimizer, self.gradients = model, optimizer, gradients
 
     def _named(self) -> dict[str, list[tuple[str, torch.Tensor]]]:
+        """The tensors of each group of ``GROUPS``, with their names, as they are now (the optimizer
+        creates its state at the first step; gradients live from one backward to the next step)."""
+        weights, gradients, statistics, optimizer_state = GROUPS
         params = list(self.model.named_parameters())
         names = {id(p): name for name, p in params}
-        groups = {
-            "weights": [(n, p.detach()) for n, p in params],
-            "gradients": [(n, p.grad) for n, p in params if p.grad is not None] if self.gradients else [],
-            "BN running statistics": [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point()],
-            "optimizer state": [],
-        }
+        groups: dict[str, list[tuple[str, torch.Tensor]]] = {group: [] for group in GROUPS}
+        groups[weights] = [(n, p.detach()) for n, p in params]
+        if self.gradients:
+            groups[gradients] = [(n, p.grad) for n, p in params if p.grad is not None]
+        groups[statistics] = [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point()]
         for p, state in self.optimizer.state.items():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0:
-                    groups["optimizer state"].append((f"{names.get(id(p), '?')}:{key}", value))
+                    groups[optimizer_state].append((f"{names.get(id(p), '?')}:{key}", value))
         return groups
 
     def screen(self) -> torch.Tensor:
