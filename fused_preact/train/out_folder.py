@@ -7,7 +7,8 @@ into another's.
   start time): a second trainer is refused with that PID, and a trainer that finds the name of a
   process which ended without releasing the lock (a stale lock) says that it takes it over. On
   a file system without ``flock`` the recorded PID decides: a live process on this host holds
-  the folder, a dead one left a stale lock.
+  the folder, a dead one left a stale lock. A folder the lock created and the run left empty
+  (it failed before writing anything) is removed with the lock.
 - ``claim``: a folder holding another run's outputs (its checkpoint, log, metrics or divergence
   record) is refused for a fresh run; ``--overwrite`` moves those outputs aside into
   ``<out>/replaced-<time>/`` (nothing is deleted), ``--resume`` continues the run that is there
@@ -65,6 +66,7 @@ class RunLock:
         self.path = self.folder / LOCK_NAME
         self.fd: Optional[int] = None
         self.stale: Optional[dict] = None
+        self.created = False     # the folder did not exist before acquire()
 
     def _record(self) -> dict:
         try:
@@ -81,6 +83,7 @@ class RunLock:
                              f"another --out")
 
     def acquire(self) -> "RunLock":
+        self.created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -122,6 +125,13 @@ class RunLock:
             pass
         os.close(self.fd)                # closing releases the flock
         self.fd = None
+        if self.created and [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:
+            # a run that failed before writing anything (bad data, a refusal) leaves no folder behind
+            self.path.unlink(missing_ok=True)
+            try:
+                self.folder.rmdir()
+            except OSError:
+                pass
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
