@@ -12,7 +12,7 @@ import torch
 from fused_preact.train import CheckpointError, main
 from fused_preact.train import checkpoint
 from fused_preact.train.checkpoint import CheckpointWriteError, Problem
-from trainer_args import ITERS_PER_EPOCH, tiny_argv
+from trainer_args import ITERS_PER_EPOCH, one_thread, tiny_argv
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread", "no_training_plots")
 
@@ -21,7 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread", "no_training_plots")
 def saved(tmp_path_factory):
     """A real checkpoint of a tiny run (stopped after iteration 2)."""
     out = tmp_path_factory.mktemp("run")
-    main(tiny_argv(out, "--iters", "4", "--stop-after-iters", "2"))
+    with one_thread():
+        main(tiny_argv(out, "--iters", "4", "--stop-after-iters", "2"))
     return out / "checkpoint.pt"
 
 

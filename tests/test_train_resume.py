@@ -11,7 +11,7 @@ import torch
 from fused_preact.train import ConfigurationMismatch, loop, main
 from fused_preact.train.cli import build_parser
 from fused_preact.train.run_config import DEFINING, OVERRIDABLE, RUN_ONLY
-from trainer_args import tiny_argv
+from trainer_args import one_thread, tiny_argv
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread", "no_training_plots")
 
@@ -20,7 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread", "no_training_plots")
 def stopped_run(tmp_path_factory):
     """A run of 12 iterations stopped after iteration 6 (mid-epoch 2)."""
     out = tmp_path_factory.mktemp("stopped") / "run"
-    stopped = main(tiny_argv(out, "--iters", "12", "--stop-after-iters", "6"))
+    with one_thread():
+        stopped = main(tiny_argv(out, "--iters", "12", "--stop-after-iters", "6"))
     assert stopped["iteration"] == 6
     return out
 

@@ -5,7 +5,23 @@ PyTorch, a window end every 2 iterations, no warm-up, lr 0.05 divided by 10 at i
 """
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 ITERS_PER_EPOCH = 4
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One CPU thread for a run made by a module-scoped fixture (``one_cpu_thread`` is per test): on
+    the shared 2 cores a tiny run takes 0.3 s with one thread and up to 16 s with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tiny_argv(out, *extra: str) -> list[str]:
