@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -102,7 +103,6 @@ class RunLock:
         return self
 
     def _lock(self) -> None:
-        import fcntl
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
