@@ -64,6 +64,14 @@ def one_cpu_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def no_training_plots(monkeypatch):
+    """Trainer runs without their PNG curves (about 1 s of matplotlib per finished run here), for tests
+    about something else; tests/test_train_loop.py checks the plots."""
+    from fused_preact.train import plots
+    monkeypatch.setattr(plots, "training_curves", lambda path, *args, **kwargs: None)
+
+
 @pytest.fixture(autouse=True)
 def _seed_per_test(request):
     """Each test draws its own random inputs, reproducibly (seeded by its id)."""

@@ -203,6 +203,27 @@ def test_interrupted_run_resumes_exactly_through_the_cli(data, tmp_path, monkeyp
     assert parts["train_curve"] == whole["train_curve"] and parts["test_error"] == whole["test_error"]
 
 
+def test_a_run_folder_of_another_configuration_is_refused_not_continued(data, tmp_path):
+    """A folder holding a run of another configuration (here: another lr, trained there by hand, so
+    no run.json says so) is refused with the difference; its checkpoint is left as it was. So is a
+    finished run of another configuration, which would otherwise be counted in the report."""
+    from fused_preact.experiments.runner import RunFolderMismatch
+    run = plan(EXPERIMENTS["c10-110-original"], 0, data=str(data), out=tmp_path, scale=TINY, units_per_stage=1,
+               device="cpu", backend="eager", progress=False)
+    other = list(run.argv)
+    other[other.index("--lr") + 1] = "0.5"
+    train_main([*other, "--stop-after-iters", "1"])
+    before = (run.folder / "checkpoint.pt").read_bytes()
+    with pytest.raises(RunFolderMismatch, match=r"holds a run of another configuration \(its checkpoint.pt\): .*"
+                                                r"--lr 0.5 -> 0.1"):
+        execute(run)
+    assert (run.folder / "checkpoint.pt").read_bytes() == before and not (run.folder / "run.json").exists()
+
+    train_main([*other, "--resume"])          # that run finishes: metrics.json records its configuration
+    with pytest.raises(RunFolderMismatch, match=r"\(its metrics.json\): .*--lr 0.5 -> 0.1"):
+        execute(run)
+
+
 def test_multi_gpu_runs_go_through_torchrun(data, tmp_path, monkeypatch):
     from fused_preact.experiments import runner
     commands = []
@@ -245,8 +266,12 @@ def test_bad_arguments_name_themselves(data, tmp_path, capsys):
     assert "CIFAR-10: expected the python-pickle folder" in capsys.readouterr().err
     run = plan(EXPERIMENTS["c10-110-original"], 0, data=str(data), out=tmp_path / "other")
     run.folder.mkdir(parents=True)
-    (run.folder / "run.json").write_text(json.dumps({"config": ["--arch", "cifar_resnet56"]}))
-    with pytest.raises(ValueError, match="holds a run of another configuration"):
+    (run.folder / "run.json").write_text(json.dumps({"config": {**run.config, "arch": "cifar_resnet56"}}))
+    with pytest.raises(ValueError, match=r"holds a run of another configuration \(its run.json\): --arch "
+                                         r"cifar_resnet56 -> cifar_resnet110"):
+        execute(run)
+    (run.folder / "run.json").write_text(json.dumps({"config": ["--arch", "cifar_resnet110"]}))
+    with pytest.raises(ValueError, match="its run.json has no configuration record"):
         execute(run)
     with pytest.raises(ValueError, match="seeds must be a positive int"):
         run_experiments(["c10-110-original"], data=str(data), seeds=0)

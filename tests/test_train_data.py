@@ -100,15 +100,18 @@ def test_file_with_official_count_is_checked_against_published_md5(tmp_path):
     assert len(train) == 10000 + 16
 
 
-def test_command_line_reports_a_missing_folder_in_one_line(tmp_path, monkeypatch):
-    argv = ["fused_preact.train", "--data", str(tmp_path / "nowhere"), "--dataset", "cifar100", "--device", "cpu"]
+def test_command_line_reports_a_missing_folder_in_one_line(tmp_path, monkeypatch, capsys):
+    argv = ["fused_preact.train", "--data", str(tmp_path / "nowhere"), "--dataset", "cifar100", "--device", "cpu",
+            "--out", str(tmp_path / "run")]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module("fused_preact.train", run_name="__main__")
-    assert exit_.value.code == (
+    assert exit_.value.code == 2     # refused before anything ran (the exit statuses: --help)
+    assert capsys.readouterr().err == (
         f"error: CIFAR-100: expected the python-pickle folder {str(tmp_path / 'nowhere' / 'cifar-100-python')!r} "
         f"(extracted from cifar-100-python.tar.gz) holding train, test, meta; that folder does not exist "
-        f"(nothing is downloaded: extract the archive under --data)")
+        f"(nothing is downloaded: extract the archive under --data)\n")
+    assert not (tmp_path / "run").exists()     # nothing left behind
 
 
 # -- augmentation --------------------------------------------------------------------

@@ -124,7 +124,7 @@ def test_the_trainer_loop_runs_the_graphed_step_end_to_end_with_capture_off(tmp_
     saved = torch.load(tmp_path / "graphed" / "checkpoint.pt", weights_only=False)
     assert all(isinstance(group["lr"], float) for group in saved["optimizer"]["param_groups"])
     resumed = main(_argv(tmp_path / "graphed", "eager", "--print-freq", "2", "--cuda-graph", "--iters", "8",
-                         "--resume"))
+                         "--resume", "--override", "iters"))
     assert resumed["iterations"] == 8 and calls[6:] == [0, 1]
 
 
@@ -179,5 +179,5 @@ def test_graphed_training_run_matches_a_plain_run_on_the_gpu(tmp_path, backend):
     for name, value in weights["plain"].items():
         if value.is_floating_point():
             torch.testing.assert_close(weights["graphed"][name], value, rtol=5e-2, atol=5e-3, msg=name)
-    resumed = main(argv(tmp_path / "graphed", "--cuda-graph", "--iters", "12", "--resume"))
+    resumed = main(argv(tmp_path / "graphed", "--cuda-graph", "--iters", "12", "--resume", "--override", "iters"))
     assert resumed["iterations"] == 12

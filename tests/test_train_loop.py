@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cifar_folder import random_cifar
-from fused_preact.train import NonFiniteLoss, main
+from fused_preact.train import Diverged, main
 from fused_preact.train import loop
 
 ITERS_PER_EPOCH = 6     # 96 training images, batch 16
@@ -70,21 +70,30 @@ def test_log_signal_works_with_other_unit_variants(data, tmp_path, capsys, recwa
     assert metrics["iterations"] == 2
 
 
-def _interrupt_by_signal(monkeypatch, at_call):
-    """Make the loss computation send SIGTERM to this process during iteration ``at_call``."""
+def _interrupt_by_signal(monkeypatch, at_call, signum=signal.SIGTERM):
+    """Make the loss computation send ``signum`` to this process during iteration ``at_call``."""
     calls = []
 
     def loss_then_signal(logits, labels):
         calls.append(1)
         if len(calls) == at_call:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
         return loop.F.cross_entropy(logits.float(), labels)
 
     monkeypatch.setattr(loop, "compute_loss", loss_then_signal)
 
 
-@pytest.mark.parametrize("interruption", ["flag", "sigterm"])
+TIMING_FIELDS = ("images_per_s", "elapsed_s")
+
+
+def _rows(out):
+    return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in csv.DictReader(open(out / "log.csv"))]
+
+
+@pytest.mark.parametrize("interruption", ["flag", "sigint"])
 def test_interrupted_and_resumed_run_ends_bit_exact(data, tmp_path, monkeypatch, interruption):
+    """Weights, momentum and every log.csv row as in the uninterrupted run (the interrupted epoch's
+    row averages all of its iterations: its partial sums travel in the checkpoint)."""
     args = ("--epochs", "2", "--shortcut", "dropout", "--dropout", "0.3")   # dropout: global RNG matters too
     main(_argv(data, tmp_path / "whole", *args))
     if interruption == "flag":
@@ -92,11 +101,12 @@ def test_interrupted_and_resumed_run_ends_bit_exact(data, tmp_path, monkeypatch,
         assert stopped == {"interrupted": "--stop-after-iters", "iteration": 7, "exit_code": 0}
     else:
         with monkeypatch.context() as patch:
-            _interrupt_by_signal(patch, at_call=3)
+            _interrupt_by_signal(patch, at_call=3, signum=signal.SIGINT)
             stopped = main(_argv(data, tmp_path / "parts", *args))
-        # the signal is honored at the end of the window (iterations 3-4)
-        assert stopped == {"interrupted": "SIGTERM", "iteration": 4, "exit_code": 128 + signal.SIGTERM}
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        # the signal is honored at the end of the window (iterations 3-4), in the middle of epoch 1
+        assert stopped == {"interrupted": "SIGINT", "iteration": 4, "exit_code": 128 + signal.SIGINT}
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert not (tmp_path / "parts" / "log.csv").exists()     # no epoch ended: no row yet
     assert _weights(tmp_path / "parts")["iteration"] == stopped["iteration"]
     main(_argv(data, tmp_path / "parts", *args, "--resume"))
     whole, parts = _weights(tmp_path / "whole"), _weights(tmp_path / "parts")
@@ -105,6 +115,8 @@ def test_interrupted_and_resumed_run_ends_bit_exact(data, tmp_path, monkeypatch,
         assert torch.equal(value, parts["model"][key]), key
     for index, state in whole["optimizer"]["state"].items():
         assert torch.equal(state["momentum_buffer"], parts["optimizer"]["state"][index]["momentum_buffer"])
+    assert len(_rows(tmp_path / "whole")) == 2
+    assert _rows(tmp_path / "parts") == _rows(tmp_path / "whole")
 
 
 def test_stop_after_iters_stops_a_run_resumed_past_it_at_its_first_iteration(data, tmp_path, capsys):
@@ -127,8 +139,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
         return loss * float("nan") if len(calls) >= 8 else loss
 
     monkeypatch.setattr(loop, "compute_loss", loss_nan_from_8)
-    with pytest.raises(NonFiniteLoss, match=r"not finite at iteration 8 \(of 18\); stopping, after the "
-                                            r"checkpoint at iteration 6 kept"):
+    with pytest.raises(Diverged, match=r"diverged by iteration 8 \(of 18\): the training loss is not finite from "
+                                       r"iteration 8; .*kept: the checkpoint '.*checkpoint.pt' of iteration 6"):
         main(_argv(data, tmp_path, "--epochs", "3"))
     kept = _weights(tmp_path)
     assert kept["iteration"] == ITERS_PER_EPOCH
@@ -149,6 +161,18 @@ def test_eval_only_reproduces_the_final_test_error(data, tmp_path):
     ([], "--data FOLDER is required"),
     (["--synthetic", "--eval-only"], "--eval-only needs a checkpoint"),
     (["--synthetic", "--batch-size", "0"], "--batch-size must be positive"),
+    (["--synthetic", "--milestones", "-5"], "--milestones must be > 0, got -5"),
+    (["--synthetic", "--milestones", "30", "30"], "--milestones must be distinct"),
+    (["--synthetic", "--milestone-epochs", "0"], "--milestone-epochs must be > 0"),
+    (["--synthetic", "--momentum", "2"], "--momentum must be in [0, 1)"),
+    (["--synthetic", "--momentum", "1"], "--momentum must be in [0, 1)"),
+    (["--synthetic", "--weight-decay=-1e-4"], "--weight-decay must be finite and >= 0"),
+    (["--synthetic", "--lr", "nan"], "--lr must be finite and > 0, got nan"),
+    (["--synthetic", "--lr", "0"], "--lr must be finite and > 0"),
+    (["--synthetic", "--warmup-lr", "inf"], "--warmup-lr must be finite and > 0"),
+    (["--synthetic", "--warmup-iters", "-1"], "--warmup-iters, --pad and --workers must be >= 0"),
+    (["--synthetic", "--lr-factor", "0"], "--lr-factor must be finite and > 0"),
+    (["--synthetic", "--resume", "--overwrite"], "leave out --overwrite"),
 ])
 def test_bad_flag_combinations_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit):

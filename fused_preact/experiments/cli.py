@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from ..dispatch import BACKENDS
 from ..train.data import DatasetError
+from ..train.errors import TrainerError
 from . import paper
 from .registry import EXPERIMENTS, FIGURES, select
 
@@ -122,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  backend=args.backend, device=args.device, nproc=args.nproc,
                                  units_per_stage=args.units_per_stage, progress=not args.no_progress,
                                  subprocess=args.subprocess, imagenet_data=args.imagenet_data)
-    except (ValueError, DatasetError) as error:
+    except (ValueError, DatasetError, TrainerError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:    # a second Ctrl-C, or one between runs: checkpoints are atomic

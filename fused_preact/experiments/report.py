@@ -4,7 +4,7 @@ For each number of the paper (``paper.CELLS``) the report gives this library's
 result over the seeds that finished: the median, as the paper reports medians
 of several runs, the range [min, max] and the run count, then the difference
 (ours - paper, in points). The paper's "fail" (test error above 20%) and a run
-that diverged (the trainer stopped on a non-finite loss) are both shown as
+that diverged (the trainer found a non-finite loss or tensor) are both shown as
 such. Runs at ``--scale`` below 1 or with fewer units per stage are labelled:
 they test the pipeline, not the paper.
 
@@ -183,7 +183,7 @@ def render(out: str | Path, runs: Optional[dict[str, list[SeedRun]]] = None) -> 
              f"library commit {git_commit() or 'unknown'}.", "",
              "Each cell: the paper's number; this library's median [min, max] over the finished seeds (the paper "
              "gives medians of 5 runs on CIFAR); the difference ours - paper in points. \"fail\" is the paper's "
-             "(test error above 20%, Table 1); \"diverged\": the trainer stopped on a non-finite loss. Runs at a "
+             "(test error above 20%, Table 1); \"diverged\": the trainer found a non-finite loss or tensor. Runs at a "
              "scale below 1 or with fewer units per stage are labelled so: they test the pipeline, not the paper.",
              ""]
     for table, title in paper.TABLE_TITLES.items():

@@ -2,13 +2,18 @@
 
 A run lives in ``<out>/<experiment>/seed<k>[-x<scale>][-n<units>]``: the trainer's
 own outputs (``checkpoint.pt``, ``log.csv``, ``metrics.json``, ``curves.png``),
-its ``diverged.json`` when the loss stopped being finite, and this runner's
+its ``diverged.json`` when the run stopped being finite, and this runner's
 ``run.json`` (the experiment, seed, scale and trainer configuration).
 
 - a run with ``metrics.json`` (the trainer writes it only at the end) or
   ``diverged.json`` is done: it is skipped, not repeated;
 - a run with a ``checkpoint.pt`` and neither is continued with ``--resume``
   (the trainer's checkpoints are atomic and resume exactly);
+- a folder whose records (``run.json``, the checkpoint's, ``metrics.json``'s or
+  ``diverged.json``'s configuration) describe a run of another configuration is
+  refused with the differences, not continued or counted: the configuration is
+  the trainer's own record (``fused_preact.train.run_config``) of the planned
+  command line;
 - a run stopped by SIGINT / SIGTERM stops the whole batch, to be continued by
   the same command.
 
@@ -31,9 +36,6 @@ from typing import Optional, Sequence
 from .registry import Experiment, select
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-# trainer flags that do not change what is trained (a run may resume with others)
-_RUN_ONLY_FLAGS = {"--data": 1, "--out": 1, "--backend": 1, "--device": 1, "--no-progress": 0, "--resume": 0,
-                   "--workers": 1}
 
 
 @dataclass
@@ -46,18 +48,11 @@ class Run:
     units_per_stage: Optional[int]
 
     @property
-    def config(self) -> list[str]:
-        """The flags that define what is trained (not where or on what)."""
-        kept, skip = [], 0
-        for flag in self.argv:
-            if skip:
-                skip -= 1
-                continue
-            if flag in _RUN_ONLY_FLAGS:
-                skip = _RUN_ONLY_FLAGS[flag]
-                continue
-            kept.append(flag)
-        return kept
+    def config(self) -> dict:
+        """What the run trains (the trainer's record of its flags: data, net, precision, recipe)."""
+        from ..train.cli import parse_args
+        from ..train.run_config import record
+        return record(parse_args(self.argv))
 
 
 def run_folder(out: str | os.PathLike, name: str, seed: int, scale: float = 1.0,
@@ -104,17 +99,52 @@ def state_of(folder: Path) -> str:
     return "new"
 
 
+class RunFolderMismatch(ValueError):
+    """A run folder that holds a run of another configuration."""
+
+
+def recorded_configs(folder: Path) -> dict[str, Optional[dict]]:
+    """The configuration each record in a run folder gives (file name -> record; None: the file holds
+    none, e.g. written before records had one)."""
+    from ..train import checkpoint
+
+    found: dict[str, Optional[dict]] = {}
+    for name in ("run.json", "metrics.json", "diverged.json"):
+        path = folder / name
+        if path.exists():
+            try:
+                config = json.loads(path.read_text()).get("config")
+            except ValueError as error:
+                raise RunFolderMismatch(f"{path} is not JSON ({error}); remove it or give another --out") from error
+            found[name] = config if isinstance(config, dict) else None
+    if (folder / "checkpoint.pt").exists():
+        found["checkpoint.pt"] = checkpoint.load(folder / "checkpoint.pt").get("config")
+    return found
+
+
+def check_folder(run: Run) -> None:
+    """Refuse a run folder whose records describe another configuration than ``run``'s."""
+    from ..train.run_config import describe, differences
+
+    expected = run.config
+    for name, config in recorded_configs(run.folder).items():
+        if config is None:
+            raise RunFolderMismatch(f"{run.folder} holds a run of another configuration: its {name} has no "
+                                    f"configuration record (written by an older version); give another --out or "
+                                    f"move that folder away")
+        found = differences(config, expected)
+        if found:
+            raise RunFolderMismatch(f"{run.folder} holds a run of another configuration (its {name}): "
+                                    f"{describe(found)}; give another --out or move that folder away")
+
+
 def execute(run: Run, *, nproc: int = 1, subprocess: bool = False) -> str:
     """Run (or continue, or skip) one run; returns its state afterwards, or ``interrupted``."""
     from ..train.records import write_json
 
+    check_folder(run)
     state = state_of(run.folder)
     record_path = run.folder / "run.json"
-    if record_path.exists():
-        recorded = json.loads(record_path.read_text())
-        if recorded.get("config") != run.config:
-            raise ValueError(f"{run.folder} holds a run of another configuration ({' '.join(recorded.get('config', []))}"
-                             f"); give another --out or remove that folder")
     if state in ("finished", "diverged"):
         print(f"{run.experiment.name} seed {run.seed}: {state} before, not repeated ({run.folder})", flush=True)
         return state
@@ -141,10 +171,10 @@ def execute(run: Run, *, nproc: int = 1, subprocess: bool = False) -> str:
 
 
 def _in_process(argv: list[str]) -> bool:
-    from ..train import NonFiniteLoss, main
+    from ..train import Diverged, main
     try:
         result = main(argv)
-    except NonFiniteLoss as error:   # recorded in diverged.json by the trainer
+    except Diverged as error:   # recorded in diverged.json by the trainer
         print(f"diverged: {error}", flush=True)
         return False
     return "interrupted" in result

@@ -9,6 +9,7 @@ ImageNet: batch 256, lr 0.1 divided by 10 at epochs 30 and 60, 90 epochs.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Optional, Sequence
 
 from ..dispatch import BACKENDS
@@ -16,6 +17,7 @@ from ..unit_function import MEMORY_MODES
 from ..units import ACTIVATIONS, BOTTLENECK_STRIDE_ON, PROJECTIONS, SHORTCUTS
 from .imagenet_transforms import IMAGENET_AUGMENTS, parse_crop
 from .options import dataset_kind
+from .run_config import OVERRIDABLE, check_overrides, flag
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
 AMP_MODES = ("off", "bf16", "fp16")
@@ -26,6 +28,28 @@ DEFAULTS = {   # dataset kind -> recipe values that depend on it
                  "eval_batch_size": 250, "image_size": 224},
 }
 WARMUP_MIN_DEPTH = 110
+EPILOG = """\
+resuming: a checkpoint records the run's configuration (data, net, precision, recipe); --resume with
+other values is refused, listing each difference (old -> new), unless --override names them; those
+are applied to the optimizer and the lr schedule and recorded in log.csv and metrics.json. Overridable:
+  %s
+--out holds one run: a fresh run into a folder holding another run's checkpoint or log is refused
+(--resume continues it, --overwrite moves it aside into <out>/replaced-<time>/), and <out>/train.lock
+keeps a second trainer out while one runs (a lock left by a killed trainer is taken over).
+
+divergence: at every --print-freq window end the loss, weights, gradients, BN running statistics and
+momentum are checked for NaN/inf (no extra host reads per step); a diverged run writes diverged.json,
+never writes a non-finite checkpoint, and names the last (finite) checkpoint it kept. A --resume from
+it (e.g. with --override lr) continues the run and keeps the record as diverged-<iteration>.json.
+
+exit status: 0 done (or stopped by --stop-after-iters), 1 failed while running (a checkpoint could
+not be written: the previous one is kept), 2 refused (flags, --out, --resume), 3 diverged,
+128+N stopped by signal N (SIGINT, SIGTERM; continue with --resume).
+""" % " ".join(flag(k) for k in OVERRIDABLE)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the flags' help, the epilog's line breaks kept."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m fused_preact.train",
         description="Train a pre-activation ResNet (He et al., 2016) on CIFAR or ImageNet with eager or "
                     "fused units. Multi-GPU: torchrun --nproc-per-node=N -m fused_preact.train ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter, epilog=EPILOG)
     data = p.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default="cifar10")
     data.add_argument("--data", help="folder holding cifar-10-batches-py / cifar-100-python, or ImageNet's "
@@ -95,18 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--epochs", type=int, default=None, help="training epochs (ImageNet default 90)")
     recipe.add_argument("--batch-size", type=int, default=None,
                         help="global batch, split over the processes (default 128 CIFAR, 256 ImageNet)")
-    recipe.add_argument("--lr", type=float, default=0.1)
-    recipe.add_argument("--momentum", type=float, default=0.9)
-    recipe.add_argument("--weight-decay", type=float, default=1e-4)
+    recipe.add_argument("--lr", type=float, default=0.1, help="learning rate (finite, > 0)")
+    recipe.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, in [0, 1)")
+    recipe.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay (finite, >= 0)")
     recipe.add_argument("--milestones", type=int, nargs="*", default=None,
-                        help="iterations where the lr is divided (CIFAR default 32000 48000)")
+                        help="iterations where the lr is divided, distinct and > 0 (CIFAR default 32000 48000)")
     recipe.add_argument("--milestone-epochs", type=int, nargs="*", default=None,
-                        help="epochs where the lr is divided (ImageNet default 30 60)")
-    recipe.add_argument("--lr-factor", type=float, default=0.1, help="lr multiplier at each milestone")
+                        help="epochs where the lr is divided, distinct and > 0 (ImageNet default 30 60)")
+    recipe.add_argument("--lr-factor", type=float, default=0.1, help="lr multiplier at each milestone (finite, > 0)")
     recipe.add_argument("--warmup-iters", type=int, default=None,
                         help=f"iterations at --warmup-lr first (default 400 for CIFAR nets of depth >= "
                              f"{WARMUP_MIN_DEPTH}, else 0)")
-    recipe.add_argument("--warmup-lr", type=float, default=0.01)
+    recipe.add_argument("--warmup-lr", type=float, default=0.01, help="lr of the warm-up iterations (finite, > 0)")
     recipe.add_argument("--seed", type=int, default=0)
     recipe.add_argument("--deterministic", action="store_true",
                         help="deterministic kernels only (torch.use_deterministic_algorithms), no cudnn autotuning")
@@ -114,7 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run and outputs")
     run.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<arch>)")
     run.add_argument("--resume", nargs="?", const="auto", default=None,
-                     help="continue from a checkpoint (default: <out>/checkpoint.pt)")
+                     help="continue from a checkpoint (default: <out>/checkpoint.pt) with the run's own "
+                          "configuration (see below)")
+    run.add_argument("--override", nargs="+", default=None, metavar="KEY",
+                     help="with --resume: the recipe values to change on purpose (e.g. --override lr "
+                          f"milestones); one of: {' '.join(OVERRIDABLE)}")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start a fresh run in an --out that holds another run, moving that run's files into "
+                          "<out>/replaced-<time>/ (nothing is deleted)")
     run.add_argument("--eval-only", action="store_true", help="evaluate the --resume checkpoint and stop")
     run.add_argument("--eval-batch-size", type=int, default=None)
     run.add_argument("--eval-every", type=int, default=1, help="epochs between test evaluations")
@@ -162,6 +193,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.warmup_iters < 0 or args.pad < 0 or args.workers < 0:
         parser.error("--warmup-iters, --pad and --workers must be >= 0")
+    reason = recipe_refusal(args)
+    if reason is not None:
+        parser.error(reason)
+    if args.override and not args.resume:
+        parser.error("--override changes values of a run that --resume continues: give --resume too")
+    try:
+        check_overrides(args.override or ())
+    except ValueError as error:
+        parser.error(str(error))
+    if args.overwrite and (args.eval_only or args.resume == "auto"):
+        parser.error("--overwrite starts a fresh run in --out (moving the run there aside); --resume continues "
+                     "the run in --out and --eval-only writes eval.json only: leave out --overwrite")
     if args.eval_only and not args.resume:
         parser.error("--eval-only needs a checkpoint: --resume [PATH]")
     if args.eval_crops:
@@ -182,6 +225,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if reason is not None:
             parser.error(reason)
     return args
+
+
+def recipe_refusal(args: argparse.Namespace) -> Optional[str]:
+    """Why the recipe's values cannot train (None when they can): learning rates, momentum, weight
+    decay, the lr factor and the milestones."""
+    for name, low, closed in (("lr", 0.0, False), ("warmup_lr", 0.0, False), ("lr_factor", 0.0, False),
+                              ("weight_decay", 0.0, True)):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and (value >= low if closed else value > low)):
+            return f"{flag(name)} must be finite and {'>=' if closed else '>'} {low:g}, got {value}"
+    if not (math.isfinite(args.momentum) and 0 <= args.momentum < 1):
+        return (f"--momentum must be in [0, 1) (the fraction of the last update kept; 1 or more never "
+                f"forgets an update), got {args.momentum}")
+    for name in ("milestones", "milestone_epochs"):
+        values = getattr(args, name)
+        if values is None:
+            continue
+        if any(v <= 0 for v in values):
+            return f"{flag(name)} must be > 0, got {' '.join(map(str, values))}"
+        if len(set(values)) != len(values):
+            return f"{flag(name)} must be distinct (each divides the lr once), got {' '.join(map(str, values))}"
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

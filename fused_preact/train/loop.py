@@ -3,10 +3,19 @@ iteration loop, evaluation, checkpoints, logs and the final figures.
 
 The loop never waits for the device inside a window of ``--print-freq``
 iterations: losses and errors stay on the device and are read back once per
-window, where their finiteness is checked, the progress bar moves, and stop
-requests (SIGINT, SIGTERM, ``--stop-after-iters``) are agreed on by all processes.
+window, in one transfer with the divergence screen of every tensor a checkpoint
+holds (``divergence.py``); there the progress bar moves, and stop requests
+(SIGINT, SIGTERM, ``--stop-after-iters``) are agreed on by all processes.
 Windows end at fixed iterations (multiples of ``--print-freq``, epoch ends), so
 all processes stop at the same iteration.
+
+A run stays one run across interruptions: its checkpoint records its configuration
+(``run_config.py``; ``--resume`` refuses other values unless ``--override`` names
+them), the running sums of the epoch in progress (so an epoch's ``log.csv`` row
+covers all its iterations however often it was interrupted) and the ``log.csv``
+rows themselves: ``log.csv`` is rewritten from them after each checkpoint write,
+so a row exists exactly when a checkpoint holding it does. ``--out`` is locked for
+the run's life and never receives a second run's outputs (``out_folder.py``).
 """
 from __future__ import annotations
 
@@ -18,6 +27,7 @@ import resource
 import signal
 import time
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -29,9 +39,10 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import dispatch
 from ..convert import convert_to_fused
 from ..models import create_model
-from . import checkpoint, distributed, graph_step, plots, records
+from . import checkpoint, distributed, graph_step, out_folder, plots, records, run_config
 from .augment import BatchAugment
 from .crop_eval import crop_errors
+from .divergence import Diverged, Findings, FinitenessProbe
 from .data import IMAGENET_MEAN, IMAGENET_STD, channel_stats, imagenet_datasets, load_cifar, \
     num_classes_of, synthetic_images
 from .options import dataset_kind, memory_mode, unit_options
@@ -39,12 +50,7 @@ from .signal_log import SignalRecorder
 from .streams import DeviceStream, LoaderStream, device_eval_batches, loader_eval_batches
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-CHECKPOINT_FORMAT = 1
 NO_ITERATION = 2**62
-
-
-class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite."""
 
 
 def compute_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -106,6 +112,31 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
 
 
+@dataclass
+class EpochSums:
+    """Running sums of the epoch in progress, added one iteration at a time in float64 (so they do
+    not depend on where windows or interruptions fall); checkpoints carry them."""
+    loss: float = 0.0       # of the iterations' mean losses
+    wrong: float = 0.0      # wrong top-1 predictions
+    iterations: int = 0
+
+    def add(self, losses: list[float], wrong: float) -> None:
+        for loss in losses:
+            self.loss += loss
+        self.wrong += wrong
+        self.iterations += len(losses)
+
+
+@dataclass
+class Window:
+    """What one window end reads back (one transfer), agreed on by all processes."""
+    losses: list[float]           # the global batch's mean loss of each iteration
+    wrong: float                  # wrong top-1 predictions of the window (global batch)
+    first_bad_loss: int           # first iteration whose loss is not finite, or NO_ITERATION
+    suspicious: bool              # a tensor group's screen is not finite (divergence.py)
+    stop_signal: int              # SIGINT / SIGTERM received by some process, or 0
+
+
 class Trainer:
     def __init__(self, args: argparse.Namespace, processes: distributed.Processes):
         self.args, self.processes = args, processes
@@ -126,8 +157,19 @@ class Trainer:
             if reason is not None:
                 raise ValueError(reason)
         self.resumed = checkpoint.load(self.resume_path) if self.resume_path else None
-        if self.resumed is not None and self.resumed.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"--resume {str(self.resume_path)!r} is not a checkpoint of this trainer")
+        # what this run continues under changed values (--override), and the run's history of them
+        self.applied: list[run_config.Difference] = []
+        self.overrides: list[dict] = []
+        # the last checkpoint of this run known to be entirely finite: (path, iteration)
+        self.kept: Optional[tuple[Path, int]] = None
+        if self.resumed is not None:
+            if args.eval_only:
+                checkpoint.require_format(self.resumed, self.resume_path, checkpoint.EVAL_FORMATS, "--eval-only")
+            else:
+                checkpoint.require_format(self.resumed, self.resume_path, (checkpoint.FORMAT,), "--resume")
+                self.applied = run_config.resolve(self.resumed["config"], args, str(self.resume_path))
+                self.overrides = list(self.resumed["overrides"])
+                self.kept = (self.resume_path, self.resumed["iteration"])
 
     # -- building -----------------------------------------------------------
     def build_data(self) -> None:
@@ -198,12 +240,23 @@ class Trainer:
             wrapped = DistributedDataParallel(model, device_ids=ids)
         self.forward_model = torch.compile(wrapped) if args.compile else wrapped
 
-    def build_optimizer(self) -> None:
+    def build_optimizer(self, start: int = 0, saved: Optional[dict] = None) -> None:
+        """SGD, the lr schedule at iteration ``start`` and the loss scaler, from the flags; ``saved``
+        (a checkpoint) brings the optimizer's momentum and the scaler's state, never its
+        hyper-parameters: those are this run's flags (equal to the checkpoint's, or overridden)."""
         args = self.args
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum,
                                          weight_decay=args.weight_decay, fused=True if self.cuda_graph else None)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+        if saved is not None:
+            self.optimizer.load_state_dict(saved["optimizer"])
+            for group in self.optimizer.param_groups:
+                group.update(lr=args.lr, initial_lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        # iteration `start` runs at args.lr * schedule(start): the scheduler's first step sets it
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule, last_epoch=start - 1)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+        if saved is not None:
+            self.scaler.load_state_dict(saved["scaler"])
+        self.probe = FinitenessProbe(self.model, self.optimizer, gradients=not self.scaler.is_enabled())
         self.graphed_step = None
         if self.cuda_graph:   # the whole step captured once (graph_step.py)
             self.graphed_step = graph_step.CapturedTrainStep(
@@ -228,29 +281,37 @@ class Trainer:
             rngs = [None] * self.processes.world_size
             torch.distributed.all_gather_object(rngs, rng)
         return {
-            "format": CHECKPOINT_FORMAT, "args": vars(self.args), "iteration": iteration,
+            "format": checkpoint.FORMAT, "args": vars(self.args), "config": run_config.record(self.args),
+            "overrides": self.overrides, "iteration": iteration,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "stream": self.stream.state_dict(), "rng": rngs, "history": self.history,
+            "scaler": self.scaler.state_dict(), "stream": self.stream.state_dict(), "rng": rngs,
+            "history": self.history, "epoch_sums": asdict(self.sums), "rows": self.rows,
             "train_seconds": self.train_seconds, "train_images": self.train_images,
         }
 
     def save(self, iteration: int) -> None:
+        """Write the checkpoint of ``iteration``, which the window end of that iteration found
+        entirely finite (``screened_at``); anything else is checked here first."""
+        if self.screened_at != iteration:
+            findings = self.probe.non_finite()
+            if findings:
+                raise self.diverged(iteration, NO_ITERATION, findings)
         state = self.state(iteration)   # every process joins the RNG gather
         if self.processes.main:
             checkpoint.save_atomic(state, self.out / "checkpoint.pt")
+        self.kept = (self.out / "checkpoint.pt", iteration)
 
     def restore(self) -> int:
+        """The resumed checkpoint's stream, RNG, history and sums; returns its iteration."""
         saved = self.resumed
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        self.scaler.load_state_dict(saved["scaler"])
         self.stream.load_state_dict(saved["stream"])
         rng = saved["rng"][self.processes.rank] if self.processes.rank < len(saved["rng"]) else saved["rng"][0]
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.history = saved["history"]
+        self.sums = EpochSums(**saved["epoch_sums"])
+        self.rows = list(saved["rows"])
         self.train_seconds, self.train_images = saved["train_seconds"], saved["train_images"]
         return saved["iteration"]
 
@@ -310,23 +371,117 @@ class Trainer:
         self.scheduler.step()
         return loss.detach(), (logits.detach().argmax(1) != labels).sum()
 
+    def read_window(self, losses: list[torch.Tensor], wrongs: list[torch.Tensor], first: int,
+                    requests: "_StopRequests") -> Window:
+        """The window's losses, wrong count and divergence screen in one read, agreed on by all
+        processes (``first``: the iteration before the window)."""
+        p = self.processes
+        values = torch.cat([torch.stack(losses).double(), torch.stack(wrongs).sum().double().reshape(1),
+                            self.probe.screen().double()]).cpu().tolist()
+        n = len(losses)
+        window_losses, wrong, screen = values[:n], values[n], values[n + 1:]
+        if p.distributed:   # the global batch's mean loss and wrong count
+            summed = distributed.all_sum(window_losses + [wrong], self.device, p)
+            window_losses, wrong = [v / p.world_size for v in summed[:-1]], summed[-1]
+        bad = [i for i, v in enumerate(window_losses) if not math.isfinite(v)]
+        first_bad = first + bad[0] + 1 if bad else NO_ITERATION
+        suspicious = not all(math.isfinite(v) for v in screen)
+        first_bad, minus_signal, minus_suspicious = distributed.all_min(
+            [first_bad, -(requests.signal or 0), -int(suspicious)], self.device, p)
+        return Window(window_losses, wrong, int(first_bad), bool(minus_suspicious), -int(minus_signal))
+
+    def diverged(self, it: int, first_bad_loss: int, findings: Findings) -> Diverged:
+        """The error of a run found not finite at the window end of ``it`` (recorded in diverged.json)."""
+        what = []
+        if first_bad_loss != NO_ITERATION:
+            what.append(f"the training loss is not finite from iteration {first_bad_loss}")
+        if findings:
+            what.append(f"non-finite {findings.describe()}")
+        elif first_bad_loss == NO_ITERATION:
+            what.append("non-finite tensors on another process")
+        if self.kept is not None:
+            kept = (f"kept: the checkpoint {str(self.kept[0])!r} of iteration {self.kept[1]}, the last one "
+                    f"this run wrote or resumed from (entirely finite)")
+        else:
+            kept = "no checkpoint of this run was written, none is kept"
+        message = f"the run diverged by iteration {it} (of {self.total_iters}): {'; '.join(what)}. Stopped; {kept}"
+        record = {"iteration": it, "first_non_finite_loss": None if first_bad_loss == NO_ITERATION else first_bad_loss,
+                  "non_finite": findings.names, "total_iterations": self.total_iters,
+                  "checkpoint": str(self.kept[0]) if self.kept else None,
+                  "checkpoint_iteration": self.kept[1] if self.kept else None,
+                  "config": run_config.record(self.args), "message": message}
+        if self.processes.main:   # a record of the divergence for whoever compares runs
+            records.write_json(self.out / "diverged.json", record)
+        return Diverged(message, record)
+
+    def check_window(self, it: int, window: Window) -> None:
+        """Raise ``Diverged`` when the window's loss or (on a suspicion, checked exactly) any tensor
+        is not finite; otherwise the state at ``it`` is entirely finite."""
+        findings, confirmed = Findings(), False
+        if window.suspicious:    # the exact check, on every process (a collective follows)
+            findings = self.probe.non_finite()
+            confirmed = distributed.all_min([-int(bool(findings))], self.device, self.processes)[0] < 0
+        if window.first_bad_loss != NO_ITERATION or confirmed:
+            raise self.diverged(it, window.first_bad_loss, findings)
+        self.screened_at = it
+
+    # -- the run --------------------------------------------------------------
     def run(self) -> dict:
+        if self.args.eval_only:
+            self.build_data()
+            self.build_model()
+            return self.run_eval_only()
+        with self.claim_out():
+            return self.train()
+
+    def continues_in_out(self) -> bool:
+        """Whether this run resumes the checkpoint that is in ``--out`` (the run there is this one)."""
+        if self.resume_path is None:
+            return False
+        own = self.out / "checkpoint.pt"
+        try:
+            return own.exists() and os.path.samefile(self.resume_path, own)
+        except OSError:
+            return False
+
+    @contextlib.contextmanager
+    def claim_out(self):
+        """``--out`` locked for the run's life and made this run's (the main process does it)."""
+        if not self.processes.main:
+            yield
+            return
+        with out_folder.RunLock(self.out) as lock:
+            if lock.stale:
+                print(f"note: {lock.path} named process {lock.stale.get('pid')} on host {lock.stale.get('host')}, "
+                      f"which ended without releasing it (a stale lock); this run takes it over", flush=True)
+            aside = out_folder.claim(self.out, continues=self.continues_in_out(),
+                                     overwrite=getattr(self.args, "overwrite", False))
+            if aside is not None:
+                print(f"--overwrite: the run that was in {self.out} is now in {aside}", flush=True)
+            yield
+
+    def train(self) -> dict:
         args, p = self.args, self.processes
         self.build_data()
         self.build_model()
-        if args.eval_only:
-            return self.run_eval_only()
-        self.build_optimizer()
+        start = self.resumed["iteration"] if self.resumed is not None else 0
+        self.build_optimizer(start, self.resumed)
         self.history = {"train": [], "test": [], "signal": []}
+        self.sums, self.rows = EpochSums(), []
         self.train_seconds, self.train_images = 0.0, 0
-        start = self.restore() if self.resumed is not None else 0
-        if self.resumed is None:   # training randomness (dropout) of this process; a resume restores it
+        self.screened_at: Optional[int] = None
+        if self.resumed is not None:
+            self.restore()
+            if self.applied:
+                self.overrides.append({"iteration": start, "changes": [d.as_dict() for d in self.applied]})
+        else:   # training randomness (dropout) of this process; a resume restores it
             torch.manual_seed(args.seed * 1000 + p.rank + 1)
-        if p.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            records.write_json(self.out / "args.json", vars(args))
         recorder = SignalRecorder(self.model) if args.log_signal else None
         log = records.EpochLog(self.out) if p.main else None
+        if p.main:
+            records.write_json(self.out / "args.json", vars(args))
+            if self.resumed is not None:
+                log.rewrite(self.rows)    # log.csv as the resumed checkpoint has it
         progress = None
         if p.main and not args.no_progress:
             from tqdm import tqdm
@@ -338,13 +493,15 @@ class Trainer:
                   f"(runs {self.backend_used()}){memory}, {self.total_iters} iterations of {args.batch_size} images, "
                   f"{p.world_size} process(es) on {self.device.type}", flush=True)
             print(self.conversion.summary(), flush=True)
+            if self.applied:
+                print(f"resumed at iteration {start} with --override: {run_config.describe(self.applied)} "
+                      f"(recorded in log.csv and metrics.json)", flush=True)
 
         losses, wrongs = [], []
-        epoch_loss, epoch_wrong, epoch_count = 0.0, 0.0, 0
         window_start, window_first = time.perf_counter(), start
-        local_batch = args.batch_size // p.world_size
         it = start
         stopped: Optional[str] = None
+        stop_signal = 0
         try:
             with _StopRequests() as requests:
                 while it < self.total_iters:
@@ -365,63 +522,30 @@ class Trainer:
                     if not (it % args.print_freq == 0 or epoch_end or it == self.total_iters or asked_stop):
                         continue
 
-                    # -- window end: read back, check, agree on stopping -----------
-                    window_losses = torch.stack(losses).float().cpu()
-                    window_wrong = torch.stack(wrongs).sum().item()
-                    if p.distributed:   # the global batch's mean loss and wrong count
-                        summed = distributed.all_sum(window_losses.tolist() + [window_wrong], self.device, p)
-                        window_losses = torch.tensor(summed[:-1]) / p.world_size
-                        window_wrong = summed[-1]
-                    bad = (~torch.isfinite(window_losses)).nonzero()
-                    first_bad = window_first + int(bad[0]) + 1 if len(bad) else NO_ITERATION
-                    first_bad, last_signal = distributed.all_min([first_bad, -(requests.signal or 0)],
-                                                                 self.device, p)
-                    first_bad, stop_signal = int(first_bad), -int(last_signal)
-                    if first_bad != NO_ITERATION:
-                        where = f"after the checkpoint at iteration {self._saved_at()}" \
-                            if (self.out / "checkpoint.pt").exists() else "with no checkpoint written yet"
-                        message = (f"the training loss is not finite at iteration {first_bad} "
-                                   f"(of {self.total_iters}); stopping, {where} kept")
-                        if p.main:   # a record of the divergence for whoever compares runs
-                            records.write_json(self.out / "diverged.json",
-                                               {"iteration": first_bad, "total_iterations": self.total_iters,
-                                                "message": message})
-                        raise NonFiniteLoss(message)
+                    # -- window end: one read back, the divergence check, agreement on stopping --
+                    window = self.read_window(losses, wrongs, window_first, requests)
+                    self.check_window(it, window)
                     now = time.perf_counter()
                     seconds, n = now - window_start, it - window_first
                     self.train_seconds += seconds
                     self.train_images += n * args.batch_size
-                    mean_loss = window_losses.mean().item()
-                    window_error = window_wrong / (n * args.batch_size)
-                    epoch_loss += window_losses.sum().item()
-                    epoch_wrong += window_wrong
-                    epoch_count += n
+                    self.sums.add(window.losses, window.wrong)
+                    mean_loss = sum(window.losses) / n
                     self.history["train"].append((it, mean_loss))
                     if progress is not None:
                         progress.update(n)
-                        progress.set_postfix(loss=f"{mean_loss:.3f}", err=f"{100 * window_error:.1f}%",
+                        progress.set_postfix(loss=f"{mean_loss:.3f}",
+                                             err=f"{100 * window.wrong / (n * args.batch_size):.1f}%",
                                              img_s=f"{n * args.batch_size / seconds:.0f}")
                     losses, wrongs = [], []
 
-                    if epoch_end or it == self.total_iters:
-                        epoch = math.ceil(it / self.batches_per_epoch)
-                        row = {"epoch": epoch, "iteration": it, "lr": args.lr * self.schedule(it - 1),
-                               "train_loss": epoch_loss / max(epoch_count, 1),
-                               "train_error": epoch_wrong / max(epoch_count * args.batch_size, 1),
-                               "images_per_s": self.train_images / max(self.train_seconds, 1e-9),
-                               "elapsed_s": self.train_seconds}
-                        if epoch % args.eval_every == 0 or it == self.total_iters:
-                            row["test_loss"], row["test_error"] = self.evaluate()
-                            self.history["test"].append((it, row["test_error"]))
-                        if log is not None:
-                            log.write(row)
-                            if progress is not None:
-                                progress.write(self._describe(row))
-                        epoch_loss, epoch_wrong, epoch_count = 0.0, 0.0, 0
-                        self.save(it)
-                    if stop_signal or asked_stop:
+                    row_written = epoch_end or it == self.total_iters
+                    if row_written:
+                        self.end_epoch(it, log, progress)
+                    if window.stop_signal or asked_stop:
+                        stop_signal = window.stop_signal
                         stopped = signal.Signals(stop_signal).name if stop_signal else "--stop-after-iters"
-                        if not epoch_end:
+                        if not row_written:
                             self.save(it)
                         break
                     window_start, window_first = time.perf_counter(), it
@@ -445,8 +569,33 @@ class Trainer:
             return {"interrupted": stopped, "iteration": it, "exit_code": 128 + stop_signal if stop_signal else 0}
         return self.finish(it)
 
-    def _saved_at(self) -> int:
-        return checkpoint.load(self.out / "checkpoint.pt")["iteration"]
+    def end_epoch(self, it: int, log: Optional[records.EpochLog], progress) -> None:
+        """The epoch's ``log.csv`` row (evaluated when due), written with the checkpoint that holds it:
+        the checkpoint first, then ``log.csv`` from the checkpoint's rows."""
+        args = self.args
+        previous = self.rows[-1]["iteration"] if self.rows else 0
+        row = {"epoch": math.ceil(it / self.batches_per_epoch), "iteration": it, "lr": args.lr * self.schedule(it - 1),
+               "train_loss": self.sums.loss / max(self.sums.iterations, 1),
+               "train_error": self.sums.wrong / max(self.sums.iterations * args.batch_size, 1),
+               "images_per_s": self.train_images / max(self.train_seconds, 1e-9), "elapsed_s": self.train_seconds,
+               "overrides": " ".join(f"at iteration {o['iteration']}: " + run_config.describe(
+                   run_config.Difference(**c) for c in o["changes"])
+                   for o in self.overrides if previous <= o["iteration"] < it)}
+        if row["epoch"] % args.eval_every == 0 or it == self.total_iters:
+            row["test_loss"], row["test_error"] = self.evaluate()
+            self.history["test"].append((it, row["test_error"]))
+        sums, self.sums = self.sums, EpochSums()     # the checkpoint of an epoch end holds no partial sums
+        self.rows.append(row)
+        try:
+            self.save(it)
+        except BaseException:
+            self.rows.pop()
+            self.sums = sums
+            raise
+        if log is not None:
+            log.rewrite(self.rows, new=[row])
+            if progress is not None:
+                progress.write(self._describe(row))
 
     @staticmethod
     def _describe(row: dict) -> str:
@@ -475,6 +624,7 @@ class Trainer:
             "peak_memory_bytes": _peak_memory(self.device), "parameters": self.parameters,
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "git_commit": records.git_commit(), "torch": torch.__version__,
+            "config": run_config.record(args), "overrides": self.overrides,
             "train_curve": self.history["train"], "test_curve": self.history["test"],
         }
         if test_loss is not None:

@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Optional
 
 EPOCH_FIELDS = ("epoch", "iteration", "lr", "train_loss", "train_error", "test_loss", "test_error",
-                "images_per_s", "elapsed_s")
+                "images_per_s", "elapsed_s", "overrides")
+SCALAR_FIELDS = ("lr", "train_loss", "train_error", "test_loss", "test_error", "images_per_s", "elapsed_s")
 SIGNAL_FIELDS = ("iteration", "unit", "x_norm", "grad_norm")
 
 
 class EpochLog:
-    """Appends one row per epoch to ``log.csv`` (and to TensorBoard, when installed)."""
+    """``log.csv``, one row per epoch, as the last checkpoint holds them: rewritten whole (atomically)
+    after each checkpoint write, so a row is there exactly when a checkpoint holding it is, and a
+    resumed run neither repeats nor loses one. New rows also go to TensorBoard, when installed."""
 
     def __init__(self, out: Path):
         self.path = out / "log.csv"
@@ -27,17 +30,20 @@ class EpochLog:
         if SummaryWriter is not None:
             self.tensorboard = SummaryWriter(str(out / "tensorboard"))
 
-    def write(self, row: dict) -> None:
-        new = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
+    def rewrite(self, rows: list[dict], new: tuple[dict, ...] | list[dict] = ()) -> None:
+        """``log.csv`` holding ``rows``; ``new``: the rows not written before (for TensorBoard)."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=EPOCH_FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow({k: row.get(k, "") for k in EPOCH_FIELDS})
-        if self.tensorboard is not None:
-            for key in EPOCH_FIELDS[2:]:
-                if isinstance(row.get(key), (int, float)):
-                    self.tensorboard.add_scalar(key, row[key], row["iteration"])
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: row.get(k, "") for k in EPOCH_FIELDS})
+        os.replace(tmp, self.path)
+        if self.tensorboard is not None and new:
+            for row in new:
+                for key in SCALAR_FIELDS:
+                    if isinstance(row.get(key), (int, float)):
+                        self.tensorboard.add_scalar(key, row[key], row["iteration"])
             self.tensorboard.flush()
 
     def close(self) -> None:
