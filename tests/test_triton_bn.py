@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-import reference_ops
+from fused_preact import reference_ops
 from gpu_code import ARCHS, assert_no_spills, compile_triton
 from fused_preact.kernels import bn_backward_finish as finish_module
 from fused_preact.kernels import bn_finalize as finalize_module
