@@ -87,7 +87,8 @@ def check_lines(work: Path) -> list[str]:
     except ValueError as error:
         return [f"{found[0].relative_to(work)}: unreadable ({error})"]
     env = data.get("environment", {})
-    lines = [f"{found[0].relative_to(work)}: {'PASS' if data.get('passed') else 'FAIL'} {data.get('counts')} in "
+    verdict = ("PASS" if data.get("passed") else "FAIL") + ("" if data.get("complete", True) else " (stopped before its end)")
+    lines = [f"{found[0].relative_to(work)}: {verdict} {data.get('counts')} in "
              f"{data.get('seconds')} s; device {env.get('device')} {env.get('gpu', '')} capability "
              f"{env.get('capability', '-')}; extension code {env.get('extension', {}).get('code_for_this_gpu', '-')}"]
     for dtype, choice in env.get("auto", {}).items():

@@ -58,6 +58,7 @@ class Report:
     environment: dict
     rows: list = field(default_factory=list)
     seconds: float = 0.0
+    complete: bool = False        # every section ran (a report written on the way is not)
 
     @property
     def passed(self) -> bool:
@@ -70,7 +71,8 @@ class Report:
         return counts
 
     def as_json(self) -> dict:
-        return {"passed": self.passed, "counts": self.counts(), "seconds": round(self.seconds, 1),
+        return {"passed": self.passed, "complete": self.complete, "counts": self.counts(),
+                "seconds": round(self.seconds, 1),
                 "environment": self.environment, "rows": [asdict(row) for row in self.rows]}
 
 
@@ -337,8 +339,10 @@ def _log_nothing(_text: str) -> None:
     pass
 
 
-def run_check(device: torch.device, quick: bool, backends: Optional[list] = None, log=_log_nothing) -> Report:
-    """The whole check on ``device`` (see the module docstring); ``log(text)`` hears of each section."""
+def run_check(device: torch.device, quick: bool, backends: Optional[list] = None, log=_log_nothing,
+              progress=None) -> Report:
+    """The whole check on ``device`` (see the module docstring); ``log(text)`` hears of each section,
+    ``progress(report)`` gets the report so far after each (a run cut short keeps what it found)."""
     start = time.perf_counter()
     the_plan = plan(device, quick)
     report = Report(environment(device))
@@ -353,15 +357,25 @@ def run_check(device: torch.device, quick: bool, backends: Optional[list] = None
             operators = the_plan.interpreter_operators if interpreted else the_plan.operators
             log(f"operators on the {backend} backend ({len(operators)} shapes)")
             report.rows += operator_rows(backend, device, operators)
+            _tell(progress, report, start)
             units = the_plan.interpreter_units if interpreted else the_plan.units
             if units:
                 log(f"unit forms on the {backend} backend ({len(units)} forms)")
                 report.rows += unit_rows(backend, device, units, the_plan.eval_mode and not interpreted)
+                _tell(progress, report, start)
             if not interpreted and the_plan.timed:
                 log(f"timing on the {backend} backend")
                 report.rows += time_rows(backend, device, the_plan.timed)
+                _tell(progress, report, start)
     report.seconds = time.perf_counter() - start
+    report.complete = True
     return report
+
+
+def _tell(progress, report: Report, start: float) -> None:
+    if progress is not None:
+        report.seconds = time.perf_counter() - start
+        progress(report)
 
 
 # -- output ------------------------------------------------------------------------------------------------------
@@ -421,15 +435,21 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-m", "fused_preact.check", *sys.argv[1:]])
-    report = run_check(device, args.quick, backends, log=lambda text: print(f"... {text}", flush=True))
+    def write(report: Report) -> None:
+        if args.json:
+            temporary = f"{args.json}.tmp"
+            with open(temporary, "w", encoding="utf-8") as f:
+                json.dump(report.as_json(), f, indent=1, default=str)
+            os.replace(temporary, args.json)
+    report = run_check(device, args.quick, backends, log=lambda text: print(f"... {text}", flush=True),
+                       progress=write)
     print(format_environment(report.environment))
     print()
     print(format_table(report.rows))
     counts = ", ".join(f"{n} {status}" for status, n in sorted(report.counts().items()))
     print(f"\ncheck: {'PASS' if report.passed else 'FAIL'} ({counts}) in {report.seconds:.1f} s")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report.as_json(), f, indent=1, default=str)
+        write(report)
         print(f"wrote {args.json}")
     return 0 if report.passed else 1
 

@@ -146,7 +146,8 @@ def _plain_execution(x: torch.Tensor) -> bool:
     from torch.utils._python_dispatch import _get_current_dispatch_mode
     if _get_current_dispatch_mode() is not None:
         return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._are_functorch_transforms_active():
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+    if torch._C._functorch.is_functorch_wrapped_tensor(x) or transforms_active():
         return False
     return not isinstance(x, torch._subclasses.FakeTensor)
 

@@ -25,7 +25,7 @@ def quick_cpu_report(tmp_path_factory):
 def test_quick_cpu_check_passes_every_row_and_writes_json(quick_cpu_report):
     code, report = quick_cpu_report
     failed = [row for row in report["rows"] if row["status"] == "FAIL"]
-    assert code == 0 and report["passed"] and not failed, failed
+    assert code == 0 and report["passed"] and report["complete"] and not failed, failed
     env = report["environment"]
     assert env["torch"] == torch.__version__ and set(env["auto"]) == {"fp32", "bf16", "fp16"}
     assert env["auto"]["fp32"]["backend"] == "eager" and "cuda" in env["auto"]["fp32"]["passed_over"]

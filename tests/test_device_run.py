@@ -67,7 +67,7 @@ def test_dry_run_ends_in_time_and_packs_everything_within_the_rules(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert "DRY RUN" in summary and "budget 540 s" in summary
     ran = [line.split()[1] for line in summary.splitlines() if line.startswith("== ") and " (at " in line]
-    assert ran == ["environment", "check", "memcheck", "racecheck", "tests", "memory", "benchmark"], ran
+    assert ran == ["environment", "check", "memcheck", "racecheck", "tests", "memory", "benchmark", "pack"], ran
     for step in ran:
         assert f"   {step}: exit 0 after " in summary, step      # every step ran and logged its time
     assert "== build: skipped (dry run)" in summary
