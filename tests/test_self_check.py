@@ -121,7 +121,7 @@ def test_the_check_can_be_turned_off(monkeypatch):
 
 
 @needs_extension
-def test_no_check_while_tracing_capturing_or_under_a_dispatch_mode(checking, monkeypatch):
+def test_no_check_while_tracing_or_under_a_dispatch_mode_or_saved_tensor_hooks(checking, monkeypatch):
     calls = _counting(monkeypatch)
     unit = FusedPreActBlock(8, 8, backend="cuda")
     with FakeTensorMode():
@@ -130,6 +130,8 @@ def test_no_check_while_tracing_capturing_or_under_a_dispatch_mode(checking, mon
     from fused_preact.cuda_graph import forbid_host_reads
     x = torch.randn(2, 8, 6, 6)
     with forbid_host_reads():
+        assert self_check.checked_backend(unit, x, "cuda") == "cuda"
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):   # e.g. offloading
         assert self_check.checked_backend(unit, x, "cuda") == "cuda"
     assert calls == [] and not self_check._verdicts
     assert self_check.checked_backend(unit, x, "cuda") == "cuda" and len(calls) == 1   # the next plain call
