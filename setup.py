@@ -22,7 +22,9 @@ a rebuild of an unchanged tree compiles nothing, and a changed .cpp recompiles t
 Environment:
     FUSED_PREACT_CUDA=1|0      force / skip the CUDA part (unset: automatic, CPU part alone on failure)
     CUDA_HOME                  defaults to /usr/local/cuda when unset and present
-    TORCH_CUDA_ARCH_LIST       defaults to "8.0;9.0"
+    TORCH_CUDA_ARCH_LIST       defaults to "8.0;9.0"; PTX of the newest plain architecture is added
+                               (8.0;9.0+PTX) unless an entry has PTX, so newer GPUs JIT it; the
+                               list built is recorded (cuda_archs) for fused_preact.dispatch
     MAX_JOBS                   parallel compile jobs
     FUSED_PREACT_PTXAS_VERBOSE=1  report registers and spills of every CUDA kernel
     FUSED_PREACT_CPU_SIMD=avx512|avx2|generic  the vector code of the CPU kernels (unset: the
@@ -51,6 +53,25 @@ if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and os.pa
     os.environ["CUDA_HOME"] = STANDARD_CUDA_HOME
 # Without a GPU to ask, torch cannot pick architectures by itself.
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+
+def with_newest_ptx(arch_list: str) -> str:
+    """``arch_list`` (TORCH_CUDA_ARCH_LIST) with PTX of its newest plain architecture added, unless
+    some entry already has PTX: a GPU newer than every architecture built for (Blackwell's sm_100 and
+    sm_120 for an 8.0;9.0 build) JIT-compiles that PTX instead of finding no kernel image. Names
+    torch expands itself ("Ampere") and arch-specific targets ("9.0a", which no other GPU runs) are
+    left as they are."""
+    entries = [e for e in arch_list.replace(" ", ";").split(";") if e]
+    if any(e.endswith("+PTX") for e in entries):
+        return arch_list
+    plain = [e for e in entries if e.replace(".", "", 1).isdigit()]
+    if not plain:
+        return arch_list
+    newest = max(plain, key=lambda e: tuple(int(part) for part in e.split(".")))
+    return ";".join(e + "+PTX" if e == newest else e for e in entries)
+
+
+os.environ["TORCH_CUDA_ARCH_LIST"] = with_newest_ptx(os.environ["TORCH_CUDA_ARCH_LIST"])
 
 
 def notice(message: str) -> None:
@@ -237,11 +258,12 @@ def build_ext_command(cpp_extension, plan):
             cuda, why_not, failure = plan
             self.info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
                          "python": sys.version.split()[0], "cuda": False, "cuda_not_built": None,
-                         "cuda_failure": None}
+                         "cuda_failure": None, "cuda_archs": None}
             if cuda:
                 try:
                     self._build_variant("cuda")
                     self.info["cuda"] = True
+                    self.info["cuda_archs"] = os.environ["TORCH_CUDA_ARCH_LIST"]
                     return
                 except Exception as error:   # compile or link errors, as distutils or ninja raise them
                     if cuda_choice() == "1":

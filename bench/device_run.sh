@@ -5,31 +5,32 @@
 #     OUT=/folder bash bench/device_run.sh --budget [extra arguments for fused_vs_eager.py]
 #     OUT=/folder bash bench/device_run.sh          [extra arguments for fused_vs_eager.py]
 #
-# --budget (or BUDGET_S=<seconds>; --budget means 540, 9 minutes): one command that ends inside the
-#   budget on a bare machine, even if a step hangs. Steps, each under `timeout` with its own cap
-#   (CAP_<STEP>=seconds overrides) and never past the deadline less the packing reserve:
-#     environment | build (sm_90, 16 jobs) while the Triton tests run | GPU-marked tests | fused
-#     units' and operators' tests (pre-activation and original units, padding, memory="min") |
-#     compute-sanitizer memcheck, racecheck over a sample of the CUDA operator tests (gpu and
-#     cuda_kernels marks; tiny shapes; SAMPLE_MEMCHECK=3 / SAMPLE_RACECHECK=2 cases per test
-#     function) | memory (bench/memory.py: ResNet-1001 bf16, every memory mode, peak memory and
-#     largest batch; MEMORY_BENCH_ARGS) | benchmark (BENCH_ARGS; default: the headline selection
-#     with the +graph contenders, then the original-unit cases, --max-minutes from the time left) | pack.
-#   The tests, sanitizers and memory step leave the benchmark at least BENCH_MIN_S (150) seconds.
-# Without --budget: no deadline; the whole test suite, the benchmark (--quick) and bench/micro.
-# Every pytest step runs with --full: the whole cross-product sweep, not the default run's sample.
-# Either way logs, JUnit XML and benchmark outputs go to a work folder ($WORK, default a temporary
-# one), and bench/pack_outputs.py packs them into $OUT: summary.txt, device_run.tar.gz, memory.json,
-# memory.png and the
-# benchmark's results.json / report.md / speedup.png (at most 8 files, 16 MiB each, flat).
+# --budget (or BUDGET_S=<seconds>; --budget means 540, 9 minutes of a 10-minute command): one command
+#   that ends inside the budget on a bare machine, even if a step hangs. Steps, in this order, each
+#   under `timeout` with its own cap (bench/device_budget.py's plan; CAP_<STEP>=seconds overrides)
+#   and never past what the steps after it must keep (their minimums, so each gets at least that):
+#     environment | build (sm_90+PTX, 16 jobs) | check (python -m fused_preact.check --quick --json:
+#     every operator and unit form on the GPU against float64, before any test) | compute-sanitizer
+#     memcheck, racecheck over a sample of the CUDA operator tests (gpu and cuda_kernels marks; tiny
+#     shapes; SAMPLE_MEMCHECK=3 / SAMPLE_RACECHECK=2 cases per test function) | tests (the gpu-marked
+#     tests, then the fused units' and Triton operators' tests, the default sample: no --full) |
+#     memory (bench/memory.py: ResNet-1001 bf16, only with time to spare; MEMORY_BENCH_ARGS) |
+#     benchmark (BENCH_ARGS; default: the headline selection with the +graph contenders, then the
+#     original-unit cases, --max-minutes from the time left) | pack.
+# Without --budget: no deadline; the check (not quick), the whole test suite with --full, the
+# benchmark (--quick) and bench/micro.
+# Either way logs, JUnit XML, the check's JSON and benchmark outputs go to a work folder ($WORK,
+# default a temporary one), and bench/pack_outputs.py packs them into $OUT: summary.txt,
+# device_run.tar.gz, check.json, memory.json, memory.png and the benchmark's results.json /
+# report.md / speedup.png (at most 8 files, 16 MiB each, flat).
 # $OUT/summary.txt is rewritten after every step, so a killed command still returns the steps so far.
 #
 # DRY_RUN=1 (automatic when torch sees no GPU) runs everything the GPU is not needed for: no build,
-# Triton and fused-backend tests collected only, the GPU-marked tests (they skip), the sanitizer
-# steps' pytest without compute-sanitizer, the benchmark's CPU smoke run on one tiny unit.
-# Other switches: SKIP_BUILD=1 (a warm machine that built already), SKIP_TESTS=1, SKIP_SANITIZER=1,
-# SKIP_MEMORY=1, SKIP_BENCH=1, SKIP_MICRO=1; TEST_TIMEOUT (seconds per test, default 60); FUSED_PREACT_GIT_COMMIT
-# (the commit, recorded where the copied tree has no .git).
+# the check on the CPU (--device cpu), the sanitizer steps' pytest without compute-sanitizer, the
+# GPU-marked tests (they skip), the benchmark's CPU smoke run on one tiny unit.
+# Other switches: SKIP_BUILD=1 (a warm machine that built already), SKIP_CHECK=1, SKIP_TESTS=1,
+# SKIP_SANITIZER=1, SKIP_MEMORY=1, SKIP_BENCH=1, SKIP_MICRO=1; TEST_TIMEOUT (seconds per test,
+# default 60); FUSED_PREACT_GIT_COMMIT (the commit, recorded where the copied tree has no .git).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:?set OUT to the folder that comes back}"
@@ -50,8 +51,20 @@ mkdir -p "$OUT" "$WORK"
 STEPS="$WORK/steps.txt"
 : > "$STEPS"
 START=$SECONDS
+if [ -n "$BUDGET_S" ]; then   # PLAN_CAP_<STEP>, PLAN_RESERVE_<STEP>, PACK_RESERVE, GRACE, MIN_STEP
+    eval "$("$PYTHON" bench/device_budget.py --budget "$BUDGET_S" --shell)"
+fi
 # shellcheck source=bench/device_steps.sh
 . bench/device_steps.sh   # note, step, step_background, finish_background: caps, deadline, log
+
+planned() {   # planned STEP: sets CAP (CAP_<STEP> overrides the plan; 0 = none without a budget) and
+    # RESERVE (what the steps after it keep) for the next `step`
+    local key
+    key=$(echo "$1" | tr 'a-z-' 'A-Z_')
+    local override="CAP_$key" plan_cap="PLAN_CAP_$key" plan_reserve="PLAN_RESERVE_$key"
+    CAP="${!override:-${!plan_cap:-0}}"
+    RESERVE="${!plan_reserve:-0}"
+}
 
 if [ -z "${DRY_RUN:-}" ]; then
     if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2> /dev/null; then
@@ -70,28 +83,30 @@ else
     PER_TEST=()
     export FUSED_PREACT_TEST_TIMEOUT="$TEST_TIMEOUT"
 fi
+# Without a budget every pytest step runs the whole cross-product sweep (--full); under the budget
+# the default run's sample (tests/conftest.py), which fits.
+FULL=()
+[ -z "$BUDGET_S" ] && FULL=(--full)
 pytest_cmd() {   # pytest_cmd NAME ARGS...: sets CMD to one pytest run writing $WORK/junit-NAME.xml
-    # --full: the whole cross-product sweep (the default run samples it; tests/conftest.py)
     local name="$1"; shift
-    CMD=("$PYTHON" -m pytest -q -rfEs -p no:cacheprovider --full ${PER_TEST[@]+"${PER_TEST[@]}"}
+    CMD=("$PYTHON" -m pytest -q -rfEs -p no:cacheprovider ${FULL[@]+"${FULL[@]}"} ${PER_TEST[@]+"${PER_TEST[@]}"}
          --junitxml="$WORK/junit-$name.xml" "$@")
 }
-COLLECT=""
-dry && COLLECT="--collect-only"
 
 MARKED=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
 TRITON_TESTS="tests/test_triton_ops.py tests/test_triton_bn.py tests/test_triton_conv.py"
 # fused units and operators on whatever device there is (both backends against eager / float64): the
-# pre-activation and original units, per-side padding, the memory="min" recompute
+# pre-activation and original units, per-side padding, the memory="min" recompute, the first-use check
 FUSED_TESTS="tests/test_fused_backends.py tests/test_original_units.py tests/test_bn_add_relu.py \
-tests/test_conv_padding.py tests/test_memory_mode.py tests/test_original_memory.py"
+tests/test_conv_padding.py tests/test_memory_mode.py tests/test_original_memory.py tests/test_self_check.py"
 # the extension's CUDA kernels: gpu-marked tests and the cuda_kernels cases (bn_add_relu, padded convs)
 SANITIZED_TESTS="tests/test_conv1x1_cuda.py tests/test_cpp_ops.py tests/test_bn_add_relu.py tests/test_conv_padding.py"
 
 note "device run: $( dry && echo 'DRY RUN (no GPU: GPU steps left out) ' )budget ${BUDGET_S:-none} s, work folder $WORK"
 
 # -- 1. what the machine is ---------------------------------------------------------------------------
-step environment 30 bash -c "nvidia-smi || echo 'no nvidia-smi'; $PYTHON --version; \
+planned environment
+step environment "$CAP" bash -c "nvidia-smi || echo 'no nvidia-smi'; $PYTHON --version; \
 $PYTHON -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", \
 triton.__version__, \"gpu\", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'; \
 nvcc --version | tail -n 2 || echo 'no nvcc'; compute-sanitizer --version | head -n 2 || echo 'no compute-sanitizer'; \
@@ -99,46 +114,29 @@ ncu --version | tail -n 1 || echo 'no ncu'; $PYTHON -c 'import pytest_timeout' 2
 || echo 'no pytest-timeout: tests/conftest.py alarm'; nproc; git rev-parse HEAD 2>/dev/null \
 || echo \"no git here; commit given: \${FUSED_PREACT_GIT_COMMIT:-none}\"; git status --short 2>/dev/null | head -n 20"
 
-# -- 2. build (sm_90 only, 16 jobs) while the Triton tests, which need no extension, run on the GPU -------
+# -- 2. build (sm_90 and its PTX, 16 jobs) -------------------------------------------------------------
 if [ "${SKIP_BUILD:-0}" != 1 ] && ! dry; then
-    step_background build "${CAP_BUILD:-300}" env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FUSED_PREACT_CUDA=1 \
+    planned build
+    step build "$CAP" env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FUSED_PREACT_CUDA=1 \
         bash -c "$PYTHON -m pip install -v --no-deps --no-build-isolation -e . && $PYTHON -c \
-'import torch; from fused_preact import _extension as e; print(\"extension built with CUDA:\", e.built_with_cuda()); \
-assert e.built_with_cuda(), e.unavailable_reason()'"
+'import torch; from fused_preact import _extension as e; print(\"extension built with CUDA:\", e.built_with_cuda(), \
+e.build_info().get(\"cuda_archs\")); assert e.built_with_cuda(), e.unavailable_reason()'"
 else
     note "== build: skipped ($(dry && echo 'dry run' || echo 'SKIP_BUILD=1'))"
 fi
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    if [ -n "$BUDGET_S" ]; then
-        # shellcheck disable=SC2086  # word lists
-        pytest_cmd triton $COLLECT $TRITON_TESTS
-        step tests-triton "${CAP_TESTS_TRITON:-150}" "${CMD[@]}"
-    fi
-fi
-finish_background
 
 wheel=$(ls .wheels/nvidia_cudnn_frontend-*cp312*.whl 2> /dev/null | head -n 1)
 if [ -n "$wheel" ] && ! dry; then
-    step cudnn_frontend 60 "$PYTHON" -m pip install --no-deps "$wheel"
+    step cudnn_frontend 30 "$PYTHON" -m pip install --no-deps "$wheel"
 fi
 
-# -- 3. tests -------------------------------------------------------------------------------------------
-# the tests and sanitizers leave the benchmark at least BENCH_MIN_S (they are cut short, or skipped, first)
-[ "${SKIP_BENCH:-0}" != 1 ] && RESERVE="${BENCH_MIN_S:-150}"
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    if [ -n "$BUDGET_S" ]; then
-        # shellcheck disable=SC2086
-        pytest_cmd gpu -m gpu $MARKED
-        step tests-gpu "${CAP_TESTS_GPU:-100}" "${CMD[@]}"
-        # shellcheck disable=SC2086
-        # not slow: their AOT compile tests need no GPU (the CPU machines run them)
-        pytest_cmd fused $COLLECT -m "not gpu and not slow" $FUSED_TESTS
-        step tests-fused "${CAP_TESTS_FUSED:-120}" "${CMD[@]}"
-    else
-        # shellcheck disable=SC2086
-        pytest_cmd all $COLLECT tests
-        step tests 0 "${CMD[@]}"
-    fi
+# -- 3. the check: every operator and unit form on this device against float64, before any test -------
+if [ "${SKIP_CHECK:-0}" != 1 ]; then
+    CHECK_ARGS=(--json "$WORK/check.json")
+    [ -n "$BUDGET_S" ] && CHECK_ARGS+=(--quick)
+    dry && CHECK_ARGS+=(--device cpu --quick)
+    planned check
+    step check "$CAP" "$PYTHON" -m fused_preact.check "${CHECK_ARGS[@]}"
 fi
 
 # -- 4. compute-sanitizer over the CUDA operators at tiny shapes -------------------------------------------
@@ -157,16 +155,33 @@ if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
     sanitize --tool memcheck --leak-check no
     # shellcheck disable=SC2086
     pytest_cmd memcheck -m "gpu or cuda_kernels" $SANITIZED_TESTS
-    step memcheck "${CAP_MEMCHECK:-75}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    planned memcheck
+    step memcheck "$CAP" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         FUSED_PREACT_SAMPLE_PER_TEST="${SAMPLE_MEMCHECK:-3}" "${PREFIX[@]}" "${CMD[@]}"
     sanitize --tool racecheck
     # shellcheck disable=SC2086
     pytest_cmd racecheck -m "gpu or cuda_kernels" $SANITIZED_TESTS
-    step racecheck "${CAP_RACECHECK:-50}" env FUSED_PREACT_SAMPLE_PER_TEST="${SAMPLE_RACECHECK:-2}" \
+    planned racecheck
+    step racecheck "$CAP" env FUSED_PREACT_SAMPLE_PER_TEST="${SAMPLE_RACECHECK:-2}" \
         "${PREFIX[@]}" "${CMD[@]}"
 fi
 
-# -- 5. memory: saved activations, peak memory and the largest batch of ResNet-1001, every memory mode --------
+# -- 5. tests ---------------------------------------------------------------------------------------------
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    planned tests
+    if dry; then   # the GPU-marked tests skip here; the rest are the CPU suite's
+        # shellcheck disable=SC2086
+        pytest_cmd gpu -m gpu $MARKED
+    elif [ -n "$BUDGET_S" ]; then   # GPU-marked first, then both backends on CUDA tensors (not the slow AOT tests)
+        # shellcheck disable=SC2086
+        pytest_cmd gpu -m "gpu or not slow" $MARKED $FUSED_TESTS $TRITON_TESTS
+    else
+        pytest_cmd all tests
+    fi
+    step tests "$CAP" "${CMD[@]}"
+fi
+
+# -- 6. memory: saved activations, peak memory and the largest batch of ResNet-1001, every memory mode --------
 if [ "${SKIP_MEMORY:-0}" != 1 ]; then
     if dry; then
         MEMORY_ARGS="--models cifar_resnet20 --dtypes fp32 --device cpu --batch 2"
@@ -175,11 +190,12 @@ if [ "${SKIP_MEMORY:-0}" != 1 ]; then
     else
         MEMORY_ARGS="--max-batch-seconds 30"
     fi
+    planned memory
     # shellcheck disable=SC2086
-    step memory "${CAP_MEMORY:-60}" "$PYTHON" bench/memory.py ${MEMORY_BENCH_ARGS:-$MEMORY_ARGS} --out "$WORK/memory"
+    step memory "$CAP" "$PYTHON" bench/memory.py ${MEMORY_BENCH_ARGS:-$MEMORY_ARGS} --out "$WORK/memory"
 fi
 
-# -- 6. benchmark with whatever time is left ----------------------------------------------------------------
+# -- 7. benchmark with whatever time is left ----------------------------------------------------------------
 RESERVE=0
 # the pre-activation headline first; the original (post-activation) units after it, as time allows
 HEADLINE="unit/cifar/basic-16x32x32,model/cifar_resnet164,unit/cifar/basic-32x16x16,unit/cifar/basic-64x8x8,\
@@ -195,8 +211,8 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     fi
     remaining=$(left)
     if [ -n "$BUDGET_S" ]; then
-        # start no case in the last 75 s (a case with torch.compile can take that long)
-        minutes=$(awk -v s="$remaining" 'BEGIN { m = (s - 75) / 60; if (m < 0.5) m = 0.5; printf "%.1f", m }')
+        # start no case in the last 45 s (a case with torch.compile can take that long)
+        minutes=$(awk -v s="$remaining" 'BEGIN { m = (s - 45) / 60; if (m < 0.5) m = 0.5; printf "%.1f", m }')
     else
         minutes="${BENCH_MAX_MINUTES:-6}"
     fi

@@ -11,8 +11,9 @@ than 2 folders down, named in letters, digits, ``.``, ``_`` and ``-``. This writ
   the benchmark's measured entries as a table;
 - ``device_run.tar.gz``: all of ``WORK`` (logs, JUnit XML, benchmark outputs); a file
   that would push the archive over the limit is cut to its head and tail;
-- ``results.json``, ``report.md``, ``speedup.png`` of the benchmark and ``memory.json``,
-  ``memory.png`` of ``bench/memory.py``, when they were written.
+- ``check.json`` of ``python -m fused_preact.check``, ``results.json``, ``report.md``,
+  ``speedup.png`` of the benchmark and ``memory.json``, ``memory.png`` of ``bench/memory.py``,
+  when they were written (8 files at most with the two above).
 
 Then it checks ``OUT`` against the rules (``check``) and exits 1 on a violation.
 """
@@ -32,7 +33,7 @@ MAX_FILES, MAX_BYTES, MAX_DEPTH = 8, 16 * 2 ** 20, 2
 ARCHIVE_BUDGET = 15 * 2 ** 20            # compressed; leaves room under MAX_BYTES
 CUT_BYTES = 2 * 2 ** 20                  # what is kept of a file that is cut: head and tail, 1 MiB each
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-BENCH_FILES = ("results.json", "report.md", "speedup.png", "memory.json", "memory.png")
+OUTPUT_FILES = ("check.json", "results.json", "report.md", "speedup.png", "memory.json", "memory.png")
 
 
 # -- the summary ---------------------------------------------------------------------------------
@@ -75,6 +76,31 @@ def sanitizer_lines(work: Path) -> list[str]:
     return list(dict.fromkeys(lines)) or ["no sanitizer log"]
 
 
+def check_lines(work: Path) -> list[str]:
+    """What ``python -m fused_preact.check`` found: the verdict, the GPU and auto's choices, each
+    failed row."""
+    found = sorted(work.rglob("check.json"))
+    if not found:
+        return ["no check.json (the check did not run, or stopped before its end)"]
+    try:
+        data = json.loads(found[0].read_text())
+    except ValueError as error:
+        return [f"{found[0].relative_to(work)}: unreadable ({error})"]
+    env = data.get("environment", {})
+    verdict = ("PASS" if data.get("passed") else "FAIL") + ("" if data.get("complete", True) else " (stopped before its end)")
+    lines = [f"{found[0].relative_to(work)}: {verdict} {data.get('counts')} in "
+             f"{data.get('seconds')} s; device {env.get('device')} {env.get('gpu', '')} capability "
+             f"{env.get('capability', '-')}; extension code {env.get('extension', {}).get('code_for_this_gpu', '-')}"]
+    for dtype, choice in env.get("auto", {}).items():
+        lines.append(f"  auto for {dtype}: {choice.get('backend')} (passed over: {choice.get('passed_over') or 'none'})")
+    failed = [row for row in data.get("rows", []) if row.get("status") == "FAIL"]
+    for row in failed[:40]:
+        lines.append(f"  FAIL {row['section']} {row['backend']} {row['dtype']} {row['case']}: {row['detail'][:300]}")
+    if len(failed) > 40:
+        lines.append(f"  ... and {len(failed) - 40} more")
+    return lines
+
+
 def benchmark_lines(work: Path) -> list[str]:
     found = sorted(work.rglob("results.json"))
     if not found:
@@ -115,7 +141,7 @@ def _num(value, spec: str, scale: float = 1.0) -> str:
 def summary(work: Path) -> str:
     steps = work / "steps.txt"
     parts = ["# device run summary", "", "## steps", steps.read_text() if steps.exists() else "(no steps.txt)",
-             "## tests"] + junit_lines(work) + ["", "## sanitizers"] + sanitizer_lines(work) \
+             "## check"] + check_lines(work) + ["", "## tests"] + junit_lines(work) + ["", "## sanitizers"] + sanitizer_lines(work) \
         + ["", "## benchmark"] + benchmark_lines(work)
     return "\n".join(parts) + "\n"
 
@@ -181,7 +207,7 @@ def pack(work: Path, out: Path) -> list[str]:
     if cut:
         text += "\ncut to head and tail in device_run.tar.gz (too large): " + ", ".join(cut) + "\n"
     (out / "summary.txt").write_text(text)
-    for name in BENCH_FILES:
+    for name in OUTPUT_FILES:
         found = sorted(work.rglob(name))
         if found and found[0].stat().st_size <= MAX_BYTES:
             shutil.copyfile(found[0], out / name)

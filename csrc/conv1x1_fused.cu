@@ -29,6 +29,7 @@
 #ifdef WITH_CUDA
 
 #include "conv1x1_fused.h"
+#include "conv1x1_plan.h"
 
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -46,25 +47,20 @@
 namespace fused_preact {
 namespace {
 
-// ---- tiles ----------------------------------------------------------------------------------
-constexpr int kThreads = 128;          // 4 warps, 2 x 2 over the block tile
-constexpr int kTileM = 128;            // block tile rows (forward/dgrad: pixels; wgrad: Cout)
-constexpr int kTileN = 64;             // block tile columns (forward: Cout; dgrad, wgrad: Cin)
-constexpr int kTileK = 32;             // reduction step per pipeline stage
+// ---- tiles (the constants shared with the host-side plan and checks: conv1x1_plan.h) -------------
+using conv1x1::kChunk;
+using conv1x1::kFillChannels;
+using conv1x1::kFillLanes;
+using conv1x1::kFillRows;
+using conv1x1::kThreads;
+using conv1x1::kTileK;
+using conv1x1::kTileM;
+using conv1x1::kTileN;
 constexpr int kStages = 3;             // cp.async stages: 3 x 12 KiB of shared memory
 constexpr int kWarpM = 64, kWarpN = 32;
 constexpr int kFragsM = kWarpM / 16;   // m16 fragments per warp
 constexpr int kFragsN = kWarpN / 8;    // n8 fragments per warp
-constexpr int kChunk = 8;              // elements per 16-byte chunk
 static_assert(kThreads == (kTileM / kWarpM) * (kTileN / kWarpN) * 32, "2 x 2 warps");
-
-// dgrad, stride 2: rows of the input gradient per block of dgrad_untouched_kernel
-constexpr int kFillRows = 512;
-constexpr int kFillChannels = 64;      // 8 threads x 8 channels
-constexpr int kFillLanes = 32;         // thread rows
-// wgrad split-K: aim at this many blocks, each with at least kMinTilesPerSplit K steps
-constexpr int kWgradTargetBlocks = 512;
-constexpr int kMinTilesPerSplit = 8;
 
 using Acc = float[kFragsM][kFragsN][4];
 
@@ -544,15 +540,16 @@ struct UntouchedArgs {
   float* psum_gx;
 };
 
-// grid (ceil(channels / 64), ceil(pixels / kFillRows)), block (8, 32): thread x owns 8 channels,
-// thread rows step through the block's pixels. g = add * (scale * h + shift > 0), or 0.
+// grid (ceil(pixels / kFillRows), ceil(channels / 64)) (conv1x1::plan's `fill`: the pixel chunks on
+// x, which takes 2^31 - 1 blocks), block (8, 32): thread x owns 8 channels, thread rows step
+// through the block's pixels. g = add * (scale * h + shift > 0), or 0.
 template <typename T>
 __global__ void __launch_bounds__(kFillChannels / kChunk * kFillLanes)
     dgrad_untouched_kernel(const UntouchedArgs p) {
   __shared__ float red_g[kFillLanes][kFillChannels];
   __shared__ float red_gx[kFillLanes][kFillChannels];
-  const int c = blockIdx.x * kFillChannels + threadIdx.x * kChunk;
-  const int64_t begin = int64_t(blockIdx.y) * kFillRows;
+  const int c = blockIdx.y * kFillChannels + threadIdx.x * kChunk;
+  const int64_t begin = int64_t(blockIdx.x) * kFillRows;
   const int64_t end = std::min<int64_t>(begin + kFillRows, p.pixels);
   const T* __restrict__ add = static_cast<const T*>(p.add);
   const T* __restrict__ h = static_cast<const T*>(p.h);
@@ -605,13 +602,13 @@ __global__ void __launch_bounds__(kFillChannels / kChunk * kFillLanes)
   }
   __syncthreads();
   const int lane = threadIdx.y * blockDim.x + threadIdx.x;  // one thread per channel of the block
-  if (lane < kFillChannels && blockIdx.x * kFillChannels + lane < p.channels) {
+  if (lane < kFillChannels && blockIdx.y * kFillChannels + lane < p.channels) {
     float g = 0.f, gx = 0.f;
     for (int r = 0; r < kFillLanes; ++r) {
       g += red_g[r][lane];
       gx += red_gx[r][lane];
     }
-    const int64_t at = int64_t(blockIdx.y) * p.channels + blockIdx.x * kFillChannels + lane;
+    const int64_t at = int64_t(blockIdx.x) * p.channels + blockIdx.y * kFillChannels + lane;
     p.psum_g[at] = g;
     p.psum_gx[at] = gx;
   }
@@ -749,89 +746,35 @@ __global__ void __launch_bounds__(256)
 // ---- host -----------------------------------------------------------------------------------
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-bool is_half_type(c10::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
-
-// Why the kernels cannot run `t` as an NHWC activation with `channels` channels ("" if they can).
-std::string activation_problem(const at::Tensor& t, const char* name, int64_t channels) {
-  if (!t.is_cuda()) return std::string(name) + " must be a CUDA tensor";
-  if (!is_half_type(t.scalar_type()))
-    return std::string(name) + " must be bfloat16 or float16, got " + c10::toString(t.scalar_type());
-  if (t.dim() != 4) return std::string(name) + " must be 4-D NHWC [N, H, W, C]";
-  if (!t.is_contiguous()) return std::string(name) + " must be contiguous NHWC";
-  if (t.size(3) != channels)
-    return std::string(name) + " has " + std::to_string(t.size(3)) + " channels, expected " +
-           std::to_string(channels);
-  if (channels % kChunk != 0)
-    return std::string(name) + ": channel count " + std::to_string(channels) + " is not a multiple of 8";
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0)
-    return std::string(name) + " data is not 16-byte aligned";
-  if (t.numel() >= (int64_t(1) << 31) * kChunk || t.size(0) * t.size(1) * t.size(2) >= (int64_t(1) << 31))
-    return std::string(name) + " has too many pixels for the kernels' 32-bit row indices";
-  return "";
-}
-
-std::string weight_problem(const at::Tensor& weight, const at::Tensor& act, const char* act_name) {
-  if (weight.dim() != 4 || weight.size(2) != 1 || weight.size(3) != 1)
-    return "weight must be [Cout, Cin, 1, 1]";
-  if (weight.device() != act.device()) return std::string("weight must be on ") + act_name + "'s device";
-  if (weight.scalar_type() != at::kFloat && weight.scalar_type() != act.scalar_type())
-    return std::string("weight must be float32 or ") + act_name + "'s dtype";
-  if (weight.size(0) % kChunk != 0 || weight.size(1) % kChunk != 0)
-    return "weight: Cout and Cin must be multiples of 8";
-  if (weight.size(0) >= (int64_t(1) << 31) || weight.size(1) >= (int64_t(1) << 31))
-    return "weight is too large";
-  return "";
-}
-
-void check_activation(const at::Tensor& t, const char* op, const char* name, int64_t channels) {
-  const std::string problem = activation_problem(t, name, channels);
-  TORCH_CHECK(problem.empty(), op, ": ", problem);
-}
-
-void check_same_shape(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name,
-                      const char* like_name) {
-  TORCH_CHECK(t.sizes() == like.sizes(), op, ": ", name, " must have ", like_name, "'s shape ",
-              like.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have ", like_name,
-              "'s dtype ", like.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like_name, "'s device");
-}
-
-// A float32 [C] per-channel vector on `device`.
-void check_channel_vector(const at::Tensor& t, const char* op, const char* name, int64_t channels,
-                          const at::Device& device) {
-  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels && t.is_contiguous(), op, ": ", name,
-              " must be a contiguous [", channels, "] vector, got ", t.sizes());
-}
-
-void check_stride(int64_t stride, const char* op) {
-  TORCH_CHECK(stride == 1 || stride == 2, op, ": stride must be 1 or 2, got ", stride);
-}
-
 int64_t output_size(int64_t size, int64_t stride) { return (size - 1) / stride + 1; }
 
 // weight [Cout, Cin, 1, 1] -> [rows, cols] contiguous in `dtype` (rounded as autocast does),
-// transposed to [Cin, Cout] when `transpose`.
+// transposed to [Cin, Cout] when `transpose`, 16-byte aligned for cp.async: a weight already in
+// `dtype` is returned as a view, and a view into a flat parameter buffer may start anywhere
+// (a misaligned cp.async is a sticky error that kills the CUDA context), so it is copied.
 at::Tensor weight_matrix(const at::Tensor& weight, c10::ScalarType dtype, bool transpose) {
   at::Tensor w = weight.reshape({weight.size(0), weight.size(1)}).to(dtype);
   if (transpose) w = w.t();
-  return w.contiguous();
+  w = w.contiguous();
+  if (reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 != 0) w = w.clone();
+  return w;
+}
+
+dim3 dims(const conv1x1::Grid& g) {
+  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
 }
 
 template <typename T, bool kForward>
-void launch_rows_gemm(const RowsGemmArgs& args, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(args.rows, kTileM)),
-                  static_cast<unsigned>(ceil_div(args.cols, kTileN)));
-  rows_gemm_kernel<T, kForward><<<grid, kThreads, 0, stream>>>(args);
+void launch_rows_gemm(const RowsGemmArgs& args, const conv1x1::Grid& grid, cudaStream_t stream) {
+  rows_gemm_kernel<T, kForward><<<dims(grid), kThreads, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <bool kForward>
-void dispatch_rows_gemm(c10::ScalarType dtype, const RowsGemmArgs& args, cudaStream_t stream) {
-  if (dtype == at::kBFloat16) launch_rows_gemm<__nv_bfloat16, kForward>(args, stream);
-  else launch_rows_gemm<__half, kForward>(args, stream);
+void dispatch_rows_gemm(c10::ScalarType dtype, const RowsGemmArgs& args, const conv1x1::Grid& grid,
+                        cudaStream_t stream) {
+  if (dtype == at::kBFloat16) launch_rows_gemm<__nv_bfloat16, kForward>(args, grid, stream);
+  else launch_rows_gemm<__half, kForward>(args, grid, stream);
 }
 
 Geometry geometry(int64_t in_h, int64_t in_w, int64_t stride) {
@@ -852,34 +795,20 @@ void sum_rows(const at::Tensor& part, const at::Tensor& out, cudaStream_t stream
 
 }  // namespace
 
-bool conv1x1_fused_supported(const at::Tensor& x, const at::Tensor& weight) {
-  if (!x.defined() || !weight.defined()) return false;
-  if (!weight_problem(weight, x, "x").empty()) return false;
-  // x is the conv's input (Cin channels) or, for conv_dgrad, dy (Cout channels)
-  const int64_t channels = x.dim() == 4 && x.size(3) == weight.size(0) ? weight.size(0) : weight.size(1);
-  return activation_problem(x, "x", channels).empty();
-}
-
+// The entry points re-run the checks conv_ops.cpp ran to choose them (conv1x1_plan.cpp): a call
+// they do not handle is an error here, never a launch.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv1x1_bnrelu_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift,
     const std::optional<at::Tensor>& residual, int64_t stride, bool stats) {
   constexpr const char* op = "conv1x1_bnrelu_cuda";
-  TORCH_CHECK(weight.dim() == 4, op, ": weight must be [Cout, Cin, 1, 1], got ", weight.sizes());
-  check_activation(x, op, "x", weight.size(1));
-  const std::string wp = weight_problem(weight, x, "x");
-  TORCH_CHECK(wp.empty(), op, ": ", wp);
-  check_stride(stride, op);
+  const std::string problem = conv1x1::bnrelu_problem(x, weight, scale, shift, residual, stride, true);
+  TORCH_CHECK(problem.empty(), op, ": ", problem);
   const int64_t cin = x.size(3), cout = weight.size(0);
-  check_channel_vector(scale, op, "scale", cin, x.device());
-  check_channel_vector(shift, op, "shift", cin, x.device());
   const int64_t n = x.size(0), out_h = output_size(x.size(1), stride), out_w = output_size(x.size(2), stride);
   at::Tensor y = at::empty({n, out_h, out_w, cout}, x.options());
-  if (residual.has_value()) {
-    check_same_shape(*residual, y, op, "residual", "y");
-    check_activation(*residual, op, "residual", cout);
-  }
   const int64_t rows = n * out_h * out_w;
-  const int64_t tiles = stats ? ceil_div(rows, kTileM) : 0;
+  const conv1x1::Plan plan = conv1x1::plan(rows, n * x.size(1) * x.size(2), cin, cout, stride);
+  const int64_t tiles = stats ? plan.partials : 0;
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor pmean = stats ? at::empty({tiles, cout}, f32) : at::empty({0}, f32);
   at::Tensor pm2 = stats ? at::empty({tiles, cout}, f32) : at::empty({0}, f32);
@@ -905,7 +834,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv1x1_bnrelu_cuda(
     args.pm2 = pm2.data_ptr<float>();
     args.pcount = pcount.data_ptr<float>();
   }
-  dispatch_rows_gemm<true>(x.scalar_type(), args, stream);
+  dispatch_rows_gemm<true>(x.scalar_type(), args, plan.forward, stream);
   return {y, pmean, pm2, pcount};
 }
 
@@ -915,33 +844,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv1x1_dgrad_cuda(
     const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& invstd,
     const std::optional<at::Tensor>& add, int64_t stride, int64_t height, int64_t width) {
   constexpr const char* op = "conv1x1_dgrad_cuda";
-  TORCH_CHECK(weight.dim() == 4, op, ": weight must be [Cout, Cin, 1, 1], got ", weight.sizes());
-  check_activation(dy, op, "dy", weight.size(0));
-  const std::string wp = weight_problem(weight, dy, "dy");
-  TORCH_CHECK(wp.empty(), op, ": ", wp);
-  check_stride(stride, op);
-  TORCH_CHECK(height > 0 && width > 0, op, ": height and width must be positive, got ", height, ", ", width);
-  TORCH_CHECK(dy.size(1) == output_size(height, stride) && dy.size(2) == output_size(width, stride), op,
-              ": dy's spatial size ", dy.size(1), "x", dy.size(2), " does not match a 1x1 conv of stride ",
-              stride, " on ", height, "x", width);
+  const std::string problem = conv1x1::dgrad_problem(dy, weight, h, scale, shift, mean, invstd, add,
+                                                     stride, height, width, true);
+  TORCH_CHECK(problem.empty(), op, ": ", problem);
   const int64_t n = dy.size(0), cout = dy.size(3), cin = weight.size(1);
   at::Tensor g = at::empty({n, height, width, cin}, dy.options());
-  check_activation(g, op, "g", cin);  // the input gradient's pixel count fits the kernels
-  if (add.has_value()) {
-    check_same_shape(*add, g, op, "add", "the input gradient");
-    check_activation(*add, op, "add", cin);
-  }
   const bool with_h = h.has_value();
-  if (with_h) {
-    check_same_shape(*h, g, op, "h", "the input gradient");
-    check_activation(*h, op, "h", cin);
-    const char* names[] = {"scale", "shift", "mean", "invstd"};
-    const std::optional<at::Tensor>* vectors[] = {&scale, &shift, &mean, &invstd};
-    for (int i = 0; i < 4; ++i) {
-      TORCH_CHECK(vectors[i]->has_value(), op, ": ", names[i], " is required when h is given");
-      check_channel_vector(**vectors[i], op, names[i], cin, dy.device());
-    }
-  }
   const auto f32 = dy.options().dtype(at::kFloat);
   at::Tensor sum_g = with_h ? at::empty({cin}, f32) : at::empty({0}, f32);
   at::Tensor sum_gx = with_h ? at::empty({cin}, f32) : at::empty({0}, f32);
@@ -956,8 +864,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv1x1_dgrad_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dy.device().index()).stream();
   const at::Tensor w_t = weight_matrix(weight, dy.scalar_type(), /*transpose=*/true);  // [Cin, Cout]
   const Geometry geo = geometry(height, width, stride);
-  const int64_t gemm_tiles = ceil_div(rows, kTileM);
-  const int64_t fill_chunks = stride == 1 ? 0 : ceil_div(pixels, kFillRows);
+  const conv1x1::Plan plan = conv1x1::plan(rows, pixels, cin, cout, stride);
+  const int64_t gemm_tiles = plan.dgrad.x, fill_chunks = plan.fill.x;
   at::Tensor psum_g, psum_gx;
   if (with_h) {
     psum_g = at::empty({gemm_tiles + fill_chunks, cin}, f32);
@@ -982,7 +890,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv1x1_dgrad_cuda(
     args.psum_g = psum_g.data_ptr<float>();
     args.psum_gx = psum_gx.data_ptr<float>();
   }
-  dispatch_rows_gemm<false>(dy.scalar_type(), args, stream);
+  dispatch_rows_gemm<false>(dy.scalar_type(), args, plan.dgrad, stream);
 
   if (fill_chunks > 0) {
     UntouchedArgs fill{};
@@ -1000,10 +908,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv1x1_dgrad_cuda(
       fill.psum_g = args.psum_g + gemm_tiles * cin;
       fill.psum_gx = args.psum_gx + gemm_tiles * cin;
     }
-    const dim3 grid(static_cast<unsigned>(ceil_div(cin, kFillChannels)), static_cast<unsigned>(fill_chunks));
     const dim3 block(kFillChannels / kChunk, kFillLanes);
-    if (dy.scalar_type() == at::kBFloat16) dgrad_untouched_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(fill);
-    else dgrad_untouched_kernel<__half><<<grid, block, 0, stream>>>(fill);
+    if (dy.scalar_type() == at::kBFloat16) {
+      dgrad_untouched_kernel<__nv_bfloat16><<<dims(plan.fill), block, 0, stream>>>(fill);
+    } else {
+      dgrad_untouched_kernel<__half><<<dims(plan.fill), block, 0, stream>>>(fill);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (with_h) {
@@ -1016,38 +926,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv1x1_dgrad_cuda(
 at::Tensor conv1x1_wgrad_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale,
                               const at::Tensor& shift, const at::Tensor& weight, int64_t stride) {
   constexpr const char* op = "conv1x1_wgrad_cuda";
-  TORCH_CHECK(weight.dim() == 4, op, ": weight must be [Cout, Cin, 1, 1], got ", weight.sizes());
-  check_activation(x, op, "x", weight.size(1));
-  const std::string wp = weight_problem(weight, x, "x");
-  TORCH_CHECK(wp.empty(), op, ": ", wp);
-  check_activation(dy, op, "dy", weight.size(0));
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), op, ": dy must have x's dtype ", x.scalar_type(),
-              ", got ", dy.scalar_type());
-  TORCH_CHECK(dy.device() == x.device(), op, ": dy must be on x's device");
-  check_stride(stride, op);
-  TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(1) == output_size(x.size(1), stride) &&
-                  dy.size(2) == output_size(x.size(2), stride),
-              op, ": dy's shape ", dy.sizes(), " does not match a 1x1 conv of stride ", stride,
-              " on x of shape ", x.sizes());
+  const std::string problem = conv1x1::wgrad_problem(dy, x, scale, shift, weight, stride, true);
+  TORCH_CHECK(problem.empty(), op, ": ", problem);
   const int64_t cin = x.size(3), cout = dy.size(3);
-  check_channel_vector(scale, op, "scale", cin, x.device());
-  check_channel_vector(shift, op, "shift", cin, x.device());
-  TORCH_CHECK(weight.scalar_type() == at::kFloat || is_half_type(weight.scalar_type()), op,
-              ": weight must be float32, bfloat16 or float16");
   at::Tensor dweight = at::empty({cout, cin, 1, 1}, weight.options());
   const int64_t rows = dy.size(0) * dy.size(1) * dy.size(2);
   if (rows == 0) return dweight.zero_();
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  // split-K over the rows: enough blocks to fill a GPU, chosen from the shapes only
-  const int64_t tiles = ceil_div(cout, kTileM) * ceil_div(cin, kTileN);
-  const int64_t steps = ceil_div(rows, kTileK);
-  const int64_t max_splits = std::max<int64_t>(1, steps / kMinTilesPerSplit);
-  const int64_t wanted = std::clamp<int64_t>(ceil_div(kWgradTargetBlocks, tiles), 1, max_splits);
-  const int64_t steps_per_split = ceil_div(steps, wanted);
-  const int64_t splits = ceil_div(steps, steps_per_split);
-  TORCH_CHECK(splits <= 65535, op, ": too many splits");
+  const conv1x1::Plan plan = conv1x1::plan(rows, x.size(0) * x.size(1) * x.size(2), cin, cout, stride);
+  const int64_t splits = plan.wgrad.z;
   at::Tensor part = at::empty({splits, cout, cin}, x.options().dtype(at::kFloat));
 
   WgradArgs args{};
@@ -1059,12 +948,10 @@ at::Tensor conv1x1_wgrad_cuda(const at::Tensor& dy, const at::Tensor& x, const a
   args.cout = int(cout);
   args.cin = int(cin);
   args.geo = geometry(x.size(1), x.size(2), stride);
-  args.steps_per_split = int(steps_per_split);
+  args.steps_per_split = int(plan.steps_per_split);
   args.part = part.data_ptr<float>();
-  const dim3 grid(static_cast<unsigned>(ceil_div(cout, kTileM)), static_cast<unsigned>(ceil_div(cin, kTileN)),
-                  static_cast<unsigned>(splits));
-  if (x.scalar_type() == at::kBFloat16) wgrad_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(args);
-  else wgrad_kernel<__half><<<grid, kThreads, 0, stream>>>(args);
+  if (x.scalar_type() == at::kBFloat16) wgrad_kernel<__nv_bfloat16><<<dims(plan.wgrad), kThreads, 0, stream>>>(args);
+  else wgrad_kernel<__half><<<dims(plan.wgrad), kThreads, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const int64_t count = cout * cin;

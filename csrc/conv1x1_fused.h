@@ -4,8 +4,9 @@
 // Each function implements one contract operator of fused_preact/unit_ops.py for kernel size 1,
 // stride 1 or 2, bf16/fp16 NHWC activations, fp32 accumulation; the caller (the CUDA
 // implementations of torch.ops.fused_preact.conv_bnrelu / conv_dgrad / conv_wgrad) uses them when
-// `weight.size(-1) == 1 && conv1x1_fused_supported(x, weight)` and cuDNN otherwise. Arguments and
-// results are exactly the operators' (see unit_ops.py); bad arguments raise c10::Error naming them.
+// conv1x1::bnrelu_problem / dgrad_problem / wgrad_problem (conv1x1_plan.h) find nothing against
+// the call, and cuDNN otherwise. Arguments and results are exactly the operators' (see
+// unit_ops.py); a call those checks refuse raises c10::Error with the reason.
 #pragma once
 
 #ifdef WITH_CUDA
@@ -16,12 +17,6 @@
 #include <tuple>
 
 namespace fused_preact {
-
-// Whether the kernels handle this conv: x a CUDA bf16/fp16 contiguous NHWC [N, H, W, C] tensor with
-// C = Cin (the conv's input: conv_bnrelu, conv_wgrad) or C = Cout (dy: conv_dgrad), weight
-// [Cout, Cin, 1, 1] (float32 or x's dtype) on the same device, Cin and Cout multiples of 8, 16-byte
-// aligned data, fewer than 2^31 pixels. The other tensors are checked by each call.
-bool conv1x1_fused_supported(const at::Tensor& x, const at::Tensor& weight);
 
 // conv_bnrelu: y = conv1x1(relu(scale * x + shift), weight, stride) (+ residual) in x's dtype and,
 // when `stats`, the partials (pmean, pm2 [T, Cout], pcount [T], float32) of y as stored;

@@ -4,17 +4,21 @@
 //                (scale and shift None: conv(x), no prologue: the original unit's first conv)
 //   conv_dgrad   g = (conv_input_grad(dy, W) + add) * (scale * h + shift > 0), sum_g, sum_g_xhat
 //   conv_wgrad   dW = conv_weight_grad(relu(scale * x + shift), dy)   (or of x, without prologue)
-// On CUDA, 1x1 convs of bf16/fp16 data that conv1x1_fused_supported() accepts run the fused
+// On CUDA, 1x1 convs of bf16/fp16 data that the checks of conv1x1_plan.h accept run the fused
 // tensor-core kernels of conv1x1_fused.cu (prologue and epilogues inside the GEMM; a conv without
-// prologue takes the composite path). Every other
+// prologue takes the composite path; conv_*_tensor_cores say why a call does not). Every other
 // conv is a composite: prologue -> ATen convolution -> epilogue. The BN-ReLU prologue is our apply
 // kernel into a temporary, the convolution is at::convolution / at::convolution_backward on
 // channels_last views of the NHWC data (cuDNN on CUDA; oneDNN or native on the CPU), and the
 // epilogue is one fused pass of ours (residual add + statistics partials; add + ReLU mask + the
 // two sums), each a CPU or CUDA kernel by the data's device.
-// Precision: the weight is rounded to the activation dtype; on CUDA the convolution runs in that
-// dtype (fp32 accumulation), on the CPU bfloat16 / float16 data are convolved in fp32 (the
-// operands hold exactly the rounded values), so y is rounded once, after the residual add.
+// Precision (conv_dtype): the weight is rounded to the activation dtype; on CUDA the convolution
+// runs in that dtype (fp32 accumulation, rounded once at its output), except where a residual
+// (conv_bnrelu) or a joining gradient (conv_dgrad's add) is added to its output: then it runs on
+// float32 copies of the rounded operands (exact in TF32 too) and writes float32, so the sum is
+// formed in fp32 and rounded once, as the contract and the 1x1 kernels do (a bf16 conv output
+// plus the residual would be rounded twice). On the CPU bfloat16 / float16 data are always
+// convolved in fp32. set_conv_dtype_rule lets a test run the CPU path under the CUDA rule.
 // Padding: the operators' optional `padding` ([left, right, top, bottom], zero after the BN-ReLU)
 // defaults to K / 2 per side. Symmetric padding is ATen's own conv padding (no copy; the default
 // path is unchanged). Asymmetric padding loses its part past the last window first (a stride-2
@@ -34,6 +38,7 @@
 #include <utility>
 #include <vector>
 
+#include "conv1x1_plan.h"
 #include "unit_ops.h"
 #ifdef WITH_CUDA
 #include "conv1x1_fused.h"
@@ -46,9 +51,16 @@ namespace {
 
 bool is_reduced(at::ScalarType dtype) { return dtype == at::kBFloat16 || dtype == at::kHalf; }
 
-// The dtype the convolution runs in for activations of `dtype` on `t`'s device.
-at::ScalarType conv_dtype(const Tensor& t, at::ScalarType dtype) {
-  return t.is_cpu() && is_reduced(dtype) ? at::kFloat : dtype;
+// The device whose dtype rule the composites follow on this thread: kind "" is each tensor's
+// own device (set_conv_dtype_rule changes it, for tests of one device's rule on another).
+thread_local std::string t_dtype_rule;
+
+// The dtype the convolution runs in for activations of `dtype` on `t`'s device; `addend`: a
+// residual or gradient is added to its output before the one rounding to `dtype`.
+at::ScalarType conv_dtype(const Tensor& t, at::ScalarType dtype, bool addend) {
+  if (!is_reduced(dtype)) return dtype;
+  const bool cpu_rule = t_dtype_rule.empty() ? t.is_cpu() : t_dtype_rule == "cpu";
+  return cpu_rule || addend ? at::kFloat : dtype;
 }
 
 Tensor nchw_view(const Tensor& nhwc) { return nhwc.permute({0, 3, 1, 2}); }
@@ -130,13 +142,14 @@ Tensor3 dgrad_epilogue(const Tensor& conv_out, const OptionalTensor& add, const 
 
 namespace {
 
-// Whether the tensor-core 1x1 kernels run this conv (data: the tensor with the conv's channels).
-bool fused_conv1x1(const Tensor& data, const Tensor& weight, int64_t k) {
+// Why the tensor-core 1x1 kernels do not run a conv of kernel size k, given the shapes' own
+// answer (conv1x1::*_problem): "" when they do.
+std::string tensor_core_problem(int64_t k, const std::string& problem) {
+  if (k != 1) return "the kernel is 3x3";
 #ifdef WITH_CUDA
-  return k == 1 && data.is_cuda() && conv1x1_fused_supported(data, weight);
+  return problem;
 #else
-  (void)data, (void)weight, (void)k;
-  return false;
+  return problem.empty() ? "the extension was built without its CUDA part" : problem;
 #endif
 }
 
@@ -161,11 +174,11 @@ Tensor4 conv_bnrelu(const Tensor& x, const Tensor& weight, const OptionalTensor&
   const int64_t k = check_conv_bnrelu_args(x, weight, scale, shift, residual, stride, padding);
   const ConvPadding pad = read_padding("conv_bnrelu", padding, k, stride, x.size(1), x.size(2));
 #ifdef WITH_CUDA
-  if (scale.has_value() && pad.zero() && fused_conv1x1(x, weight, k)) {
+  if (k == 1 && conv1x1::bnrelu_problem(x, weight, scale, shift, residual, stride, pad.zero()).empty()) {
     return conv1x1_bnrelu_cuda(x, weight, *scale, *shift, residual, stride, stats);
   }
 #endif
-  const at::ScalarType dtype = x.scalar_type(), compute = conv_dtype(x, dtype);
+  const at::ScalarType dtype = x.scalar_type(), compute = conv_dtype(x, dtype, residual.has_value());
   Tensor conv_out;
   {
     const auto [input, conv_pad] = padded_input(conv_input(x, scale, shift, compute), pad);
@@ -188,11 +201,12 @@ Tensor3 conv_dgrad(const Tensor& dy, const Tensor& weight, const OptionalTensor&
                                           height, width, padding);
   const ConvPadding pad = read_padding("conv_dgrad", padding, k, stride, height, width);
 #ifdef WITH_CUDA
-  if (pad.zero() && fused_conv1x1(dy, weight, k)) {
+  if (k == 1 && conv1x1::dgrad_problem(dy, weight, h, scale, shift, mean, invstd, add, stride, height,
+                                       width, pad.zero()).empty()) {
     return conv1x1_dgrad_cuda(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width);
   }
 #endif
-  const at::ScalarType dtype = dy.scalar_type(), compute = conv_dtype(dy, dtype);
+  const at::ScalarType dtype = dy.scalar_type(), compute = conv_dtype(dy, dtype, add.has_value());
   // conv_input_grad as a transposed convolution with the smaller side's padding: the gradient of
   // the input extended by the rest of the padding (top - pad_h rows above, bottom - pad_h below;
   // likewise columns), whose size output_padding (< stride) picks among the `stride` sizes that
@@ -215,17 +229,59 @@ Tensor conv_wgrad(const Tensor& dy, const Tensor& x, const OptionalTensor& scale
   const int64_t k = check_conv_wgrad_args(dy, x, scale, shift, weight, stride, padding);
   const ConvPadding pad = read_padding("conv_wgrad", padding, k, stride, x.size(1), x.size(2));
 #ifdef WITH_CUDA
-  if (scale.has_value() && pad.zero() && fused_conv1x1(x, weight, k)) {
+  if (k == 1 && conv1x1::wgrad_problem(dy, x, scale, shift, weight, stride, pad.zero()).empty()) {
     return conv1x1_wgrad_cuda(dy, x, *scale, *shift, weight, stride);
   }
 #endif
-  const at::ScalarType dtype = x.scalar_type(), compute = conv_dtype(x, dtype);
+  const at::ScalarType dtype = x.scalar_type(), compute = conv_dtype(x, dtype, false);
   const auto [input, conv_pad] = padded_input(conv_input(x, scale, shift, compute), pad);
   const Tensor dweight = std::get<1>(at::convolution_backward(
       nchw_view(dy.to(compute)), nchw_view(input), conv_weight(weight, dtype, compute),
       std::nullopt, {stride, stride}, conv_pad, {1, 1}, /*transposed=*/false, {0, 0},
       /*groups=*/1, {false, true, false}));
   return dweight.to(weight.scalar_type()).contiguous();
+}
+
+// ---- which path runs a call (diagnostics: python -m fused_preact.check, tests) -------------------
+
+std::string conv_bnrelu_tensor_cores(const Tensor& x, const Tensor& weight,
+                                     const OptionalTensor& scale, const OptionalTensor& shift,
+                                     const OptionalTensor& residual, int64_t stride, bool stats,
+                                     at::OptionalIntArrayRef padding) {
+  (void)stats;
+  const int64_t k = check_conv_bnrelu_args(x, weight, scale, shift, residual, stride, padding);
+  const ConvPadding pad = read_padding("conv_bnrelu", padding, k, stride, x.size(1), x.size(2));
+  return tensor_core_problem(
+      k, conv1x1::bnrelu_problem(x, weight, scale, shift, residual, stride, pad.zero()));
+}
+
+std::string conv_dgrad_tensor_cores(const Tensor& dy, const Tensor& weight, const OptionalTensor& h,
+                                    const OptionalTensor& scale, const OptionalTensor& shift,
+                                    const OptionalTensor& mean, const OptionalTensor& invstd,
+                                    const OptionalTensor& add, int64_t stride, int64_t height,
+                                    int64_t width, at::OptionalIntArrayRef padding) {
+  const int64_t k = check_conv_dgrad_args(dy, weight, h, scale, shift, mean, invstd, add, stride,
+                                          height, width, padding);
+  const ConvPadding pad = read_padding("conv_dgrad", padding, k, stride, height, width);
+  return tensor_core_problem(k, conv1x1::dgrad_problem(dy, weight, h, scale, shift, mean, invstd,
+                                                       add, stride, height, width, pad.zero()));
+}
+
+std::string conv_wgrad_tensor_cores(const Tensor& dy, const Tensor& x, const OptionalTensor& scale,
+                                    const OptionalTensor& shift, const Tensor& weight,
+                                    int64_t stride, at::OptionalIntArrayRef padding) {
+  const int64_t k = check_conv_wgrad_args(dy, x, scale, shift, weight, stride, padding);
+  const ConvPadding pad = read_padding("conv_wgrad", padding, k, stride, x.size(1), x.size(2));
+  return tensor_core_problem(
+      k, conv1x1::wgrad_problem(dy, x, scale, shift, weight, stride, pad.zero()));
+}
+
+std::string set_conv_dtype_rule(const std::string& device) {
+  TORCH_CHECK(device.empty() || device == "cpu" || device == "cuda",
+              "set_conv_dtype_rule: device must be '', 'cpu' or 'cuda', got '", device, "'");
+  std::string previous = t_dtype_rule;
+  t_dtype_rule = device;
+  return previous;
 }
 
 }  // namespace fused_preact

@@ -24,7 +24,8 @@
 // consecutive channels, one 16-byte access per tensor and row) and keeps their coefficients in
 // registers; bx is the power of two covering C / V, at most 32. Elementwise kernels: grid
 // (row blocks, channel tiles), both grid-stride, 4 rows of single values or 2 rows of 16-byte
-// vectors in flight per thread (registers <= 128). The reduction: one block per partial of
+// vectors in flight per thread (registers <= 128). The reduction (two blocks per multiprocessor,
+// 128 registers at most; one row of 16-bit 16-byte vectors in flight): one block per partial of
 // kRowsPerPartial rows and channel tile, a fixed-order tree over its thread rows into a [T, C]
 // workspace, then one thread column per channel adds the T partials in double in a fixed order
 // (sum_partials_kernel): deterministic, no atomics.
@@ -61,6 +62,11 @@ constexpr int kReduceMaxTileY = 64;   // reduction: thread rows (>= 4 rows of a 
 // Rows in flight per thread: 4 of single values, 2 of 16-byte vectors (registers stay <= 128).
 template <int V>
 constexpr int kUnroll = V == 1 ? 4 : 2;
+// backward_reduce_kernel: one row of 16-byte vectors in flight for 16-bit data, whose 8 channels'
+// coefficients (scale, shift, mean, invstd) and two sums hold 48 registers: with two rows the bf16
+// variants took 143-147 registers, and spilled 32-40 bytes when held to 128.
+template <typename T, int V>
+constexpr int kReduceUnroll = V == 8 && sizeof(T) == 2 ? 1 : kUnroll<V>;
 constexpr int kSumTileC = 8;          // sum_partials_kernel: channels per block at most
 constexpr int kSumThreads = 512;      // sum_partials_kernel: threads per block
 constexpr int64_t kMaxRowBlocks = 16384;  // elementwise grids: blocks at most (grid-stride)
@@ -291,8 +297,9 @@ __device__ __forceinline__ void sum_thread_rows(acc_t (&x)[V], acc_t (&y)[V]) {
 
 // grid (T, channel tiles), block (bx, by): block (p, tile) covers the rows of partial p for the
 // channel vectors [tile * bx, tile * bx + bx) and writes their sums to row p of the workspace.
+// Two blocks per multiprocessor in the launch bounds hold it to 128 registers (kReduceUnroll).
 template <typename T, typename S, int V>
-__global__ void __launch_bounds__(kThreads) backward_reduce_kernel(const ReduceArgs<T, S> a) {
+__global__ void __launch_bounds__(kThreads, 2) backward_reduce_kernel(const ReduceArgs<T, S> a) {
   using acc_t = acc_type<T>;
   const int by = blockDim.y;
   const int64_t part = blockIdx.x;
@@ -311,7 +318,7 @@ __global__ void __launch_bounds__(kThreads) backward_reduce_kernel(const ReduceA
     }
     load_channels(mean, a.mean, c0);
     load_channels(invstd, a.invstd, c0);
-    constexpr int U = kUnroll<V>;
+    constexpr int U = kReduceUnroll<T, V>;
 #pragma unroll 1
     for (int64_t r = r0 + threadIdx.y; r < r1; r += int64_t(U) * by) {
       Pack<S, V> tv[U];

@@ -9,6 +9,13 @@
 //                                                         conv_dgrad's epilogue without the conv
 //   batch_stats(Tensor x) -> (Tensor mean, Tensor var)   per-channel mean and biased variance of a
 //                                                         4-D activation, one read pass
+//   conv_bnrelu_tensor_cores / conv_dgrad_tensor_cores / conv_wgrad_tensor_cores(<the conv
+//       operator's arguments>) -> str                     why the tensor-core 1x1 kernels do not run
+//                                                         that call ("" when they do)
+//   conv1x1_plan(int rows, int pixels, int cin, int cout, int stride) -> str
+//                                                         the 1x1 kernels' launch geometry, JSON
+//   set_conv_dtype_rule(str device) -> str                the conv composites follow this device's
+//                                                         dtype rule on this thread (tests)
 //   built_with_cuda() -> bool                             whether CUDA kernels were compiled in
 //   cpu_threads() -> int                                  how many threads at::parallel_for runs the CPU
 //                                                         kernels on (torch's intra-op threads, or 1
@@ -25,6 +32,7 @@
 #include <vector>
 
 #include "batch_stats.h"
+#include "conv1x1_plan.h"
 #include "unit_ops.h"
 #include "unit_ops_cuda.h"
 
@@ -45,6 +53,14 @@ int64_t cpu_threads() {
   });
   return static_cast<int64_t>(std::set<int64_t>(thread_of_task.begin(), thread_of_task.end()).size());
 }
+
+std::string conv1x1_plan(int64_t rows, int64_t pixels, int64_t cin, int64_t cout, int64_t stride) {
+  TORCH_CHECK(rows >= 0 && pixels >= 0 && cin > 0 && cout > 0 && (stride == 1 || stride == 2),
+              "conv1x1_plan: rows and pixels must be >= 0, cin and cout > 0, stride 1 or 2");
+  return fused_preact::conv1x1::plan_json(fused_preact::conv1x1::plan(rows, pixels, cin, cout, stride));
+}
+
+std::string set_conv_dtype_rule(std::string device) { return fused_preact::set_conv_dtype_rule(device); }
 
 std::string cpu_simd() {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -82,6 +98,18 @@ TORCH_LIBRARY(fused_preact, m) {
   m.def("bn_relu_backward_reduce(Tensor t, Tensor h, Tensor scale, Tensor shift, Tensor mean, "
         "Tensor invstd, Tensor? add) -> (Tensor g, Tensor sum_g, Tensor sum_g_xhat)");
   m.def("batch_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  m.def("conv_bnrelu_tensor_cores(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, "
+        "Tensor? residual, int stride, bool stats, int[]? padding=None) -> str",
+        &fused_preact::conv_bnrelu_tensor_cores);
+  m.def("conv_dgrad_tensor_cores(Tensor dy, Tensor weight, Tensor? h, Tensor? scale, Tensor? shift, "
+        "Tensor? mean, Tensor? invstd, Tensor? add, int stride, int height, int width, "
+        "int[]? padding=None) -> str",
+        &fused_preact::conv_dgrad_tensor_cores);
+  m.def("conv_wgrad_tensor_cores(Tensor dy, Tensor x, Tensor? scale, Tensor? shift, Tensor weight, "
+        "int stride, int[]? padding=None) -> str",
+        &fused_preact::conv_wgrad_tensor_cores);
+  m.def("conv1x1_plan(int rows, int pixels, int cin, int cout, int stride) -> str", &conv1x1_plan);
+  m.def("set_conv_dtype_rule(str device) -> str", &set_conv_dtype_rule);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("cpu_threads() -> int", &cpu_threads);
   m.def("cpu_simd() -> str", &cpu_simd);

@@ -11,19 +11,22 @@
 // Each has a CPU, a CUDA (unit_ops_cuda.h) and a Meta kernel; the conv operators are
 // composites (our prologue / epilogue kernels around ATen's convolution), device-generic.
 //
-// Statistics partials (float32; float64 for float64 activations): T = ceil(rows / kRowsPerPartial) rows of [C] (rows = N*H*W), on every
-// device, so fake (Meta) shapes match real ones.
+// Statistics partials (float32; float64 for float64 activations): T = ceil(rows / kRowsPerPartial)
+// rows of [C] (rows = N*H*W), on every device and in every kernel that emits them (the 1x1
+// tensor-core GEMM writes one per row tile: conv1x1_plan.h asserts kTileM == kRowsPerPartial),
+// so fake (Meta) shapes match real ones.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/OptionalArrayRef.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace fused_preact {
 
-constexpr int64_t kRowsPerPartial = 256;
+constexpr int64_t kRowsPerPartial = 128;
 
 // Statistics, partials and sums are float32, float64 for float64 activations.
 inline at::ScalarType stat_dtype(at::ScalarType activation) {
@@ -168,6 +171,24 @@ Tensor3 conv_dgrad(const Tensor& dy, const Tensor& weight, const OptionalTensor&
 Tensor conv_wgrad(const Tensor& dy, const Tensor& x, const OptionalTensor& scale,
                   const OptionalTensor& shift, const Tensor& weight, int64_t stride,
                   at::OptionalIntArrayRef padding);
+// Why the tensor-core 1x1 kernels do not run such a call of the conv operator ("" when they
+// do): the same checks the operators make to choose their path (conv1x1_plan.h).
+std::string conv_bnrelu_tensor_cores(const Tensor& x, const Tensor& weight,
+                                     const OptionalTensor& scale, const OptionalTensor& shift,
+                                     const OptionalTensor& residual, int64_t stride, bool stats,
+                                     at::OptionalIntArrayRef padding);
+std::string conv_dgrad_tensor_cores(const Tensor& dy, const Tensor& weight, const OptionalTensor& h,
+                                    const OptionalTensor& scale, const OptionalTensor& shift,
+                                    const OptionalTensor& mean, const OptionalTensor& invstd,
+                                    const OptionalTensor& add, int64_t stride, int64_t height,
+                                    int64_t width, at::OptionalIntArrayRef padding);
+std::string conv_wgrad_tensor_cores(const Tensor& dy, const Tensor& x, const OptionalTensor& scale,
+                                    const OptionalTensor& shift, const Tensor& weight,
+                                    int64_t stride, at::OptionalIntArrayRef padding);
+// The composites follow the conv dtype rule of `device` ("cpu" or "cuda") on this thread, or each
+// tensor's own device's (""); returns the previous choice. For tests: the CPU path under the CUDA
+// rule shows what the CUDA path rounds (conv_ops.cpp, conv_dtype).
+std::string set_conv_dtype_rule(const std::string& device);
 
 // ---- Meta (unit_checks.cpp): checks and output shapes only -------------------------------------
 Tensor3 channel_stats_meta(const Tensor& x);

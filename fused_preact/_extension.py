@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import torch  # the extension links against torch's libraries: load them first
@@ -34,7 +35,7 @@ _tried = False
 
 def build_info() -> Optional[dict]:
     """What the build recorded (``torch``, ``torch_cuda``, ``cuda``, ``cuda_not_built``,
-    ``cuda_failure``), or None when there is no record."""
+    ``cuda_failure``, ``cuda_archs``: TORCH_CUDA_ARCH_LIST as built), or None when there is no record."""
     try:
         with open(BUILD_INFO, encoding="utf-8") as f:
             return json.load(f)
@@ -95,6 +96,82 @@ def unavailable_reason() -> Optional[str]:
 def built_with_cuda() -> bool:
     """Whether the extension was compiled with its CUDA kernels."""
     return available() and bool(torch.ops.fused_preact.built_with_cuda())
+
+
+# What builds that recorded no architecture list were built for (setup.py's default before it added PTX).
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# The extension's CUDA code uses sm_80 instructions (cp.async, bf16 mma.sync): nothing older runs it.
+MIN_CAPABILITY = (8, 0)
+
+
+@dataclass(frozen=True)
+class CudaArch:
+    """One entry of the build's architecture list: machine code (SASS) for ``capability``, and PTX
+    that the driver JIT-compiles for any newer GPU when ``ptx``. ``specific`` (sm_90a): the code runs
+    on exactly that capability."""
+    capability: tuple[int, int]
+    ptx: bool = False
+    specific: bool = False
+
+    def __str__(self) -> str:
+        name = f"sm_{self.capability[0]}{self.capability[1]}{'a' if self.specific else ''}"
+        return name + ("+PTX" if self.ptx else "")
+
+
+def parse_cuda_archs(arch_list: str) -> list[CudaArch]:
+    """``"8.0;9.0+PTX"`` (TORCH_CUDA_ARCH_LIST's form) as CudaArch entries; names torch expands
+    itself ("Ampere") are skipped."""
+    archs = []
+    for entry in arch_list.replace(" ", ";").split(";"):
+        ptx = entry.endswith("+PTX")
+        number = entry[:-4] if ptx else entry
+        specific = number.endswith("a")
+        number = number[:-1] if specific else number
+        major, _, minor = number.partition(".")
+        if major.isdigit() and minor.isdigit():
+            archs.append(CudaArch((int(major), int(minor)), ptx, specific))
+    return archs
+
+
+def cuda_archs(info: Optional[dict] = None) -> tuple[list[CudaArch], bool]:
+    """The architectures the extension's CUDA part was built for, and whether the build recorded
+    them (else ``DEFAULT_CUDA_ARCHS`` is assumed)."""
+    info = build_info() if info is None else info
+    recorded = (info or {}).get("cuda_archs")
+    return parse_cuda_archs(recorded or DEFAULT_CUDA_ARCHS), bool(recorded)
+
+
+def code_for_capability(capability: tuple[int, int], archs: list[CudaArch]) -> Optional[str]:
+    """How a GPU of compute ``capability`` runs the extension's CUDA code built for ``archs``:
+    ``"sm_XY"`` (machine code; a GPU runs the code of its major version and any lower minor),
+    ``"sm_XY+PTX (JIT)"`` (the driver compiles the PTX of an older architecture at first use), or
+    None when it has no code it can run."""
+    capability = tuple(capability)
+    native = [a for a in archs if (a.capability == capability if a.specific else
+                                   a.capability[0] == capability[0] and a.capability[1] <= capability[1])]
+    if native:
+        return str(max(native, key=lambda a: a.capability)).replace("+PTX", "")
+    jit = [a for a in archs if a.ptx and not a.specific and a.capability <= capability]
+    if jit:
+        return f"{max(jit, key=lambda a: a.capability)} (JIT)"
+    return None
+
+
+def capability_problem(capability: tuple[int, int], info: Optional[dict] = None) -> Optional[str]:
+    """Why the extension's CUDA kernels cannot run on a GPU of compute ``capability`` (None when
+    they can): below sm_80, or no machine code nor PTX in the build that this GPU runs."""
+    capability = tuple(capability)
+    if capability < MIN_CAPABILITY:
+        return (f"the extension's CUDA kernels need compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
+                f"or newer (cp.async, bf16 tensor cores); this GPU is {capability[0]}.{capability[1]}")
+    archs, recorded = cuda_archs(info)
+    if code_for_capability(capability, archs) is not None:
+        return None
+    built = ", ".join(map(str, archs)) or "no architecture"
+    assumed = "" if recorded else f" (not recorded by the build: assumed {DEFAULT_CUDA_ARCHS})"
+    return (f"the extension was built for {built}{assumed} and has no code for compute capability "
+            f"{capability[0]}.{capability[1]} (no kernel image would run: rebuild with "
+            f"TORCH_CUDA_ARCH_LIST=\"{capability[0]}.{capability[1]}\" or a list with +PTX)")
 
 
 def cpu_simd() -> Optional[str]:

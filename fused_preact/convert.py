@@ -48,7 +48,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from . import dispatch
+from . import dispatch, self_check
 from .fused import (FUSED_CLASS, FusedOriginalBlock, FusedOriginalBottleneck, FusedPreActBlock,
                     FusedPreActBottleneck, _FusedUnitMixin)
 from .recognize import OriginalUnitMatch, UnitMatch, recognize
@@ -235,9 +235,10 @@ class _Converter:
             return self._left_eager(module, path, "it has forward or backward hooks, which fused kernels "
                                                   "would not run")
         if key not in self._checked:
-            self._checked[key] = check_replacement(
-                module, lambda copy: self._with_memory(build(copy, self.backend)), in_channels,
-                self.report.guard_backend, size)
+            twin = lambda copy: self._with_memory(build(copy, self.backend))   # noqa: E731
+            self._checked[key] = (  # float64 on the CPU, then the backend on the model's own device
+                check_replacement(module, twin, in_channels, self.report.guard_backend, size)
+                or self_check.check_replacement_on_device(module, twin, in_channels, self.backend, size))
         verdict = self._checked[key]
         if verdict is not None:
             return self._left_eager(module, path, verdict)

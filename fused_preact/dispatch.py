@@ -13,7 +13,11 @@ Nothing outside this module touches ``kernels/`` or the extension's kernels.
 
 ``"auto"`` takes the first backend that can run the input, in the order of
 ``AUTO_ORDER``, and is not slower than eager there, and otherwise the eager path with a
-single warning that says why. On CPU tensors that excludes Triton's interpreter (a
+single warning that says why; on a GPU, passing over a backend that cannot run there (the
+extension built without code for this compute capability, say) is one warning too, naming
+the backend it runs instead. A backend runs only where it has code: the ``cuda`` backend
+reports itself unavailable on a GPU its build has neither machine code nor PTX for
+(``_extension.capability_problem``), Triton below compute capability 8.0. On CPU tensors that excludes Triton's interpreter (a
 correctness tool, far slower than eager) and the C++ CPU kernels outside the sizes where
 ``bench/unit_cpu.py`` measured them not slower than eager (``CPU_AUTO_MIN_ELEMENTS``:
 none so far, figures in ``notes/cpp_ops.md``). An explicit backend always runs as asked.
@@ -145,14 +149,13 @@ def resolve_backend(requested: str, x: torch.Tensor, *, synchronized: bool = Fal
             if reason is None:
                 reason = None if synchronized else slower_than_eager(name, x)
                 if reason is None:
+                    if reasons and x.device.type == "cuda":   # a GPU input passed over a backend: say so
+                        _warn_once(f"fused-preact: 'auto' runs this input with the {describe_backend(name, x.device)} "
+                                   f"({'; '.join(reasons)})")
                     return name
             reasons.append(f"{name}: {reason}")
-        message = ("fused-preact: 'auto' runs this input on the eager PyTorch path: no fused kernel runs it "
+        _warn_once("fused-preact: 'auto' runs this input on the eager PyTorch path: no fused kernel runs it "
                    "faster, or at all (" + "; ".join(reasons) + ")")
-        # warn from eager code only: a warning would break a torch.compile(fullgraph=True) graph
-        if message not in _warned and not torch.compiler.is_compiling():
-            _warned.add(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
         return "eager"
     reason = unavailable_reason(requested, x)
     if reason is not None:
@@ -161,10 +164,26 @@ def resolve_backend(requested: str, x: torch.Tensor, *, synchronized: bool = Fal
     return requested
 
 
+def _warn_once(message: str) -> None:
+    # warn from eager code only: a warning would break a torch.compile(fullgraph=True) graph
+    if message not in _warned and not torch.compiler.is_compiling():
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def backend_ops(name: str):
+    """The namespace of backend ``name``'s ``unit_ops`` operators (``torch.ops.fused_preact_triton``,
+    ``torch.ops.fused_preact``), as ``run_unit`` uses it."""
+    check_backend(name)
+    if name not in _registry:
+        raise ValueError(f"backend {name!r} has no operators (it is not a kernel backend)")
+    return _registry[name].ops()
+
+
 def run_unit(name: str, unit: nn.Module, x: torch.Tensor, stats_in: Optional[Partials] = None,
              want_stats: bool = False) -> tuple[torch.Tensor, Optional[Partials]]:
     """Run ``unit`` on ``x`` with kernel backend ``name``; see ``unit_function.run_fused_unit``."""
-    return run_fused_unit(_registry[name].ops(), unit, x, stats_in, want_stats)
+    return run_fused_unit(backend_ops(name), unit, x, stats_in, want_stats)
 
 
 # -- the two kernel backends ------------------------------------------------------
@@ -185,12 +204,17 @@ def _triton_interpreting() -> bool:
     return importlib.import_module("fused_preact.kernels.runtime").interpreting()
 
 
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of CUDA ``device`` (one place, so tests can fake another GPU)."""
+    return tuple(torch.cuda.get_device_capability(device))
+
+
 def _triton_unavailable(x: torch.Tensor) -> Optional[str]:
     error = _triton_import_error()
     if error is not None:
         return error
     if x.device.type == "cuda":
-        if torch.cuda.get_device_capability(x.device) < (8, 0):
+        if device_capability(x.device) < (8, 0):
             return f"the Triton kernels need compute capability 8.0 or newer, {x.device} has less"
     elif x.device.type != "cpu" or not _triton_interpreting():
         return (f"x is on {x.device}: the Triton kernels run on CUDA tensors (CPU tensors only in "
@@ -201,6 +225,7 @@ def _triton_unavailable(x: torch.Tensor) -> Optional[str]:
 
 
 def _triton_ops():
+    _triton_import_error()   # registers the operators (once)
     return torch.ops.fused_preact_triton
 
 
@@ -227,12 +252,17 @@ def _cuda_unavailable(x: torch.Tensor) -> Optional[str]:
     if x.device.type == "cuda" and not _extension_has_cuda():
         return ("the extension has no CUDA kernels for the fused-unit operators (built without its CUDA "
                 "part, or a version whose CUDA operators are not written yet)")
+    if x.device.type == "cuda":
+        problem = _extension.capability_problem(device_capability(x.device))
+        if problem is not None:
+            return problem
     if x.device.type not in ("cpu", "cuda"):
         return f"the extension has CPU and CUDA kernels, x is on {x.device}"
     return None
 
 
 def _cuda_ops():
+    _extension.load()        # registers the operators (once)
     return torch.ops.fused_preact
 
 

@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from . import dispatch
+from . import dispatch, self_check
 from .unit_function import check_memory, process_count
 from .units import OriginalBlock, OriginalBottleneck, PreActBlock, PreActBottleneck, check_unit_input
 
@@ -75,6 +75,7 @@ class _FusedUnitMixin:
         synchronized = group is not None and self.training and process_count(group) > 1
         # an empty batch does what eager does (kernels need rows): no kernel runs it
         name = dispatch.resolve_backend(self.backend, x, synchronized=synchronized) if x.numel() else "eager"
+        name = self_check.checked_backend(self, x, name)   # eager when this configuration failed its first-use check
         if name == "eager":
             if synchronized and x.numel():
                 raise RuntimeError(
@@ -83,10 +84,14 @@ class _FusedUnitMixin:
                     f"path (backend={self.backend!r}, x on {x.device}, {x.dtype}). Use a backend that runs it "
                     f"(backend='cuda' or 'triton'), or nn.SyncBatchNorm on eager units instead of "
                     f"sync_batch_stats.")
-            y, stats = super().forward(x), None
+            y, stats = self._eager_forward(x), None
         else:
             y, stats = dispatch.run_unit(name, self, x, stats_in, return_stats)
         return (y, stats) if return_stats else y
+
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The unit's eager PyTorch computation (the fallback, and the self-check's yardstick)."""
+        return super().forward(x)
 
     def extra_repr(self) -> str:
         padding = "" if self.conv_padding is None else f", conv_padding={self.conv_padding}"

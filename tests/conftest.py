@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch._functorch.config
 
-# The tests import their helpers as plain modules (`import reference_ops`, `from comparisons import ...`,
+# The tests import their helpers as plain modules (`from comparisons import ...`,
 # `import foreign_models as fm`), never through a package named `tests`: some packages on the registry
 # install a top-level `tests` package of their own, which would win over this folder. This folder goes
 # first on sys.path whatever pytest's import mode (prepend puts it there too; importlib does not).
@@ -21,6 +21,12 @@ if TESTS_FOLDER not in sys.path:
 # must be switched on before triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Fused units check themselves against eager PyTorch the first time a configuration runs
+# (fused_preact/self_check.py): in the tests, which compare every unit with float64 themselves, that
+# would double the first call of each test's units (Triton's interpreter included). Off here; the
+# tests of the check (test_self_check.py) turn it on, and subprocesses inherit the setting.
+os.environ.setdefault("FUSED_PREACT_SELF_CHECK", "0")
 
 # A custom operator whose outputs alias its inputs or each other is an error under torch.compile
 # when CI is set (torch's default follows the CI variable): make it one everywhere, so a local run

@@ -1,5 +1,5 @@
 """bn_add_relu and bn_add_relu_backward (the end of an original unit) on both backends against the
-float64 oracle in tests/reference_ops.py: the Triton kernels (kernels/bn_add_relu.py; Triton's
+float64 oracle in fused_preact/reference_ops.py: the Triton kernels (kernels/bn_add_relu.py; Triton's
 interpreter without a GPU) and the C++ extension (csrc/elementwise_cpu.cpp / elementwise_cuda.cu).
 
 Tolerances, per element: y within two steps of its dtype of the magnitude of the terms
@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-import reference_ops as ref
+from fused_preact import reference_ops as ref
 from gpu_code import ARCHS, assert_no_spills
 from fused_preact import _extension, dispatch
 

@@ -5,7 +5,7 @@ sm_80 and sm_90, the GEMM kernels use tensor cores (HMMA) and nothing spills to 
 
 GPU checks (``gpu``, skipped without a device): ``torch.ops.fused_preact.conv_bnrelu`` /
 ``conv_dgrad`` / ``conv_wgrad`` with 1x1 weights on CUDA bf16/fp16 against the float64 oracle in
-``tests/reference_ops.py``, and a profiler check that these calls ran the fused kernels (which
+``fused_preact/reference_ops.py``, and a profiler check that these calls ran the fused kernels (which
 they do only when ``conv1x1_fused_supported`` accepts the shapes).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import subprocess
 import pytest
 import torch
 
-import reference_ops as ref
+from fused_preact import reference_ops as ref
 from fused_preact import _extension
 from gpu_code import ARCHS, cuobjdump
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import reference_ops as ref
+from fused_preact import reference_ops as ref
 from comparisons import perturb_bn, relative_error
 from fused_preact import dispatch
 from fused_preact.fused import FusedPreActBlock, FusedPreActBottleneck

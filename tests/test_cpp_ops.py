@@ -1,5 +1,5 @@
 """The C++ operators of the fused-unit contract (torch.ops.fused_preact.*) against the float64 oracle
-in tests/reference_ops.py: statistics partials, bn_finalize with BatchNorm running statistics, the
+in fused_preact/reference_ops.py: statistics partials, bn_finalize with BatchNorm running statistics, the
 BN-ReLU apply / backward passes and the conv composites; schemas, opcheck, Meta shapes, compile and
 argument errors.
 
@@ -10,14 +10,15 @@ import math
 import pytest
 import torch
 
-import reference_ops as ref
+from fused_preact import reference_ops as ref
 from fused_preact import _extension
 from fused_preact.unit_ops import OPERATORS, SCHEMAS, conv_output_size
 
 pytestmark = pytest.mark.skipif(not _extension.available(), reason=str(_extension.unavailable_reason()))
 ops = torch.ops.fused_preact
 
-ROWS_PER_PARTIAL = 256
+# rows per statistics partial on every device (csrc/unit_ops.h kRowsPerPartial, the 1x1 GEMM's row tile)
+ROWS_PER_PARTIAL = 128
 
 
 def _has_cuda_kernel(op):
@@ -403,7 +404,7 @@ def _bad_calls():
         (lambda: ops.conv_dgrad(torch.randn(3, 9, 7, 6), weight, None, None, None, None, None, None, 1, 8, 7),
          r"conv_dgrad: height and width \(8, 7\)"),
         (lambda: ops.conv_wgrad(torch.randn(3, 5, 4, 6), x, scale, shift, weight, 1), r"conv_wgrad: dy must have shape"),
-        (lambda: ops.bn_finalize(stats[0], stats[1][:, :2], stats[2], v, v, None, None, None, 0.1, 1e-5),
+        (lambda: ops.bn_finalize(stats[0], stats[1][:, :2].contiguous(), stats[2], v, v, None, None, None, 0.1, 1e-5),
          r"bn_finalize: pm2 must have pmean's shape"),
         (lambda: ops.bn_finalize(*stats, v, v, torch.zeros(c), torch.ones(c), None, -1.0, 1e-5),
          r"bn_finalize: num_batches_tracked is required when momentum < 0"),

@@ -17,7 +17,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import pack_outputs  # noqa: E402
+from bench import device_budget, pack_outputs  # noqa: E402
 
 
 def _tree_ok(out: Path):
@@ -28,8 +28,29 @@ def _tree_ok(out: Path):
         assert path.stat().st_size <= 16 * 2 ** 20 and len(path.relative_to(out).parts) <= 3
 
 
+ORDER = ["environment", "build", "check", "memcheck", "racecheck", "tests", "memory", "benchmark"]
+
+
+def test_the_budget_fits_nine_minutes_and_every_step_gets_its_minimum():
+    """bench/device_budget.py's plan at 540 s: even when every step runs as long as it may, the steps
+    (in the order of issue 30: build, check, sanitizers, tests, benchmark) end inside the budget less
+    the packing reserve and the kill grace, and each gets at least its minimum: the sanitizers too
+    (the old plan, --full sweeps and a 150 s benchmark reserve, left them 0 s)."""
+    assert [step.name for step in device_budget.STEPS] == ORDER
+    worst = device_budget.worst_case(540)
+    assert sum(worst.values()) <= 540 - device_budget.PACK_RESERVE - device_budget.GRACE
+    for step in device_budget.STEPS:
+        assert worst[step.name] >= step.minimum, (step.name, worst)
+    assert worst["memcheck"] >= 20 and worst["racecheck"] >= 10 and worst["benchmark"] >= 90
+    # the script runs its steps in the plan's order, each with the plan's cap and reserve
+    script = (REPO / "bench" / "device_run.sh").read_text()
+    planned = [line.split()[1] for line in script.splitlines() if line.strip().startswith("planned ")]
+    assert planned == [name for name in ORDER if name != "benchmark"], planned
+    assert "--full" not in script.split("FULL=(--full)")[1].split("pytest_cmd()")[0]   # only without a budget
+
+
 @pytest.mark.slow
-@pytest.mark.full   # the whole script, seven pytest and benchmark processes: about 45 s here
+@pytest.mark.full   # the whole script, its pytest, check and benchmark processes: about 90 s here
 def test_dry_run_ends_in_time_and_packs_everything_within_the_rules(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("the dry run is what a machine without a GPU does")
@@ -41,21 +62,24 @@ def test_dry_run_ends_in_time_and_packs_everything_within_the_rules(tmp_path):
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     _tree_ok(out)
-    assert sorted(p.name for p in out.iterdir()) == ["device_run.tar.gz", "memory.json", "memory.png", "report.md",
-                                                      "results.json", "speedup.png", "summary.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["check.json", "device_run.tar.gz", "memory.json", "memory.png",
+                                                      "report.md", "results.json", "speedup.png", "summary.txt"]
     summary = (out / "summary.txt").read_text()
     assert "DRY RUN" in summary and "budget 540 s" in summary
-    for step in ("environment", "tests-triton", "tests-gpu", "tests-fused", "memcheck", "racecheck", "memory",
-                 "benchmark"):
+    ran = [line.split()[1] for line in summary.splitlines() if line.startswith("== ") and " (at " in line]
+    assert ran == ["environment", "check", "memcheck", "racecheck", "tests", "memory", "benchmark", "pack"], ran
+    for step in ran:
         assert f"   {step}: exit 0 after " in summary, step      # every step ran and logged its time
     assert "== build: skipped (dry run)" in summary
     pytest_steps = [line for line in summary.splitlines() if " -m pytest " in line]
-    assert len(pytest_steps) == 5 and all(" --full " in line for line in pytest_steps), pytest_steps
+    assert len(pytest_steps) == 3 and not any(" --full " in line for line in pytest_steps), pytest_steps
     assert "junit-gpu.xml:" in summary and "skipped" in summary
+    assert "check.json: PASS" in summary and "auto for bf16:" in summary
+    assert json.loads((out / "check.json").read_text())["passed"]
     with tarfile.open(out / "device_run.tar.gz") as tar:
         names = set(tar.getnames())
-    for name in ("steps.txt", "environment.log", "junit-gpu.xml", "junit-memcheck.xml", "benchmark/results.json",
-                 "benchmark/report.md", "benchmark.log"):
+    for name in ("steps.txt", "environment.log", "check.log", "check.json", "junit-gpu.xml", "junit-memcheck.xml",
+                 "benchmark/results.json", "benchmark/report.md", "benchmark.log"):
         assert f"device_run/{name}" in names, name
     results = json.loads((out / "results.json").read_text())
     contenders = {e["contender"]: e for e in results["results"]}

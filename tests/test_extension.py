@@ -172,6 +172,33 @@ def test_cuda_code_for_sm80_and_sm90(extension_file):
     assert "sm_80" in listing and "sm_90" in listing, listing
 
 
+def test_ptx_of_the_newest_architecture_for_newer_gpus(extension_file):
+    """setup.py adds PTX of the newest architecture built (8.0;9.0 -> 9.0+PTX): a Blackwell GPU
+    JIT-compiles it, and the cuda backend counts it as code for that GPU."""
+    listing = subprocess.run([_cuobjdump(), "--list-ptx", extension_file], capture_output=True, text=True,
+                             check=True).stdout
+    for source in ("conv1x1_fused", "elementwise_cuda", "statistics_cuda"):
+        assert f"{source}.sm_90.ptx" in listing, listing
+    assert "+PTX" in (_extension.build_info() or {}).get("cuda_archs", "")
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_elementwise_and_statistics_kernels_keep_to_128_registers(extension_file, arch):
+    """Their launch configuration promises <= 128 registers (256-thread blocks, two per
+    multiprocessor); backward_reduce_kernel<BFloat16, *, 8> took 143-147."""
+    usage = subprocess.run([_cuobjdump(), "-arch", f"sm_{arch}", "--dump-resource-usage", extension_file],
+                           capture_output=True, text=True, check=True).stdout
+    checked = 0
+    for block in usage.split("Fatbin elf code")[1:]:
+        source = re.search(r"identifier = (\S+)", block)
+        if source is None or not source.group(1).endswith(("elementwise_cuda.cu", "statistics_cuda.cu")):
+            continue
+        for name, registers in re.findall(r"Function (\S+):\s*\n\s*REG:(\d+)", block):
+            assert int(registers) <= 128, f"sm_{arch} {name}: {registers} registers"
+            checked += 1
+    assert checked >= 40, usage   # every variant of both files was seen
+
+
 def test_no_cuda_kernel_spills_to_local_memory(extension_file):
     usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", extension_file], capture_output=True,
                            text=True, check=True).stdout

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import reference_ops
+from fused_preact import reference_ops
 from comparisons import assert_processes_match_one
 from fused_preact import sync_batch_stats
 from fused_preact.fused import FusedPreActBottleneck

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-import reference_ops
+from fused_preact import reference_ops
 from gpu_code import ARCHS, assert_no_spills, compile_triton
 from fused_preact.kernels import bn_backward_finish as finish_module
 from fused_preact.kernels import bn_finalize as finalize_module
@@ -428,3 +428,27 @@ def test_aot_variants_cover_every_launch_configuration():
 def test_aot_compile_without_spills(cubins, name, arch):
     with open(os.path.join(cubins, f"{name}.sm{arch}.cubin"), "rb") as f:
         assert_no_spills(f.read(), f"{name} sm_{arch}")
+
+
+def test_bn_finalize_merges_many_partials_in_parallel_groups(monkeypatch):
+    """More partial rows than GROUP_ROWS: a first launch of cdiv(C, 16) x groups programs merges each
+    group of rows (in parallel, not one program per 16 channels walking them all), the second merges
+    the groups; a group whose rows are all empty (NaN mean, count 0) is skipped like an empty row."""
+    t, channels = 3 * finalize_module.GROUP_ROWS + 5, 20
+    pmean, pm2, pcount = _random_partials(t, channels)
+    pcount[: finalize_module.GROUP_ROWS + 3] = 0       # the first group empty, and 3 rows of the next
+    pmean[: finalize_module.GROUP_ROWS + 3] = float("nan")
+    grids = []
+    real = finalize_module._merge_groups_kernel
+
+    class Recorded:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+    monkeypatch.setattr(finalize_module, "_merge_groups_kernel", Recorded())
+    weight, bias, _, _ = _parameters(channels)
+    got = bn_finalize(pmean, pm2, pcount, weight, bias, None, None, None, 0.1, 1e-5)
+    assert grids == [(2, 4)]   # 2 channel blocks x 4 groups of rows
+    expected = reference_ops.bn_finalize(*_cleaned(pmean, pm2, pcount), weight, bias, None, None, None, 0.1, 1e-5)
+    for name, g, e in zip(("mean", "invstd", "scale", "shift"), got, expected):
+        _close(g, e, 1e-6 if name == "mean" else 1e-5, name)

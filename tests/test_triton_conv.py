@@ -19,7 +19,7 @@ from fused_preact.kernels.conv_dgrad import conv_dgrad
 from fused_preact.kernels.conv_wgrad import conv_wgrad
 from fused_preact.kernels.runtime import interpreting
 from fused_preact.unit_ops import conv_output_size
-import reference_ops as ref
+from fused_preact import reference_ops as ref
 
 TF32 = not interpreting() and torch.backends.cudnn.allow_tf32
 REL = {torch.float64: 1e-12, torch.float32: 2e-3 if TF32 else 1e-5,

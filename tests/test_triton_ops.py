@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fused_preact.kernels.ops  # noqa: F401  (registers the operators)
-import reference_ops
+from fused_preact import reference_ops
 from fused_preact.unit_ops import OPERATORS, SCHEMAS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

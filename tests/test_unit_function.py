@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-import reference_ops
+from fused_preact import reference_ops
 from fused_preact.unit_function import run_fused_unit
 from fused_preact.units import PreActBlock, PreActBottleneck
 from comparisons import perturb_bn
