@@ -121,6 +121,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 OPERATORS = ("channel_stats", "bn_finalize", "conv_bnrelu", "conv_dgrad", "conv_wgrad",
              "bn_backward_finish", "bn_add_relu", "bn_add_relu_backward")
 
@@ -149,6 +151,13 @@ SCHEMAS = {
 
 
 Padding = tuple[int, int, int, int]   # (left, right, top, bottom)
+
+
+def statistics_dtype(activation_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of every per-channel statistic, partial and sum for activations of
+    ``activation_dtype``: float64 for float64 activations, else float32 (the one rule; the C++
+    operators follow it too, ``stat_dtype`` in ``csrc/unit_ops.h``)."""
+    return torch.float64 if activation_dtype == torch.float64 else torch.float32
 
 
 def conv_padding(padding, kernel_size: int) -> Padding:

@@ -6,7 +6,8 @@
 #   forward:   y = relu(scale * h + shift + s),  s = residual                      (identity, option A,
 #                                                                                    projection without BN)
 #                                                s = rscale * residual + rshift     (projection + its BN)
-#   backward:  g = dy * (y > 0)                  (the ReLU mask from the saved output: the next unit
+#   backward:  g = dy * !(y <= 0)                (the ReLU mask from the saved output, NaN passing as in
+#                                                 torch's threshold_backward: the next unit
 #                                                 keeps y as its input anyway, so nothing extra is saved)
 #              sum_g = sum(g), sum_g_xhat = sum(g * (h - mean)) * invstd, and with the shortcut's BN
 #              residual_sum_g_xhat = sum(g * (residual - rmean)) * rinvstd   over N, H, W
@@ -62,7 +63,7 @@ def _bn_add_relu_fwd_kernel(
         if RESIDUAL_BN:
             s = s * rscale[None, :] + rshift[None, :]
         v = h * scale[None, :] + shift[None, :] + s
-        y = tl.maximum(v, 0.0)
+        y = tl.where(v <= 0.0, 0.0, v)   # relu that keeps a NaN, as torch.relu (tl.maximum drops it)
         tl.store(y_ptr + offsets, cast_rounded(y, y_ptr.dtype.element_ty, EMULATE_ROUNDING), mask=ok)
 
 
@@ -96,7 +97,9 @@ def _bn_add_relu_bwd_kernel(
         offsets = rows[:, None].to(tl.int64) * channels + cols[None, :]
         dy = tl.load(dy_ptr + offsets, mask=ok, other=0.0).to(acc_dtype)
         y = tl.load(y_ptr + offsets, mask=ok, other=0.0).to(acc_dtype)
-        g = tl.where(y > 0.0, dy, 0.0)   # masked rows load y = 0: g = 0 there
+        # torch's threshold_backward: zero where y <= 0, dy elsewhere (a NaN y passes dy, as in eager);
+        # masked rows load y = 0: g = 0 there
+        g = tl.where(y <= 0.0, 0.0, dy)
         tl.store(g_ptr + offsets, g.to(g_ptr.dtype.element_ty), mask=ok)
         h = tl.load(h_ptr + offsets, mask=ok, other=0.0).to(acc_dtype)
         sum_g += g

@@ -1,7 +1,8 @@
 # conv_common: what the three implicit-GEMM conv kernels share.
 #
 #   - load_preact: a [BLOCK_M, BLOCK_K] tile of the conv input's pre-activation
-#     a = relu(scale[c] * x + shift[c]) (fp32, fp64 for fp64 x), zero in the spatial padding and
+#     a = relu(scale[c] * x + shift[c]) (fp32, fp64 for fp64 x; NaN stays NaN as in torch.relu),
+#     zero in the spatial padding and
 #     past the last channel, rounded to x's dtype: the prologue of the forward and of wgrad.
 #     With PROLOGUE False the tile is x as it is (the original unit's first conv and projection),
 #     and the launchers pass a placeholder for scale / shift (prologue_vectors).
@@ -132,7 +133,8 @@ def load_preact(x_ptr, scale_ptr, shift_ptr, pixel, pixel_ok, channel, channels,
         return x
     scale = tl.load(scale_ptr + channel, mask=channel_ok, other=0.0)
     shift = tl.load(shift_ptr + channel, mask=channel_ok, other=0.0)
-    a = tl.maximum(x.to(scale.dtype) * scale[None, :] + shift[None, :], 0.0)
+    v = x.to(scale.dtype) * scale[None, :] + shift[None, :]
+    a = tl.where(v <= 0.0, 0.0, v)   # relu that keeps a NaN, as torch.relu (tl.maximum would drop it)
     return cast_rounded(tl.where(ok, a, 0.0), x_ptr.dtype.element_ty, EMULATE_ROUNDING)
 
 

@@ -6,7 +6,8 @@
 #   (read under the EXPLICIT_PADDING switch; the default variant computes K // 2 as before)
 #   t = conv_input_grad(dy, weight)  [N, height, width, Cin]      (+ add, when given)
 #   with h (the conv's raw input) given:
-#     g = t * (scale * h + shift > 0)                             (the ReLU mask, recomputed)
+#     g = t * !(scale * h + shift <= 0)                           (the ReLU mask, recomputed; a NaN
+#                                                                  passes t, as torch's threshold_backward)
 #     sum_g = sum(g), sum_g_xhat = sum(g * (h - mean) * invstd)   over N, H, W; [Cin] float32
 #   -> g in dy's dtype (t when h is None, and both sums empty)
 #
@@ -124,8 +125,9 @@ def _conv_dgrad_kernel(
         shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
         mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
         invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0)
-        active = ok & (h * scale[None, :] + shift[None, :] > 0)
-        acc = tl.where(active, acc, 0.0)
+        # the ReLU mask as torch's threshold_backward: zero where the pre-activation is <= 0, so a NaN
+        # pre-activation passes the gradient, as in eager
+        acc = tl.where(ok, tl.where(h * scale[None, :] + shift[None, :] <= 0, 0.0, acc), 0.0)
         xhat = (h - mean[None, :]) * invstd[None, :]
         partial_row = (parity_class * row_blocks + pid_m) * cin
         tl.store(partial_g_ptr + partial_row + cols, tl.sum(acc, axis=0), mask=col_ok)

@@ -1,6 +1,7 @@
 """Plain-PyTorch implementations of the operator contract in ``fused_preact.unit_ops``.
 
-Test oracle only (never registered as a backend): every backend's operators are
+Test oracle only (never a dispatch backend; registered as the unit operators' operator set
+``"reference"``, ``REFERENCE_BACKEND``): every backend's operators are
 compared with these, computed in float64, and ``unit_function`` is checked against
 the eager units by running it on these.
 """
@@ -73,10 +74,20 @@ def _preact(x, scale, shift):
     return torch.relu(scale.to(torch.float64) * x.double() + shift.double())
 
 
-def conv_bnrelu(x, weight, scale, shift, residual, stride, stats):
+def _padding(padding, k):
+    """(left, right, top, bottom): the operators' ``padding``, K // 2 per side when None."""
+    return tuple(padding) if padding is not None else (k // 2,) * 4
+
+
+def _relu_mask(t, pre):
+    """torch's threshold_backward: zero where ``pre`` <= 0, ``t`` elsewhere (a NaN passes)."""
+    return torch.where(pre <= 0, torch.zeros_like(t), t)
+
+
+def conv_bnrelu(x, weight, scale, shift, residual, stride, stats, padding=None):
     k = weight.shape[-1]
     a = _preact(x, scale, shift).to(x.dtype).double()
-    y = F.conv2d(_nchw(a), weight.to(x.dtype).double(), stride=stride, padding=k // 2)
+    y = F.conv2d(F.pad(_nchw(a), _padding(padding, k)), weight.to(x.dtype).double(), stride=stride)
     y = _nhwc(y)
     if residual is not None:
         y = y + residual.double()
@@ -84,32 +95,32 @@ def conv_bnrelu(x, weight, scale, shift, residual, stride, stats):
     if stats:
         pmean, pm2, pcount = channel_stats(y)
     else:
-        pmean = pm2 = pcount = torch.empty(0)
+        pmean, pm2, pcount = (torch.empty(0, dtype=stat_dtype(x)) for _ in range(3))
     return y, pmean, pm2, pcount
 
 
-def conv_dgrad(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width):
+def conv_dgrad(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width, padding=None):
     n, _, _, cout = dy.shape
     cin, k = weight.shape[1], weight.shape[-1]
-    t = torch.nn.grad.conv2d_input((n, cin, height, width), weight.to(dy.dtype).double(),
-                                   _nchw(dy.double()), stride=stride, padding=k // 2)
-    t = _nhwc(t)
+    left, right, top, bottom = _padding(padding, k)
+    t = torch.nn.grad.conv2d_input((n, cin, height + top + bottom, width + left + right),
+                                   weight.to(dy.dtype).double(), _nchw(dy.double()), stride=stride)
+    t = _nhwc(t[:, :, top:top + height, left:left + width])
     if add is not None:
         t = t + add.double()
+    dtype = stat_dtype(dy)
     if h is None:
-        return t.to(dy.dtype), torch.empty(0), torch.empty(0)
-    g = t * (scale.double() * h.double() + shift.double() > 0)
+        return t.to(dy.dtype), torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype)
+    g = _relu_mask(t, scale.double() * h.double() + shift.double())
     xhat = (h.double() - mean.double()) * invstd.double()
     g_rounded = g.to(dy.dtype)
-    dtype = stat_dtype(dy)
     return g_rounded, g.sum((0, 1, 2)).to(dtype), (g * xhat).sum((0, 1, 2)).to(dtype)
 
 
-def conv_wgrad(dy, x, scale, shift, weight, stride):
+def conv_wgrad(dy, x, scale, shift, weight, stride, padding=None):
     k = weight.shape[-1]
-    a = _preact(x, scale, shift).to(x.dtype).double()
-    dw = torch.nn.grad.conv2d_weight(_nchw(a), tuple(weight.shape), _nchw(dy.double()),
-                                     stride=stride, padding=k // 2)
+    a = F.pad(_nchw(_preact(x, scale, shift).to(x.dtype).double()), _padding(padding, k))
+    dw = torch.nn.grad.conv2d_weight(a, tuple(weight.shape), _nchw(dy.double()), stride=stride)
     return dw.to(weight.dtype).contiguous()
 
 
@@ -134,7 +145,7 @@ def bn_add_relu(h, scale, shift, residual, residual_scale, residual_shift):
 
 
 def bn_add_relu_backward(dy, y, h, mean, invstd, residual, residual_mean, residual_invstd):
-    g = dy.double() * (y > 0)
+    g = _relu_mask(dy.double(), y.double())
     dtype = stat_dtype(dy)
     xhat = (h.double() - mean.double()) * invstd.double()
     residual_sum = torch.empty(0, dtype=dtype)
@@ -142,3 +153,16 @@ def bn_add_relu_backward(dy, y, h, mean, invstd, residual, residual_mean, residu
         residual_xhat = (residual.double() - residual_mean.double()) * residual_invstd.double()
         residual_sum = (g * residual_xhat).sum((0, 1, 2)).to(dtype)
     return g.to(dy.dtype), g.sum((0, 1, 2)).to(dtype), (g * xhat).sum((0, 1, 2)).to(dtype), residual_sum
+
+
+# The unit operators of fused_preact take their backend by name: these run as backend="reference".
+REFERENCE_BACKEND = "reference"
+
+
+def _register() -> None:
+    import sys
+    from fused_preact.unit_function import register_operator_set
+    register_operator_set(REFERENCE_BACKEND, lambda: sys.modules[__name__])
+
+
+_register()

@@ -34,7 +34,7 @@ def _make_unit():
 
 def _step(unit, x, dy):
     x = x.clone().requires_grad_(True)
-    y, _ = run_fused_unit(reference_ops, unit, x)
+    y, _ = run_fused_unit(reference_ops.REFERENCE_BACKEND, unit, x)
     (y * dy).sum().backward()
     return y.detach(), x.grad, {n: p.grad for n, p in unit.named_parameters()}, unit.state_dict()
 
