@@ -619,9 +619,10 @@ def _needs(value) -> Any:
     return [bool(v) for v in value] if isinstance(value, (list, tuple)) else bool(value)
 
 
-def _unit_backward(ctx, needs_by_name: dict, dy) -> dict:
+def _unit_backward(ctx, needs_by_name: dict, dy, guard_second_order: bool = True) -> dict:
     """Shared backward: the backward operator for the gradients asked for, by input name (None where
-    none was asked for); double backward raises ``DOUBLE_BACKWARD_MESSAGE``."""
+    none was asked for); double backward raises ``DOUBLE_BACKWARD_MESSAGE`` (``guard_second_order``;
+    under torch.func, ``_check_first_order_transforms`` refuses nested gradient transforms instead)."""
     saved = pytree.tree_unflatten(list(ctx.saved_tensors), ctx.saved_spec)
     conv = needs_by_name["conv_weights"]
     bn_weight, bn_bias = needs_by_name["bn_weights"], needs_by_name["bn_biases"]
@@ -640,7 +641,7 @@ def _unit_backward(ctx, needs_by_name: dict, dy) -> dict:
         "bn_biases": [g if asked else None for g, asked in zip(bn_bias_grads, needs.bn_bias)],
         "shortcut_weight": shortcut_grad if needs.shortcut else None,
     }
-    if torch.is_grad_enabled() and getattr(dy, "requires_grad", False):
+    if guard_second_order and torch.is_grad_enabled() and getattr(dy, "requires_grad", False):
         grads = _raise_when_differentiated(grads)
     return grads
 
@@ -688,6 +689,21 @@ def _functorch_transform_active() -> bool:
     return peek is not None and peek() is not None
 
 
+def _check_first_order_transforms() -> None:
+    """The torch.func transforms a fused forward runs under: one reverse-mode gradient transform (grad,
+    vjp, jacrev). vmap of the forward raises ``VMAP_MESSAGE``; a second gradient transform (grad of
+    grad, a Hessian) or a forward-mode one would differentiate the backward, which is not
+    differentiable."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    from torch._C._functorch import TransformType
+    interpreters = retrieve_all_functorch_interpreters()
+    if any(i.key() == TransformType.Vmap for i in interpreters):
+        raise RuntimeError(VMAP_MESSAGE)
+    differentiating = [i for i in interpreters if i.key() in (TransformType.Grad, TransformType.Jvp)]
+    if len(differentiating) > 1 or any(i.key() == TransformType.Jvp for i in differentiating):
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE + " (here: nested or forward-mode torch.func transforms)")
+
+
 class _OutputSpec:
     """Where ``_FunctorchUnit.forward`` leaves the structure of its flattened outputs."""
     spec = None
@@ -717,7 +733,7 @@ class _FunctorchUnit(torch.autograd.Function):
     def backward(ctx, dy, *_):
         flags = pytree.tree_unflatten(list(ctx.needs_input_grad[3:]), ctx.in_spec)
         needs = {name: _needs(flags[name]) if flags[name] is not None else False for name in _DIFFERENTIABLE}
-        grads = _unit_backward(ctx, needs, dy)
+        grads = _unit_backward(ctx, needs, dy, guard_second_order=False)
         flat = []
         for path, _ in pytree.tree_flatten_with_path(flags)[0]:
             value = grads.get(path[0].key)
@@ -788,6 +804,9 @@ def run_fused_unit(backend: str, unit: nn.Module, x: torch.Tensor, stats_in: Opt
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be the name of a registered operator set, got {type(backend).__name__}")
+    under_functorch = _functorch_transform_active()
+    if under_functorch:
+        _check_first_order_transforms()
     dtype = compute_dtype(x)
     plan = unit_plan(unit)
     check_branch_shape(plan, x.shape[2], x.shape[3], type(unit).__name__, unit.conv_padding is not None)
@@ -812,7 +831,7 @@ def run_fused_unit(backend: str, unit: nn.Module, x: torch.Tensor, stats_in: Opt
         want_stats = False
     kind = _KINDS[plan.kind]
     ordered = {name: inputs[name] for name in kind.inputs}
-    if _functorch_transform_active():
+    if under_functorch:
         holder = _OutputSpec()
         leaves, in_spec = pytree.tree_flatten(ordered)
         flat = _FunctorchUnit.apply(plan.kind, holder, in_spec, *leaves)
