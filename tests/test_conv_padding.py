@@ -250,6 +250,9 @@ UNIT_RUNS = [pytest.param(*case, train, id=f"{case[0]}-{'train' if train else 'e
              for case in UNIT_CASES for train in (True, False)]
 
 
+# with --full: the default run has this in tests/test_unit_cross_product.py
+# (units with conv_padding against eager, every padding kind, both kinds and memory modes)
+@pytest.mark.full
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,cls,args,padding,shape,train", UNIT_RUNS)
 def test_fused_unit_with_conv_padding(backend, name, cls, args, padding, shape, train):
