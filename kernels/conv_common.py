@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .rounding import cast_rounded
 from .runtime import check_device, dot_precision, interpreting
+from fused_preact.unit_ops import statistics_dtype
 
 # Activation dtypes the conv kernels take, with their Triton pointer type names.
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
@@ -141,11 +142,6 @@ def load_preact(x_ptr, scale_ptr, shift_ptr, pixel, pixel_ok, channel, channels,
 # ---------------------------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------------------------
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and per-channel vectors: float32, float64 for float64 activations."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def check_activation(name: str, t, dtype: Optional[torch.dtype] = None) -> None:
     """``t`` is a contiguous 4-D NHWC tensor of a supported dtype (``dtype`` when given)."""
     if not isinstance(t, torch.Tensor):
@@ -209,7 +205,7 @@ def check_prologue(scale, shift, channels: int, dtype: torch.dtype, device: torc
                          "(the conv reads x as it is)")
     if scale is None:
         return False
-    vector_dtype = stat_dtype(dtype)
+    vector_dtype = statistics_dtype(dtype)
     check_channel_vector("scale", scale, channels, vector_dtype, device)
     check_channel_vector("shift", shift, channels, vector_dtype, device)
     return True
@@ -220,7 +216,7 @@ def prologue_vectors(scale, shift, dtype: torch.dtype, device: torch.device) -> 
     statistics dtype (never read, it types the kernel's accumulator) when there is no prologue."""
     if scale is not None:
         return scale, shift
-    placeholder = torch.zeros(1, dtype=stat_dtype(dtype), device=device)
+    placeholder = torch.zeros(1, dtype=statistics_dtype(dtype), device=device)
     return placeholder, placeholder
 
 

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import conv_common as cc
-from fused_preact.unit_ops import conv_padding, padded_output_shape
+from fused_preact.unit_ops import conv_padding, padded_output_shape, statistics_dtype
 
 
 @triton.jit
@@ -170,7 +170,7 @@ def _check(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width
         for name, vector in (("scale", scale), ("shift", shift), ("mean", mean), ("invstd", invstd)):
             if vector is None:
                 raise ValueError(f"{name} is required when h is given")
-            cc.check_channel_vector(name, vector, weight.shape[1], cc.stat_dtype(dy.dtype), dy.device)
+            cc.check_channel_vector(name, vector, weight.shape[1], statistics_dtype(dy.dtype), dy.device)
     return k
 
 
@@ -184,7 +184,7 @@ def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, h: Optional[torch.Tensor]
     n, out_height, out_width, cout = dy.shape
     cin = weight.shape[1]
     g = torch.empty(n, height, width, cin, dtype=dy.dtype, device=dy.device)
-    sum_dtype = cc.stat_dtype(dy.dtype)
+    sum_dtype = statistics_dtype(dy.dtype)
     classes = stride * stride
     # One partial row per program, sized for the smallest row block; rows of programs that a
     # larger block does not launch stay zero.

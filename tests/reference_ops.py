@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fused_preact.unit_ops import statistics_dtype
+
 
 def _nchw(x):
     return x.permute(0, 3, 1, 2)
@@ -20,8 +22,8 @@ def _nhwc(x):
 
 
 def stat_dtype(x: torch.Tensor) -> torch.dtype:
-    """Statistics are float32, float64 for float64 activations."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    """The statistics dtype of activations like ``x`` (the one rule, ``unit_ops.statistics_dtype``)."""
+    return statistics_dtype(x.dtype)
 
 
 def _partials_of(x2d: torch.Tensor, rows_per_tile: int = 7):
