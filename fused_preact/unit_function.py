@@ -350,7 +350,7 @@ def _running_lists(running: list) -> tuple[list, list]:
 class _Grads:
     """The gradients a backward operator returns, by name; empty tensors where none was asked for."""
 
-    def __init__(self, x, plan: UnitPlan, conv_weights, bn_weights):
+    def __init__(self, x, conv_weights, bn_weights):
         self.conv_weights, self.bn_weights = conv_weights, bn_weights
         self.dx = x.new_empty(0)
         self.conv = [w.new_empty(0) for w in conv_weights]
@@ -426,7 +426,7 @@ def preact_backward(dy, x, saved_h, means, invstds, scales, shifts, conv_weights
     run = _UnitRun(plan, backend, group, fake)
     stats = [BatchNormStats(*s) for s in zip(means, invstds, scales, shifts)]
     hs = [x, *(run.recompute(x, conv_weights, stats, shortcut_weight) if plan.recompute else saved_h)]
-    grads = _Grads(x, plan, conv_weights, bn_weights)
+    grads = _Grads(x, conv_weights, bn_weights)
     dy = dy.contiguous()
     # the projection's weight gradient needs dy and x alone
     if work.shortcut_wgrad:
@@ -509,7 +509,7 @@ def original_backward(dy, x, y, saved_h, means, invstds, scales, shifts, conv_we
     hs = run.recompute(x, conv_weights, stats, shortcut_weight) if plan.recompute else list(saved_h)
     n, s = plan.num_convs, plan.shortcut_bn
     h_s = hs[n] if s is not None else None
-    grads = _Grads(x, plan, conv_weights, bn_weights)
+    grads = _Grads(x, conv_weights, bn_weights)
     dy = dy.contiguous()
 
     # ---- the end: relu(bn_k(h_k) + s) ----
@@ -641,7 +641,7 @@ def _unit_backward(ctx, needs_by_name: dict, dy, guard_second_order: bool = True
         "bn_biases": [g if asked else None for g, asked in zip(bn_bias_grads, needs.bn_bias)],
         "shortcut_weight": shortcut_grad if needs.shortcut else None,
     }
-    if guard_second_order and torch.is_grad_enabled() and getattr(dy, "requires_grad", False):
+    if guard_second_order and torch.is_grad_enabled():   # a create_graph=True pass
         grads = _raise_when_differentiated(grads)
     return grads
 

@@ -158,7 +158,7 @@ namespace, defined (with their fake implementations, autograd, vmap rules and FL
   (every backend operator has a fake; collectives by shape only).
 
 Why this design: ``torch.export`` inlines an ``autograd.Function`` and loses its backward (an
-exported program of the former ``FusedUnitFunction`` had no gradients); an operator with
+exported program of a unit written as an autograd Function trains without gradients); an operator with
 ``register_autograd`` stays one node in the exported graph, and its backward runs when the loaded
 program trains, in a process that only imported ``fused_preact``. One operator per unit kind
 rather than autograd per backend operator: the BN statistics, the shortcut and the gradient
