@@ -12,7 +12,9 @@ printed, with the ratio eager / fused (above 1: fused is faster). ``--bf16``: bo
 ``torch.autocast("cpu", torch.bfloat16)``. This is what ``"auto"``'s CPU size
 rule in ``fused_preact/dispatch.py`` was read from (``notes/cpp_ops.md``).
 
-``--input-grad``: the backward alone, timed after an untimed forward, of an attack's step
+``--input-grad``: the backward alone, timed after an untimed forward (CPU time of this process,
+``time.process_time``: what the shared VM's other jobs take is not counted; run with ``--threads 1``
+so no thread spins waiting), of an attack's step
 (``torch.autograd.grad(loss, x)`` with every parameter frozen) against the full backward (input and
 every parameter gradient), BN in training and in eval mode, per side; prints each side's ratio
 input-only / full (eager's is about 0.5: its weight gradients are half of the backward's convs).
@@ -92,12 +94,12 @@ def backward_seconds(unit, x, g, frozen: bool) -> float:
     unit.zero_grad(set_to_none=True)
     xg = x.detach().requires_grad_()
     loss = (unit(xg) * g).sum()
-    start = time.perf_counter()
+    start = time.process_time()
     if frozen:
         torch.autograd.grad(loss, xg)
     else:
         loss.backward()
-    spent = time.perf_counter() - start
+    spent = time.process_time() - start
     unit.requires_grad_(True)
     return spent
 
