@@ -88,8 +88,7 @@ def _default_sample():
                               memory=("default", "min")[(k // 4) % 2], padding=PADDINGS[k % 4],
                               train=(k // 3) % 2 == 0, backend="triton" if k % 3 == 1 else "cuda")))
     for kind, shortcut, memory, backend in (("original", "identity", "default", "cuda"),
-                                            ("original", "B+bn", "min", "cuda"), ("preact", "B", "min", "cuda"),
-                                            ("preact", "raw", "min", "triton")):
+                                            ("original", "B+bn", "min", "cuda"), ("preact", "B", "min", "cuda")):
         ids.add(_case_id(dict(kind=kind, form="basic", shortcut=shortcut, memory=memory, padding="asymmetric",
                               train=True, backend=backend)))
     return ids
