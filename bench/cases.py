@@ -28,7 +28,12 @@ from fused_preact.models import create_model
 from fused_preact.units import PreActBlock, PreActBottleneck
 
 LEVELS = ("conv", "unit", "model")
-MODES = {"conv": ("fwd",), "unit": ("train", "infer"), "model": ("train", "infer")}
+# train: forward + backward + SGD step; infer: eval-mode forward; pgd-train / pgd-eval: an attack's
+# step, torch.autograd.grad(loss, x) with every parameter frozen, BN in training / eval mode (only
+# the input gradient: PGD, AutoAttack, adversarial training). The pgd modes run when --mode names them.
+STEP_MODES = ("train", "infer", "pgd-train", "pgd-eval")
+DEFAULT_MODES = ("train", "infer")
+MODES = {"conv": ("fwd",), "unit": STEP_MODES, "model": STEP_MODES}
 
 CIFAR_BATCH, IMAGENET_BATCH = 128, 64
 CIFAR_STAGES = ((16, 32), (32, 16), (64, 8))                      # basic widths, spatial size

@@ -13,7 +13,9 @@
 
 ``build_runner`` returns a ``Runner`` or the reason the contender cannot run here.
 Steps: ``train`` = forward + backward + SGD step, ``infer`` = eval-mode forward
-without autograd, ``fwd`` (conv level) = BN-apply, ReLU, conv and output statistics.
+without autograd, ``pgd-train`` / ``pgd-eval`` = an attack's step, ``torch.autograd.grad(loss, x)``
+with every parameter frozen, BN in training / eval mode, ``fwd`` (conv level) = BN-apply, ReLU,
+conv and output statistics.
 """
 from __future__ import annotations
 
@@ -177,6 +179,26 @@ def _module_runner(contender: str, case: Case, setting: Setting, base: nn.Module
             with torch.no_grad(), autocast(setting):
                 return run(x)
         return Runner(step, state=state, profiled=contender in FUSED_BACKEND)
+
+    if setting.mode in ("pgd-train", "pgd-eval"):
+        # an attack's step: the input gradient alone, every parameter frozen
+        module.train(setting.mode == "pgd-train")
+        module.requires_grad_(False)
+        x_attack = x.detach().requires_grad_(True)
+
+        def attack_forward():
+            with autocast(setting):
+                return run(x_attack)
+
+        def attack_step():
+            out = attack_forward()
+            if case.level == "unit":
+                loss = (out * inputs["dy"].to(out.dtype)).sum()
+            else:
+                loss = F.cross_entropy(out.float(), inputs["labels"])
+            (grad,) = torch.autograd.grad(loss, x_attack)
+            return grad
+        return Runner(attack_step, forward=attack_forward, state=state, profiled=contender in FUSED_BACKEND)
 
     module.train()
     optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)

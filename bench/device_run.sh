@@ -205,7 +205,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     if dry; then
         DEFAULT_BENCH="--quick --only unit/tiny/basic --mode train --contenders $GRAPHED"
     elif [ -n "$BUDGET_S" ]; then
-        DEFAULT_BENCH="--quick --only $HEADLINE --mode train --dtype bf16,fp32 --contenders $GRAPHED"
+        DEFAULT_BENCH="--quick --only $HEADLINE --mode train,pgd-train --dtype bf16,fp32 --contenders $GRAPHED"
     else
         DEFAULT_BENCH="--quick"
     fi

@@ -35,6 +35,7 @@ if __package__ in (None, ""):            # run as a script: make `bench` importa
 import torch
 
 from bench import cases as catalogue
+from bench.cases import DEFAULT_MODES, STEP_MODES
 from bench import environment, kernel_profile, measure, report
 from bench.contenders import CONTENDERS, LEVEL_CONTENDERS, Setting, build_runner, graph_base
 from bench.floors import operator_traffic, floor_seconds, fraction_of_floor
@@ -55,8 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                        "tiny), kinds (basic, bottleneck), case names or globs")
     parser.add_argument("--dtype", help="comma-separated fp32, bf16, fp16, run in this order (default: fp32,bf16 "
                                         "for units and models and fp16 for convs on a GPU; fp32 on a CPU)")
-    parser.add_argument("--mode", help="comma-separated steps of units and models: train, infer (default both; "
-                                       "convs always run fwd)")
+    parser.add_argument("--mode", help="comma-separated steps of units and models: train, infer, pgd-train, "
+                                       "pgd-eval (an input-gradient-only step, BN in training / eval mode) "
+                                       "(default train,infer; convs always run fwd)")
     parser.add_argument("--contenders", help="comma-separated contenders to run (default: all of each level); "
                                              "one named here runs even where --quick would skip it: "
                                              + ", ".join(CONTENDERS))
@@ -69,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         args.dtypes = parse_dtypes(args.dtype)
-        args.modes = _parse_list(args.mode, "--mode", ("train", "infer"))
+        args.modes = _parse_list(args.mode, "--mode", STEP_MODES)
         args.contender_names = _parse_list(args.contenders, "--contenders", CONTENDERS)
     except ValueError as error:
         parser.error(str(error))
@@ -107,10 +109,11 @@ def _parse_list(text, flag: str, allowed) -> "tuple | None":
 
 
 def modes_for(case, requested) -> tuple:
-    """The steps of ``case`` to run: its own modes, narrowed by ``--mode`` (convs keep fwd)."""
-    if requested is None or case.level == "conv":
+    """The steps of ``case`` to run: its own modes, narrowed by ``--mode`` (default ``DEFAULT_MODES``;
+    convs keep fwd)."""
+    if case.level == "conv":
         return case.modes
-    return tuple(mode for mode in case.modes if mode in requested)
+    return tuple(mode for mode in case.modes if mode in (requested or DEFAULT_MODES))
 
 
 def jobs_in_order(selected, dtypes, modes, on_gpu: bool) -> list:

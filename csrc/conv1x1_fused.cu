@@ -457,7 +457,7 @@ __global__ void __launch_bounds__(kThreads) rows_gemm_kernel(const RowsGemmArgs 
     }
     if (blockIdx.y == 0 && tid == 0) p.pcount[tile] = float(count);
   } else {
-    // g = (acc + add) * (scale * h + shift > 0), scattered to the input pixels
+    // g = (acc + add) * !(scale * h + shift <= 0), scattered to the input pixels
     const T* __restrict__ h = static_cast<const T*>(p.h);
     int64_t pixel[kFragsM][2];
 #pragma unroll
@@ -498,7 +498,9 @@ __global__ void __launch_bounds__(kThreads) rows_gemm_kernel(const RowsGemmArgs 
             const float hv[2] = {hv2.x, hv2.y};
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              v[e] *= float(fmaf(scale[e], hv[e], shift[e]) > 0.f);
+              // the ReLU mask as threshold_backward: zero where the pre-activation is <= 0 (a NaN
+              // passes v; a select, so an infinite v is zeroed, not made NaN)
+              if (fmaf(scale[e], hv[e], shift[e]) <= 0.f) v[e] = 0.f;
               sums[ni][e] += v[e];
               sums2[ni][e] += v[e] * ((hv[e] - mean[e]) * invstd[e]);
             }
@@ -542,7 +544,7 @@ struct UntouchedArgs {
 
 // grid (ceil(pixels / kFillRows), ceil(channels / 64)) (conv1x1::plan's `fill`: the pixel chunks on
 // x, which takes 2^31 - 1 blocks), block (8, 32): thread x owns 8 channels, thread rows step
-// through the block's pixels. g = add * (scale * h + shift > 0), or 0.
+// through the block's pixels. g = add * !(scale * h + shift <= 0), or 0.
 template <typename T>
 __global__ void __launch_bounds__(kFillChannels / kChunk * kFillLanes)
     dgrad_untouched_kernel(const UntouchedArgs p) {
@@ -583,7 +585,7 @@ __global__ void __launch_bounds__(kFillChannels / kChunk * kFillLanes)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int i = 2 * q + e;
-            gv[e] *= float(fmaf(scale[i], hvv[e], shift[i]) > 0.f);
+            if (fmaf(scale[i], hvv[e], shift[i]) <= 0.f) gv[e] = 0.f;  // threshold_backward's mask
             sum_g[i] += gv[e];
             sum_gx[i] += gv[e] * ((hvv[e] - mean[i]) * invstd[i]);
           }

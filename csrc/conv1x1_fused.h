@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv1x1_bnrelu_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift,
     const std::optional<at::Tensor>& residual, int64_t stride, bool stats);
 
-// conv_dgrad: g = (conv1x1_input_grad(dy, weight) + add) * (scale * h + shift > 0), NHWC
+// conv_dgrad: g = (conv1x1_input_grad(dy, weight) + add) * !(scale * h + shift <= 0), NHWC
 // [N, height, width, Cin] in dy's dtype, and the float32 [Cin] sums sum(g), sum(g*(h-mean)*invstd)
 // (empty when h is None, and then g has no mask).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv1x1_dgrad_cuda(

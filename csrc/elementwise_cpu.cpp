@@ -4,10 +4,10 @@
 //                            rscale[c] * residual + rshift[c]     (original unit's end) forward
 //   bn_relu_prologue_cpu     the same without residual, rounded to x's dtype and stored as
 //                            float32 when the conv runs in fp32 (bfloat16 / float16 on the CPU)
-//   bn_relu_backward_reduce  g = (t + add) * (scale[c] * h + shift[c] > 0), and per channel
+//   bn_relu_backward_reduce  g = (t + add) * !(scale[c] * h + shift[c] <= 0), and per channel
 //                            sum_g = sum(g), sum_g_xhat = sum(g * (h - mean) * invstd)  backward
 //   bn_add_relu_backward     the same reduction with the mask read from the saved output,
-//                            g = dy * (y > 0), plus sum(g * xhat_s) of the shortcut's BN input
+//                            g = dy * !(y <= 0), plus sum(g * xhat_s) of the shortcut's BN input
 //                            (a second reduction over g and h_s)                       backward
 //   bn_backward_finish       dh = A[c] * g + B[c] * (h - mean[c]) + D[c] (+ add)       backward
 // Layout: contiguous [rows, C] (rows = N*H*W). Arithmetic in acc_t (fp32, fp64 for float64) on
@@ -15,7 +15,8 @@
 // time; the reduction runs per block of kRowsPerPartial rows with its sums in registers
 // (cpu::reduce_rows), then adds the blocks in double in a fixed order, sum_g_xhat as
 // sum(g * (h - mean)) * invstd: reproducible whatever the thread count. Fuses each line above
-// into one read of its inputs; saves nothing.
+// into one read of its inputs; saves nothing. NaN as torch: the ReLU keeps it (clamp_min), the masks
+// !(v <= 0) pass the gradient where v is NaN (threshold_backward).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -153,8 +154,8 @@ void finish_kernel(const T* g, const T* h, const T* add, T* dh, const Tensor& me
 
 // Where backward_reduce_kernel takes its ReLU mask from.
 enum class Mask {
-  kPreactivation,  // scale * h + shift > 0: recomputed from the ReLU's input (conv_dgrad)
-  kOutput,         // y > 0: read from the ReLU's saved output (bn_add_relu_backward)
+  kPreactivation,  // !(scale * h + shift <= 0): recomputed from the ReLU's input (conv_dgrad)
+  kOutput,         // !(y <= 0): read from the ReLU's saved output (bn_add_relu_backward)
 };
 
 // g = (t + add) * mask stored as T (unless g is null); per channel sum(g) and
@@ -190,11 +191,14 @@ void backward_reduce_kernel(const S* t, const T* add, const T* h, T* g, const Te
         Vec grad = cpu::load<acc_t>(t_data + i, n);
         if constexpr (kAdd) grad = grad + cpu::load<acc_t>(add_data + i, n);
         const Vec hv = cpu::load<acc_t>(h_data + i, n);
+        // The mask as torch's threshold_backward: zero where the ReLU's input (or output) is <= 0,
+        // the gradient elsewhere, so a NaN passes it, as in eager.
+        const Vec zero(acc_t(0));
         if constexpr (kRecompute) {
           const Vec pre = at::vec::fmadd(hv, Vec::loadu(scale + c), Vec::loadu(shift + c));
-          grad = grad & (pre > Vec(acc_t(0)));
+          grad = Vec::blendv(grad, zero, pre <= zero);
         } else {
-          grad = grad & (cpu::load<acc_t>(y_data + i, n) > Vec(acc_t(0)));
+          grad = Vec::blendv(grad, zero, cpu::load<acc_t>(y_data + i, n) <= zero);
         }
         if (g_data != nullptr) cpu::store(g_data + i, grad, n);
         sum_g = sum_g + grad;

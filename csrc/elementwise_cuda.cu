@@ -5,13 +5,13 @@
 //                                 added before the ReLU)                                 forward
 //   bn_relu_prologue_cuda         the same without residual (the conv input's pre-activation),
 //                                 stored in x's dtype, or as float32 holding x-rounded values
-//   dgrad_epilogue_cuda           g = (t + add) * (scale[c] * h + shift[c] > 0) in g's dtype, and
+//   dgrad_epilogue_cuda           g = (t + add) * !(scale[c] * h + shift[c] <= 0) in g's dtype, and
 //                                 per channel sum_g = sum(g), sum_g_xhat = sum(g * (h - mean) *
 //                                 invstd) of g before rounding (conv_dgrad's epilogue; t in g's
 //                                 dtype or float32 for bfloat16 / float16 g)
 //   bn_relu_backward_reduce_cuda  the checked operator around dgrad_epilogue_cuda        backward
 //   bn_add_relu_backward_cuda     the same reduction with the mask read from the saved output
-//                                 (g = dy * (y > 0)); with a shortcut BN a second reduction over
+//                                 (g = dy * !(y <= 0)); with a shortcut BN a second reduction over
 //                                 g and h_s (g not stored again) gives its sum_g_xhat    backward
 //   bn_backward_finish_cuda       dh = A[c] * g + B[c] * (h - mean[c]) + D[c] (+ add)    backward
 // Layout: contiguous [rows, C] (rows = N*H*W). float32 / float64 / float16 / bfloat16 data,
@@ -263,7 +263,7 @@ struct ReduceArgs {
   acc_type<T>* part_g;           // [T, C]: per-partial sums of g
   acc_type<T>* part_g_xhat;      // [T, C]: per-partial sums of g * xhat
   int64_t rows, C, cols;
-  const T* y = nullptr;          // [rows, C] or null: the mask is y > 0 (the ReLU's saved output)
+  const T* y = nullptr;          // [rows, C] or null: the mask is !(y <= 0) (the ReLU's saved output)
 };
 
 // Adds the values of the blockDim.y thread rows (a power of two) of each thread column, a tree in
@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_reduce_kernel(const Redu
             const acc_t hx = static_cast<acc_t>(hv[u].v[k]);
             const acc_t pre = a.y != nullptr ? static_cast<acc_t>(yv[u].v[k])
                                              : fma_rn(hx, scale[k], shift[k]);
-            grad = pre > acc_t(0) ? grad : acc_t(0);  // NaN pre: masked, as the CPU's blendv
+            grad = pre <= acc_t(0) ? acc_t(0) : grad;  // threshold_backward: a NaN pre passes grad
             o.v[k] = static_cast<T>(grad);
             const acc_t xhat = mul_rn(sub_rn(hx, mean[k]), invstd[k]);
             sum_g[k] = add_rn(sum_g[k], grad);

@@ -3,11 +3,11 @@
 // The six operators of the contract in fused_preact/unit_ops.py (its docstring is the spec), plus
 //   bn_relu_apply(x, scale, shift, residual?)          relu(scale * x + shift) (+ residual), NHWC
 //   bn_relu_backward_reduce(t, h, scale, shift, mean, invstd, add?) -> (g, sum_g, sum_g_xhat)
-//       g = (t + add) * (scale * h + shift > 0) and the two per-channel sums of BN backward
+//       g = (t + add) * !(scale * h + shift <= 0) (a NaN passes, as threshold_backward) and the two per-channel sums of BN backward
 //       (conv_dgrad's epilogue on its own: the backward of a BN-ReLU that feeds no conv)
 //   bn_add_relu / bn_add_relu_backward      the end of an original (post-activation) unit
 //       relu(scale * h + shift + s), s = residual or residual_scale * residual + residual_shift;
-//       backward g = dy * (y > 0) and the BN-backward sums of h (and of the residual's BN)
+//       backward g = dy * !(y <= 0) and the BN-backward sums of h (and of the residual's BN)
 // Each has a CPU, a CUDA (unit_ops_cuda.h) and a Meta kernel; the conv operators are
 // composites (our prologue / epilogue kernels around ATen's convolution), device-generic.
 //

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import _extension
-from .unit_function import Partials, run_fused_unit
+from .unit_function import Partials, register_operator_set, run_fused_unit
 from .unit_ops import OPERATORS
 
 BACKENDS = ("auto", "triton", "cuda", "eager")
@@ -54,7 +54,8 @@ class UnitBackend:
 
     ``unavailable(x)`` returns why the backend cannot run input ``x`` (wrong
     device, missing build, unsupported dtype) or ``None`` when it can; ``ops()``
-    returns the namespace holding its ``unit_ops`` operators.
+    returns the namespace holding its ``unit_ops`` operators, loading them first (the unit
+    operators call it by the backend's name, also in a process that loaded an exported program).
     """
     name: str
     unavailable: Callable[[torch.Tensor], Optional[str]]
@@ -70,6 +71,7 @@ def register_unit_backend(backend: UnitBackend) -> None:
     if backend.name in ("auto", "eager"):
         raise ValueError(f"backend.name {backend.name!r} is reserved")
     _registry[backend.name] = backend
+    register_operator_set(backend.name, backend.ops)
 
 
 def check_backend(backend: str) -> str:
@@ -183,7 +185,7 @@ def backend_ops(name: str):
 def run_unit(name: str, unit: nn.Module, x: torch.Tensor, stats_in: Optional[Partials] = None,
              want_stats: bool = False) -> tuple[torch.Tensor, Optional[Partials]]:
     """Run ``unit`` on ``x`` with kernel backend ``name``; see ``unit_function.run_fused_unit``."""
-    return run_fused_unit(backend_ops(name), unit, x, stats_in, want_stats)
+    return run_fused_unit(name, unit, x, stats_in, want_stats)
 
 
 # -- the two kernel backends ------------------------------------------------------
@@ -225,7 +227,7 @@ def _triton_unavailable(x: torch.Tensor) -> Optional[str]:
 
 
 def _triton_ops():
-    _triton_import_error()   # registers the operators (once)
+    importlib.import_module("fused_preact.kernels.ops")   # registers torch.ops.fused_preact_triton
     return torch.ops.fused_preact_triton
 
 
@@ -235,6 +237,9 @@ def _extension_error() -> Optional[str]:
         return _extension.unavailable_reason()
     if not all(hasattr(torch.ops.fused_preact, name) for name in OPERATORS):
         return "the built extension predates the fused-unit operators; rebuild it (`pip install -e .`)"
+    if not any(a.name == "padding" for a in torch.ops.fused_preact.conv_bnrelu.default._schema.arguments):
+        return ("the built extension predates the conv operators' padding argument, which every fused unit "
+                "passes; rebuild it (`pip install -e .`)")
     return None
 
 
@@ -262,7 +267,8 @@ def _cuda_unavailable(x: torch.Tensor) -> Optional[str]:
 
 
 def _cuda_ops():
-    _extension.load()        # registers the operators (once)
+    if not _extension.available():
+        raise RuntimeError(f"the cuda backend cannot run: {_extension.unavailable_reason()}")
     return torch.ops.fused_preact
 
 

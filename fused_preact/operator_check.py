@@ -18,7 +18,7 @@ import torch
 
 from . import accuracy
 from . import reference_ops as ref
-from .unit_ops import padded_output_shape
+from .unit_ops import padded_output_shape, statistics_dtype
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class _Inputs:
 
     def __init__(self, shape: Shape, dtype: torch.dtype, device: torch.device, seed: int):
         self.shape, self.dtype, self.device = shape, dtype, device
-        self.stat = torch.float64 if dtype == torch.float64 else torch.float32
+        self.stat = statistics_dtype(dtype)
         self.generator = torch.Generator(device=device).manual_seed(seed)   # drawn where they are used
 
     def _randn(self, *size) -> torch.Tensor:
@@ -263,7 +263,7 @@ def run_operators(ops, shape: Shape, dtype: torch.dtype, device: torch.device, s
         # dtype, those of a stored output ("y var") in that output's: a y one rounding step off moves
         # them by that much (measured: one of 384 fp16 values a step off, near a tie, moved the
         # variance of its 24 rows by 5e-5)
-        stat = torch.float64 if dtype == torch.float64 else torch.float32
+        stat = statistics_dtype(dtype)
         dtypes = {name: got[name.split(" ")[0]].dtype if " " in name
                   else t.dtype if t.is_floating_point() and t.dtype != torch.float64 else stat
                   for name, t in got.items()}

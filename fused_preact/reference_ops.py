@@ -1,7 +1,8 @@
 """Plain-PyTorch implementations of the operator contract in ``fused_preact.unit_ops``.
 
-The yardsticks of every backend's operators (never registered as a backend): the tests and
-``python -m fused_preact.check`` compare each operator with these.
+The yardsticks of every backend's operators (never a dispatch backend; registered as the unit
+operators' operator set ``"reference"``, ``REFERENCE_BACKEND``, so tests can run the fused unit's
+code on them): the tests and ``python -m fused_preact.check`` compare each operator with these.
 
 ``eager=False`` (the default): the oracle, the contract computed in float64 with the roundings it
 prescribes (the pre-activation rounded to the activation dtype before the product, each output
@@ -19,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .unit_ops import conv_padding
+from .unit_ops import conv_padding, statistics_dtype
 
 
 def _nchw(x):
@@ -31,8 +32,13 @@ def _nhwc(x):
 
 
 def stat_dtype(x: torch.Tensor) -> torch.dtype:
-    """Statistics are float32, float64 for float64 activations."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    """The statistics dtype of activations like ``x`` (the one rule, ``unit_ops.statistics_dtype``)."""
+    return statistics_dtype(x.dtype)
+
+
+def _relu_mask(t: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """torch's threshold_backward: zero where ``pre`` <= 0, ``t`` elsewhere (a NaN ``pre`` passes ``t``)."""
+    return torch.where(pre <= 0, torch.zeros_like(t), t)
 
 
 class _Math:
@@ -140,7 +146,7 @@ def conv_bnrelu(x, weight, scale, shift, residual, stride, stats, padding=None, 
     if stats:
         pmean, pm2, pcount = channel_stats(y, eager=eager)
     else:
-        pmean = pm2 = pcount = torch.empty(0, device=x.device)
+        pmean, pm2, pcount = (torch.empty(0, dtype=stat_dtype(x), device=x.device) for _ in range(3))
     return y, pmean, pm2, pcount
 
 
@@ -164,9 +170,9 @@ def conv_dgrad(dy, weight, h, scale, shift, mean, invstd, add, stride, height, w
     if add is not None:
         t = math.eager_round(t) + math.up(add)
     if h is None:
-        empty = torch.empty(0, device=dy.device)
+        empty = torch.empty(0, dtype=stat_dtype(dy), device=dy.device)
         return t.to(dy.dtype), empty, empty.clone()
-    g = t * (math.up(scale) * math.up(h) + math.up(shift) > 0)
+    g = _relu_mask(t, math.up(scale) * math.up(h) + math.up(shift))
     xhat = (math.up(h) - math.up(mean)) * math.up(invstd)
     g_rounded = g.to(dy.dtype)
     if eager:   # eager sums the gradient it stored
@@ -215,7 +221,7 @@ def bn_add_relu(h, scale, shift, residual, residual_scale, residual_shift, *, ea
 def bn_add_relu_backward(dy, y, h, mean, invstd, residual, residual_mean, residual_invstd, *,
                          eager: bool = False):
     math = _Math(dy.dtype, eager)
-    g = math.up(dy) * (y > 0)
+    g = _relu_mask(math.up(dy), math.up(y))
     dtype = stat_dtype(dy)
     xhat = (math.up(h) - math.up(mean)) * math.up(invstd)
     residual_sum = torch.empty(0, dtype=dtype, device=dy.device)
@@ -223,3 +229,16 @@ def bn_add_relu_backward(dy, y, h, mean, invstd, residual, residual_mean, residu
         residual_xhat = (math.up(residual) - math.up(residual_mean)) * math.up(residual_invstd)
         residual_sum = (g * residual_xhat).sum((0, 1, 2)).to(dtype)
     return g.to(dy.dtype), g.sum((0, 1, 2)).to(dtype), (g * xhat).sum((0, 1, 2)).to(dtype), residual_sum
+
+
+# The unit operators of fused_preact take their backend by name: these run as backend="reference".
+REFERENCE_BACKEND = "reference"
+
+
+def _register() -> None:
+    import sys
+    from .unit_function import register_operator_set
+    register_operator_set(REFERENCE_BACKEND, lambda: sys.modules[__name__])
+
+
+_register()

@@ -1,198 +1,129 @@
-"""Forward and backward of a fused full pre-activation unit, written once for every backend.
+"""Forward and backward of the fused units, written once for every backend, as ``torch.library`` operators.
 
-A unit is a chain of BN-ReLU-conv triples (basic: 3x3, 3x3; bottleneck: 1x1, 3x3,
-1x1) plus a shortcut: identity, the 1x1 projection of the first pre-activation
-(projection "B"), the 1x1 projection of the raw input (projection "raw"), or the
-subsampled, zero-padded input (projection "A"). The
-autograd Function below runs it with the operators of ``unit_ops`` taken from
-a backend's namespace (``torch.ops.fused_preact_triton`` or ``torch.ops.fused_preact``):
+Two unit kinds, each one functional operator pair in the ``fused_preact_unit`` namespace, registered
+when this module is imported (so by ``import fused_preact``; see ``unit_ops``'s docstring for the
+design and why):
 
-forward, per triple i with input h (h_0 = x)::
+- ``preact`` / ``preact_backward``: the full pre-activation unit, a chain of BN-ReLU-conv triples
+  (basic: 3x3, 3x3; bottleneck: 1x1, 3x3, 1x1) plus a shortcut: identity, the 1x1 projection of
+  the first pre-activation (``projection``), the 1x1 projection of the raw input
+  (``raw_projection``) or the subsampled, zero-padded input (``pad``, option A);
+- ``original`` / ``original_backward``: the original (post-activation) unit, conv -> BN order,
+  ending with ``relu(bn_k(h_k) + s)``.
+
+Each forward operator has ``register_autograd`` (its backward calls the backward operator) and a
+fake implementation (the same Python forward on fake tensors: every backend operator has one).
+The operators take the backend as a string (``backend``: an operator set registered with
+``register_operator_set``; ``dispatch`` registers ``"triton"`` and ``"cuda"``), the static
+structure as a string (``plan``: ``unit_plan.UnitPlan.encode``), the process group of
+synchronized BN by name (``group``), and return the new running statistics instead of mutating
+the buffers (``register_autograd`` takes functional operators only): ``run_fused_unit`` copies them
+into the BN buffers.
+
+forward, pre-activation, per triple i with input h (h_0 = x)::
 
     partials(h)   from the previous conv's epilogue, the caller (``stats_in``) or channel_stats(x)
-    scale, shift  = bn_finalize(partials, bn_i ...)    # updates running stats like nn.BatchNorm2d
-    h_{i+1}       = conv_bnrelu(h, w_i, scale, shift, residual if last, stats of h_{i+1})
+    scale, shift  = bn_finalize(partials, bn_i ...)    # new running statistics returned
+    h_{i+1}       = conv_bnrelu(h, w_i, scale, shift, residual if last, stats of h_{i+1}, padding_i)
 
-backward, last triple first, with g the gradient reaching the triple's output::
+original::
 
-    dw_i              = conv_wgrad(g, h, scale, shift)         # pre-activation recomputed from h
-    g', sum, sum_xhat = conv_dgrad(g, w_i, h, ...)             # ReLU mask recomputed from h
-    g                 = bn_backward_finish(g', h, ...)         # + the identity shortcut's dy on the first
-
-The pre-activation unit's raw-input projection is a matrix product over the
-subsampled NHWC rows, ``x[:, ::s, ::s, :] @ W^T`` (a 1x1 conv without padding;
-written before ``conv_bnrelu``'s prologue became optional, which the original
-unit's projection uses), and so is its weight gradient;
-its data gradient is ``conv_dgrad`` without ``h`` and joins the input gradient in
-the first ``bn_backward_finish`` (as the identity shortcut's dy does).
-
-Explicit padding (``unit.conv_padding``, e.g. an ``F.pad`` before a ``padding=0``
-conv, asymmetric "SAME" padding too): each branch conv's ``(left, right, top,
-bottom)`` zero padding of its activated input goes to its three operators as their
-``padding`` argument; without it they take no such argument (``K // 2``).
-
-Original (post-activation) units (``UnitPlan.post_activation``) run the same operators
-in the other order: each conv is followed by its BN, the first conv reads the raw input
-(``conv_bnrelu`` without prologue), the later ones take ``relu(bn_i(h_i))`` in their
-prologue, and the unit ends with ``bn_add_relu``::
-
-    h_1      = conv_bnrelu(x, w_1, None, None, stats of h_1)
-    h_{i+1}  = conv_bnrelu(h_i, w_{i+1}, scale_i, shift_i, stats of h_{i+1})
+    h_1      = conv_bnrelu(x, w_1, None, None, stats of h_1, padding_1)
+    h_{i+1}  = conv_bnrelu(h_i, w_{i+1}, scale_i, shift_i, stats of h_{i+1}, padding_{i+1})
     s        = x | padA(x) | h_s = conv_bnrelu(x, w_s, None, None, stats of h_s if it has a BN)
     y        = bn_add_relu(h_k, scale_k, shift_k, s, [scale_s, shift_s])
 
-and backward ``g, sums = bn_add_relu_backward(dy, y, h_k, ...)`` (the mask from the saved
-output y), ``bn_backward_finish`` per BN (h_k and the shortcut's h_s), the inner triples
-as above, and conv_1's ``conv_dgrad`` without ``h``, to which the shortcut's gradient is
-added (identity: g; A: g subsampled back; B: the projection's ``conv_dgrad``).
-``_PostActivation`` holds that path. Saved for its backward: with ``memory="default"`` x,
-h_1 .. h_k, the projection's h_s (when it has a BN), y and the statistics (mean, invstd,
-scale, shift per BN); with ``memory="min"`` x, y (the ReLU mask; in a chain of units it is the
-next unit's input, the same storage, so it costs nothing extra) and the statistics: the
-backward first recomputes h_1 .. h_k and h_s with the forward's calls above (same arguments,
-same ``stats`` flags, the saved scale and shift as prologue; no ``bn_finalize``, so the
-running statistics are updated once), then runs the same backward, with the same bits.
+backward, last conv first: ``conv_wgrad`` (the pre-activation recomputed from the conv's input),
+``conv_dgrad`` (ReLU mask recomputed from h; BN-backward sums), ``bn_backward_finish``; the original
+unit starts with ``bn_add_relu_backward`` (the mask from the saved output y). Only what a requested
+gradient needs runs (``unit_plan.backward_work``): no ``conv_wgrad`` for a frozen conv, no data
+gradient below the last point anything is asked for (an input-gradient-only backward, an attack's
+``torch.autograd.grad(loss, x)``, runs no ``conv_wgrad``; with x needing no gradient the first
+unit forms no input gradient).
 
-The backward is first-order only: differentiating it again (``create_graph=True``,
-gradient penalties) raises an error that says to use ``backend="eager"``.
+Shared by both kinds (``_UnitRun``): BN statistics (one rule, ``statistics``), the shortcut's
+forward and its gradient to x, ONE conv call per operator that always passes the conv's padding
+(``conv`` / ``dgrad`` / ``wgrad`` take a ``ConvSpec``), the BN-backward finish, and one recompute
+for ``memory="min"``. Parameters, saved tensors and gradients travel as named records (the
+operators' argument names; ``pytree`` packs and unpacks ``ctx``'s saved tensors once).
 
-Saved for backward by a pre-activation unit (``memory="default"``): x, the raw conv outputs that feed a BN
-(h_1 .. h_{n-1}) and per-channel statistics (mean, invstd, scale, shift of each BN);
-no BN or ReLU output. ``memory="min"`` (``UnitPlan.recompute``) saves only x and the
-per-channel statistics; the backward first recomputes h_1 .. h_{n-1} in forward
-order with the forward's own call, ``conv_bnrelu(h_i, w_i, scale_i, shift_i, None,
-stride_i, stats_i)``, from the saved scale and shift (no batch statistics recomputed,
-``bn_finalize`` not called again: the running statistics are updated once, in the
-forward; the partials the call emits are dropped), then runs the same backward. The
-recomputed tensors are the forward's, bit for bit (same kernel and configuration, same
-inputs), so both modes give the same gradients; the cost is one more forward of the
-unit's first n-1 convolutions. Inside a model of fused units a unit's input is the
-previous unit's output (the same storage), so each activation between units is saved
-once.
+Saved for backward (``memory="default"``): x, the raw conv outputs that feed a BN (pre-activation:
+h_1 .. h_{n-1}; original: h_1 .. h_k and the projection's h_s when it has a BN, and y) and per BN
+mean, invstd, scale and shift; no BN or ReLU output. ``memory="min"`` saves x (and y) and the
+statistics; the backward recomputes the h's with the forward's own calls (``_UnitRun.recompute``:
+``branch_conv``, the same helper, arguments and ``stats`` flags as the forward, from the saved
+scale and shift; no batch statistics recomputed, no running statistic touched, no collective), so
+both modes give the same bits; the cost is one more forward of those convs.
 
-Activations are NHWC inside; the unit takes and returns ``[N, C, H, W]`` tensors, the
+Synchronized BN (``group``): the forward all-gathers each BN's merged statistics over the process
+group before finalizing; the backward all-reduces the two per-channel sums before finishing. BN
+weight and bias gradients stay local (DistributedDataParallel averages them), as in
+``nn.SyncBatchNorm``.
+
+The backward is first-order only: differentiating it again (``create_graph=True``, gradient
+penalties) raises an error that says to use ``backend="eager"``.
+
+torch.func: ``torch.library``'s generated autograd Function cannot run under torch.func (it has no
+``setup_context``), so under a torch.func transform the same operators run through
+``_FunctorchUnit``, an autograd Function in the ``forward`` + ``setup_context`` style around the
+same setup and backward; ``grad``, ``vjp`` and ``jacrev`` work (the backward operators have a
+vmap rule that loops over the batch), ``vmap`` of a fused forward raises ``VMAP_MESSAGE``.
+
+Activations are NHWC inside; ``run_fused_unit`` takes and returns ``[N, C, H, W]`` tensors, the
 output in channels_last memory format (an NCHW-contiguous input is converted once).
-
-Synchronized BN (``stats_group``): the forward all-gathers each BN's merged
-statistics over the process group before finalizing; the backward all-reduces the
-two per-channel sums before finishing. BN weight and bias gradients stay local
-(DistributedDataParallel averages them), as in ``nn.SyncBatchNorm``.
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
+from .unit_ops import statistics_dtype
+from .unit_plan import (MEMORY_MODES, ConvSpec, GradNeeds, UnitPlan, backward_work, check_branch_shape,
+                        check_memory, decode_plan, unit_plan)
+
+__all__ = ["DOUBLE_BACKWARD_MESSAGE", "MEMORY_MODES", "NAMESPACE", "Partials", "VMAP_MESSAGE", "check_memory",
+           "compute_dtype", "process_count", "register_operator_set", "run_fused_unit", "unit_plan"]
 
 Partials = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+NAMESPACE = "fused_preact_unit"
 
-# What a fused unit keeps for its backward (the ``memory`` argument of the fused units,
-# ``convert_to_fused`` and the trainer): "default" saves x and the raw conv outputs h_1..h_{n-1},
-# "min" saves x alone (an original unit: x and its output y) and recomputes the h_i in the backward
-# (see the module docstring).
-MEMORY_MODES = ("default", "min")
-
-
-def check_memory(memory: str) -> str:
-    """``memory`` if it is one of ``MEMORY_MODES``, else a ValueError naming the allowed values."""
-    if not isinstance(memory, str) or memory not in MEMORY_MODES:
-        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
-    return memory
+DOUBLE_BACKWARD_MESSAGE = (
+    "fused-preact: the fused unit's backward is not differentiable, so double backward "
+    "(create_graph=True, e.g. a gradient penalty) cannot run through it; build or convert the "
+    "model with backend='eager' for that (convert_to_fused(model, backend='eager'))")
+VMAP_MESSAGE = (
+    "fused-preact: torch.func.vmap cannot batch a fused unit's forward (its kernels and BN statistics "
+    "work on the whole batch); run the model with backend='eager' for vmap "
+    "(convert_to_fused(model, backend='eager')). torch.func.grad, vjp and jacrev run fused.")
 
 
-@dataclass(frozen=True)
-class BatchNormMode:
-    """How one BN of the unit behaves in this call, as ``nn.BatchNorm2d.forward`` decides it."""
-    batch_stats: bool       # normalize with batch statistics (training, or no running stats)
-    update_running: bool    # update running_mean / running_var
-    momentum: float         # -1.0 for momentum=None (cumulative average)
-    eps: float
+# -- operator sets, by name ---------------------------------------------------------------------
+_OPERATOR_SETS: dict[str, Callable[[], Any]] = {}
 
 
-@dataclass(frozen=True)
-class UnitPlan:
-    """The static structure of one call of a fused unit."""
-    kernel_sizes: tuple[int, ...]
-    strides: tuple[int, ...]
-    shortcut: str               # "identity" | "projection" (of relu(bn1(x))) | "raw_projection" (of x) | "pad"
-    shortcut_stride: int
-    pad_channels: int           # zero channels after x's (option A)
-    bn: tuple[BatchNormMode, ...]
-    # per branch conv, the (left, right, top, bottom) zero padding of its activated input;
-    # None: K // 2 on every side (the operators' default)
-    paddings: Optional[tuple[tuple[int, int, int, int], ...]] = None
-    recompute: bool = False     # memory="min": save x (and y if post-activation), recompute the h_i in the backward
-    post_activation: bool = False                  # the original unit: conv -> BN order, relu(bn_k(h_k) + s)
-    shortcut_bn: Optional[BatchNormMode] = None     # the projection's own BN (post-activation units)
-    pad_front: int = 0                              # zero channels before x's (option A as CIFAR ports pad)
-
-    def padding_args(self, i: int) -> tuple:
-        """The trailing ``padding`` argument of conv ``i``'s operators: none for the default."""
-        return () if self.paddings is None else (list(self.paddings[i]),)
+def register_operator_set(name: str, get_ops: Callable[[], Any]) -> None:
+    """Make ``backend=name`` of the unit operators run the operators ``get_ops()`` returns (a
+    namespace with the eight operators of ``unit_ops``, loaded on first use)."""
+    _OPERATOR_SETS[name] = get_ops
 
 
-def batchnorm_mode(bn: nn.BatchNorm2d) -> BatchNormMode:
-    batch_stats = bn.training or bn.running_mean is None
-    return BatchNormMode(batch_stats=batch_stats,
-                         update_running=bn.training and bn.running_mean is not None,
-                         momentum=-1.0 if bn.momentum is None else float(bn.momentum),
-                         eps=float(bn.eps))
+def operator_set(name: str) -> Any:
+    try:
+        get_ops = _OPERATOR_SETS[name]
+    except KeyError:
+        raise ValueError(f"backend {name!r} is no registered operator set (registered: "
+                         f"{sorted(_OPERATOR_SETS)})") from None
+    return get_ops()
 
 
-def unit_plan(unit: nn.Module) -> UnitPlan:
-    convs = [getattr(unit, f"conv{i}") for i in range(1, unit.num_convs + 1)]
-    bns = [getattr(unit, f"bn{i}") for i in range(1, unit.num_convs + 1)]
-    post_activation = not unit.preact
-    shortcut_bn = getattr(unit, "shortcut_bn", None)
-    pad_front = 0
-    if unit.shortcut is not None:
-        shortcut, pad_channels = ("projection" if unit.shares_preact else "raw_projection"), 0
-    elif unit.pad_shortcut is not None:
-        pad_front = getattr(unit.pad_shortcut, "front_channels", 0)
-        shortcut, pad_channels = "pad", unit.pad_shortcut.extra_channels - pad_front
-    else:
-        shortcut, pad_channels = "identity", 0
-    projection_padding = getattr(unit.shortcut, "padding", (0, 0))   # a 1x1's "same"/"valid" pad nothing
-    if not isinstance(projection_padding, str) and tuple(projection_padding) != (0, 0):
-        raise ValueError(f"{type(unit).__name__}: the shortcut projection has padding "
-                         f"{tuple(projection_padding)}; the fused unit runs 1x1 projections without padding "
-                         f"(explicit padding, conv_padding, applies to the branch convs only)")
-    paddings = getattr(unit, "conv_padding", None)
-    return UnitPlan(kernel_sizes=tuple(c.kernel_size[0] for c in convs),
-                    strides=tuple(c.stride[0] for c in convs),
-                    shortcut=shortcut, shortcut_stride=unit.stride, pad_channels=pad_channels,
-                    pad_front=pad_front,
-                    bn=tuple(batchnorm_mode(bn) for bn in bns),
-                    paddings=None if paddings is None else tuple(tuple(p) for p in paddings),
-                    recompute=check_memory(getattr(unit, "memory", "default")) == "min",
-                    post_activation=post_activation,
-                    shortcut_bn=batchnorm_mode(shortcut_bn) if shortcut_bn is not None else None)
+# -- synchronized statistics: the process group by name -----------------------------------------
+_GROUPS: dict[str, Any] = {}
 
 
-def check_branch_shape(plan: UnitPlan, height: int, width: int, unit_name: str) -> None:
-    """With explicit padding, the branch's output must have the shortcut's height and width."""
-    if plan.paddings is None:
-        return
-    from .unit_ops import padded_output_shape
-    h, w = height, width
-    for k, s, padding in zip(plan.kernel_sizes, plan.strides, plan.paddings):
-        try:
-            h, w = padded_output_shape(h, w, k, s, padding)
-        except ValueError as error:
-            raise ValueError(f"{unit_name}: conv_padding {plan.paddings}: {error}") from None
-    s = plan.shortcut_stride
-    expected = ((height - 1) // s + 1, (width - 1) // s + 1)
-    if (h, w) != expected:
-        raise ValueError(f"{unit_name}: with conv_padding {plan.paddings} the residual branch turns a "
-                         f"{height}x{width} input into {h}x{w}, but the shortcut gives {expected[0]}x{expected[1]}")
-
-
-# -- synchronized statistics ---------------------------------------------------
 def process_count(group) -> int:
     """Processes in ``group`` (1 without an initialized process group)."""
     if group is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
@@ -200,403 +131,653 @@ def process_count(group) -> int:
     return torch.distributed.get_world_size(group)
 
 
-def _gather_partials(partials: Partials, group) -> Partials:
-    """Merge local partials (Chan, float64) and all-gather one row per process."""
-    dtype = partials[0].dtype
-    pmean, pm2, pcount = (t.double() for t in partials)
-    n = pcount.sum()
-    mean = (pmean * pcount[:, None]).sum(0) / n
-    m2 = pm2.sum(0) + (pcount[:, None] * (pmean - mean) ** 2).sum(0)
-    local = torch.cat([mean, m2, n.reshape(1)]).to(dtype)
-    rows = [torch.empty_like(local) for _ in range(process_count(group))]
-    torch.distributed.all_gather(rows, local, group=group)
-    table = torch.stack(rows)
-    channels = mean.numel()
-    return table[:, :channels].contiguous(), table[:, channels:2 * channels].contiguous(), table[:, -1].contiguous()
+def group_name(group) -> Optional[str]:
+    """The ``group`` argument of the unit operators: None when the statistics are not synchronized
+    (no group, or a group of one process), else the group's name (remembered for ``_process_group``)."""
+    if group is None or process_count(group) <= 1:
+        return None
+    name = group.group_name
+    _GROUPS[name] = group
+    return name
 
 
-def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
-    t = t.clone()
-    torch.distributed.all_reduce(t, group=group)
-    return t
+def _process_group(name: Optional[str]):
+    if name is None:
+        return None
+    group = _GROUPS.get(name)
+    if group is None:   # a graph loaded in another process: torch's own registry of named groups
+        from torch.distributed.distributed_c10d import _resolve_process_group
+        group = _GROUPS[name] = _resolve_process_group(name)
+    return group
 
 
-# -- the raw-input projection -------------------------------------------------------
-def _raw_projection(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
-    """1x1 conv (no padding) of NHWC ``x``: a product over the subsampled rows, NHWC out."""
-    rows = x[:, ::stride, ::stride, :]
-    return torch.matmul(rows, weight.reshape(weight.shape[0], -1).t().to(x.dtype)).contiguous()
+class _Collectives:
+    """The collectives of synchronized BN over the named group, or their shapes alone (fake)."""
+
+    def __init__(self, name: Optional[str], fake: bool):
+        self.group = _process_group(name)
+        self.world = process_count(self.group)
+        self.fake = fake
+
+    def gather_partials(self, partials: Partials) -> Partials:
+        """Merge local partials (Chan, float64) and all-gather one row per process."""
+        if self.world <= 1:
+            return partials
+        dtype = partials[0].dtype
+        pmean, pm2, pcount = (t.double() for t in partials)
+        n = pcount.sum()
+        mean = (pmean * pcount[:, None]).sum(0) / n
+        m2 = pm2.sum(0) + (pcount[:, None] * (pmean - mean) ** 2).sum(0)
+        local = torch.cat([mean, m2, n.reshape(1)]).to(dtype)
+        if self.fake:
+            table = local.new_empty(self.world, local.numel())
+        else:
+            rows = [torch.empty_like(local) for _ in range(self.world)]
+            torch.distributed.all_gather(rows, local, group=self.group)
+            table = torch.stack(rows)
+        channels = mean.numel()
+        return (table[:, :channels].contiguous(), table[:, channels:2 * channels].contiguous(),
+                table[:, -1].contiguous())
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        if not self.fake:
+            torch.distributed.all_reduce(t, group=self.group)
+        return t
 
 
-def _raw_projection_wgrad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
-    """Weight gradient of ``_raw_projection``, accumulated in fp32 (fp64 for fp64), in weight's dtype."""
-    acc = torch.promote_types(dy.dtype, torch.float32)
-    rows = x[:, ::stride, ::stride, :].reshape(-1, x.shape[3]).to(acc)
-    return (dy.reshape(-1, dy.shape[3]).to(acc).t() @ rows).reshape(weight.shape).to(weight.dtype)
+# -- records ------------------------------------------------------------------------------------
+class BatchNormStats(NamedTuple):
+    """What one BN used in the forward (statistics dtype, [C] each)."""
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
 
 
-# -- memory="min": the conv inputs again, from x -------------------------------------
-def _recompute_inputs(ops: Any, plan: UnitPlan, x: torch.Tensor, stats, conv_weights) -> tuple:
-    """x, h_1 .. h_{n-1} as the forward computed them, bit for bit: ``conv_bnrelu`` with the
-    forward's arguments, the scale and shift it used (saved: no batch statistics are recomputed,
-    no running statistic is touched, no collective runs under synchronized BN) and its ``stats``
-    flag too. The partials that flag makes the kernel emit are dropped (the forward already turned
-    them into scale and shift); the flag is kept because it selects the kernel variant, and on a
-    GPU the Triton backend's autotuned tile configuration (its key includes it), whose summation
-    order decides the last bits of h."""
-    inputs = [x]
-    for i in range(len(plan.kernel_sizes) - 1):
-        scale, shift = stats[i][2], stats[i][3]
-        emit_stats = plan.bn[i + 1].batch_stats       # as the forward's conv i
-        inputs.append(ops.conv_bnrelu(inputs[i], conv_weights[i], scale, shift, None, plan.strides[i],
-                                      emit_stats)[0])
-    return tuple(inputs)
+class BatchNormParams(NamedTuple):
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: Optional[torch.Tensor]
+    running_var: Optional[torch.Tensor]
+    num_batches_tracked: Optional[torch.Tensor]
 
 
-DOUBLE_BACKWARD_MESSAGE = (
-    "fused-preact: the fused unit's backward is not differentiable, so double backward "
-    "(create_graph=True, e.g. a gradient penalty) cannot run through it; build or convert the "
-    "model with backend='eager' for that (convert_to_fused(model, backend='eager'))")
+def _count(h: torch.Tensor, world: int) -> int:
+    """Values per channel a BN normalizes over: N * H * W of its NHWC input, over every process."""
+    return h.shape[0] * h.shape[1] * h.shape[2] * world
 
 
-def _first_order_backward(backward):
-    """``once_differentiable`` with a message that names the way out: the backward runs under
-    no_grad, and only differentiating its outputs again (not a ``create_graph=True`` pass that
-    never goes back through them) raises ``DOUBLE_BACKWARD_MESSAGE``."""
-    from torch._C import _functions
-
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        with torch.no_grad():
-            outputs = backward(ctx, *grads)
-        if not torch.is_grad_enabled() or not any(g is not None and g.requires_grad for g in grads):
-            return outputs
-        error = _functions.DelayedError(DOUBLE_BACKWARD_MESSAGE.encode(), len(outputs))
-        return error(*[None if t is None else t.detach().requires_grad_() for t in outputs])
-    return wrapper
+def _like_parameter(grad: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """``grad`` with ``parameter``'s strides (DistributedDataParallel copies a gradient whose strides
+    differ from its bucket view's, with a warning; a 1x1 weight's channels_last and contiguous
+    strides differ although both are 'contiguous')."""
+    if grad.stride() == parameter.stride():
+        return grad
+    return torch.empty_strided(parameter.shape, parameter.stride(), dtype=grad.dtype,
+                               device=grad.device).copy_(grad)
 
 
-# -- the original (post-activation) unit ------------------------------------------
-def _batchnorm_statistics(ops: Any, mode: BatchNormMode, partials: Optional[Partials], params, count: int,
-                          group, stat_dtype: torch.dtype, shape: torch.Size) -> tuple:
-    """``(mean, invstd, scale, shift)`` of one BN as ``nn.BatchNorm2d`` uses them in this call: batch
-    statistics from ``partials`` (running statistics updated) or the running statistics (eval).
-    ``params``: ``(weight, bias, running_mean, running_var, num_batches_tracked)``; ``shape``:
-    the NHWC shape of the BN's input (for the error message)."""
-    weight, bias, running_mean, running_var, nbt = params
-    if not mode.batch_stats:
-        mean = running_mean.to(stat_dtype)
-        invstd = torch.rsqrt(running_var.to(stat_dtype) + mode.eps)
-        scale = weight.to(stat_dtype) * invstd
-        return mean, invstd, scale, bias.to(stat_dtype) - mean * scale
-    if count <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                         f"{(shape[0], shape[3], shape[1], shape[2])}")
-    if process_count(group) > 1:
-        partials = _gather_partials(partials, group)
-    update = mode.update_running
-    return ops.bn_finalize(*partials, weight, bias, running_mean if update else None,
-                           running_var if update else None, nbt if update else None, mode.momentum, mode.eps)
+# -- what both unit kinds share -------------------------------------------------------------------
+class _UnitRun:
+    """One call of a unit: its plan, the backend's operators and the collectives, with the helpers
+    every path uses (so no call site passes a conv's padding, BN rule or flag by hand)."""
 
+    def __init__(self, plan: UnitPlan, backend: str, group: Optional[str], fake: bool):
+        self.plan = plan
+        self.ops = operator_set(backend)
+        self.collectives = _Collectives(group, fake)
 
-class _PostActivation:
-    """Forward and backward of ``FusedUnitFunction`` for an original unit (``plan.post_activation``).
+    # ---- the three conv operators, always with the conv's stride and padding ----
+    def conv(self, spec: ConvSpec, h, weight, prologue: Optional[BatchNormStats], residual=None,
+             emit_stats: bool = False):
+        scale, shift = (prologue.scale, prologue.shift) if prologue is not None else (None, None)
+        return self.ops.conv_bnrelu(h, weight, scale, shift, residual, spec.stride, emit_stats, list(spec.padding))
 
-    ``params``: per conv ``bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-    conv_weight`` (the BN that follows the conv), then ``shortcut_weight`` and the shortcut BN's
-    ``weight, bias, running_mean, running_var, num_batches_tracked`` (all None when absent).
-    """
+    def dgrad(self, spec: ConvSpec, g, weight, h, bn: Optional[BatchNormStats], add, height: int, width: int):
+        if bn is None:
+            masked = (None, None, None, None, None)
+        else:
+            masked = (h, bn.scale, bn.shift, bn.mean, bn.invstd)
+        return self.ops.conv_dgrad(g, weight, *masked, add, spec.stride, height, width, list(spec.padding))
 
-    @staticmethod
-    def forward(ctx, plan: UnitPlan, ops: Any, group, x: torch.Tensor, params):
-        n = len(plan.kernel_sizes)
-        triples = [params[6 * i:6 * i + 6] for i in range(n)]
-        shortcut_weight, shortcut_bn = params[6 * n], params[6 * n + 1:6 * n + 6]
-        world = process_count(group)
-        stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    def wgrad(self, spec: ConvSpec, g, h, prologue: Optional[BatchNormStats], weight):
+        scale, shift = (prologue.scale, prologue.shift) if prologue is not None else (None, None)
+        return _like_parameter(self.ops.conv_wgrad(g, h, scale, shift, weight, spec.stride, list(spec.padding)),
+                               weight)
 
-        def conv_and_bn(h_in, conv_weight, stride, prologue, mode, bn_params):
-            """h = conv(h_in) (with the previous BN-ReLU as prologue) and its BN's statistics."""
-            h, pmean, pm2, pcount = ops.conv_bnrelu(h_in, conv_weight, *prologue, None, stride, mode.batch_stats)
-            count = h.shape[0] * h.shape[1] * h.shape[2] * world
-            stats = _batchnorm_statistics(ops, mode, (pmean, pm2, pcount), bn_params, count, group, stat_dtype,
-                                          h.shape)
-            return h, stats, count
+    # ---- the branch ----
+    def branch_conv(self, i: int, h, weights, stats, residual=None, emit_stats: Optional[bool] = None):
+        """Branch conv ``i`` of ``h``: its prologue is the BN the plan says, its statistics flag
+        whether the BN reading its output normalizes with batch statistics (``emit_stats`` for the
+        pre-activation unit's last conv). The forward and the recompute both call this."""
+        j = self.plan.prologue_bn(i)
+        if emit_stats is None:
+            emit_stats = self.plan.bn[self.plan.output_bn(i)].batch_stats
+        return self.conv(self.plan.convs[i], h, weights[i], stats[j] if j is not None else None, residual,
+                         emit_stats)
 
-        hs, stats, counts = [], [], []
-        prologue = (None, None)            # the first conv reads x as it is
-        h = x
-        for i, (*bn_params, conv_weight) in enumerate(triples):
-            h, bn_stats, count = conv_and_bn(h, conv_weight, plan.strides[i], prologue, plan.bn[i], bn_params)
-            hs.append(h)
-            stats.append(bn_stats)
-            counts.append(count)
-            prologue = bn_stats[2:]
-
-        residual, residual_affine, shortcut_saved = x, (None, None), []
+    def shortcut(self, x, weight, prologue: Optional[BatchNormStats] = None, emit_stats: bool = False):
+        """``(s, partials)``: the shortcut's value (the projection's raw output h_s, before any BN of
+        its own); partials of h_s when ``emit_stats``."""
+        plan = self.plan
+        if plan.shortcut in ("projection", "raw_projection"):
+            s, *partials = self.conv(plan.shortcut_conv, x, weight, prologue, None, emit_stats)
+            return s, (tuple(partials) if emit_stats else None)
         if plan.shortcut == "pad":
-            s = plan.shortcut_stride
-            residual = F.pad(x[:, ::s, ::s, :], (plan.pad_front, plan.pad_channels)).contiguous()
-        elif plan.shortcut == "raw_projection":
-            if plan.shortcut_bn is not None:
-                residual, s_stats, s_count = conv_and_bn(x, shortcut_weight, plan.shortcut_stride, (None, None),
-                                                         plan.shortcut_bn, shortcut_bn)
-                residual_affine = s_stats[2:]
-                stats.append(s_stats)
-                counts.append(s_count)
-                shortcut_saved = [residual]
-            else:
-                residual = ops.conv_bnrelu(x, shortcut_weight, None, None, None, plan.shortcut_stride, False)[0]
-        elif plan.shortcut != "identity":
-            raise ValueError(f"an original unit has an identity, option-A or projection shortcut, "
-                             f"not {plan.shortcut!r}")
-        y = ops.bn_add_relu(hs[-1], *stats[n - 1][2:], residual, *residual_affine)
+            stride = plan.shortcut_stride
+            return F.pad(x[:, ::stride, ::stride, :], (plan.pad_front, plan.pad_back)).contiguous(), None
+        return x, None
 
-        ctx.plan, ctx.ops, ctx.group, ctx.counts = plan, ops, group, counts
-        ctx.n_params = len(params)
-        flat_stats = [t for st in stats for t in st[:2]]          # mean, invstd per BN
-        conv_weights = [t[5] for t in triples]
-        bn_weights = [t[0] for t in triples] + ([shortcut_bn[0]] if shortcut_saved else [])
-        kept = [] if plan.recompute else [*hs, *shortcut_saved]   # memory="min": recomputed in the backward
-        ctx.save_for_backward(x, *kept, y, *flat_stats, *[st[2] for st in stats],
-                              *[st[3] for st in stats], *conv_weights, *bn_weights, shortcut_weight)
-        empty = tuple(y.new_empty(0, dtype=stat_dtype) for _ in range(3))
-        ctx.mark_non_differentiable(*empty)
-        return (y, *empty)
+    def shortcut_input_grad(self, g, x, weight):
+        """The gradient reaching x through the shortcut from the gradient ``g`` of its value
+        (identity, option A, or the projection's data gradient)."""
+        plan = self.plan
+        if plan.shortcut in ("projection", "raw_projection"):
+            return self.dgrad(plan.shortcut_conv, g, weight, None, None, None, x.shape[1], x.shape[2])[0]
+        if plan.shortcut == "pad":
+            stride = plan.shortcut_stride
+            grad = g.new_zeros(x.shape)
+            grad[:, ::stride, ::stride, :] = g[..., plan.pad_front:plan.pad_front + x.shape[3]]
+            return grad
+        return g
 
-    @staticmethod
-    def recompute(ops: Any, plan: UnitPlan, x: torch.Tensor, scales, shifts, conv_weights,
-                  shortcut_weight) -> tuple:
-        """memory="min": ``(h_1 .. h_k, h_s)`` as the forward computed them, bit for bit (``h_s`` None
-        unless the projection has a BN): ``conv_bnrelu`` with the forward's arguments, the previous BN's
-        saved scale and shift as prologue (no batch statistics recomputed, no running statistic touched,
-        no collective) and the forward's ``stats`` flag, which selects the kernel variant and, on a GPU,
-        the autotuned configuration (see ``_recompute_inputs``); the partials it emits are dropped."""
-        hs, h, prologue = [], x, (None, None)
-        for i in range(len(plan.kernel_sizes)):
-            h = ops.conv_bnrelu(h, conv_weights[i], *prologue, None, plan.strides[i], plan.bn[i].batch_stats)[0]
+    # ---- BN ----
+    def statistics(self, j: int, partials: Optional[Partials], params: BatchNormParams, h):
+        """``(BatchNormStats, new running (mean, var) or None)`` of BN ``j`` reading NHWC ``h``, as
+        ``nn.BatchNorm2d`` uses them in this call: batch statistics (from ``partials``, or a pass over
+        h when None) or the running statistics (eval)."""
+        mode = self.plan.bn[j]
+        dtype = statistics_dtype(h.dtype)
+        if not mode.batch_stats:
+            mean = params.running_mean.to(dtype, copy=True)
+            invstd = torch.rsqrt(params.running_var.to(dtype) + mode.eps)
+            scale = params.weight.to(dtype) * invstd
+            return BatchNormStats(mean, invstd, scale, params.bias.to(dtype) - mean * scale), None
+        if _count(h, self.collectives.world) <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                             f"{(h.shape[0], h.shape[3], h.shape[1], h.shape[2])}")
+        if partials is None:
+            partials = self.ops.channel_stats(h)
+        partials = self.collectives.gather_partials(partials)
+        running = (params.running_mean.clone(), params.running_var.clone()) if mode.update_running else None
+        stats = self.ops.bn_finalize(*partials, params.weight, params.bias, *(running or (None, None)),
+                                     params.num_batches_tracked if running else None, mode.momentum, mode.eps)
+        return BatchNormStats(*stats), running
+
+    def finish(self, j: int, g, h, stats: BatchNormStats, bn_weight, sum_g, sum_g_xhat, add=None):
+        """BN ``j``'s input gradient from the masked gradient ``g`` of its output and its two sums
+        (all-reduced over the group first when it normalized with batch statistics)."""
+        mode = self.plan.bn[j]
+        world = self.collectives.world
+        if mode.batch_stats and world > 1:
+            sum_g, sum_g_xhat = self.collectives.all_reduce(sum_g), self.collectives.all_reduce(sum_g_xhat)
+        return self.ops.bn_backward_finish(g, h, stats.mean, stats.invstd, bn_weight, sum_g, sum_g_xhat,
+                                           float(_count(h, world)), add, mode.batch_stats)
+
+    # ---- memory="min" ----
+    def recompute(self, x, weights, stats, shortcut_weight) -> list:
+        """The ``saved_h`` of ``memory="default"``, as the forward computed them, bit for bit: the
+        pre-activation unit's h_1 .. h_{n-1}, the original unit's h_1 .. h_k and its projection's h_s
+        when that has a BN. The same calls as the forward (``branch_conv``, ``shortcut``: same
+        arguments, the saved scale and shift as prologue, the same ``stats`` flags, which select the
+        kernel variant and on a GPU the autotuned tile, whose summation order decides the last bits);
+        the partials they emit are dropped."""
+        plan = self.plan
+        hs, h = [], x
+        for i in range(plan.num_convs - 1 if plan.kind == "preact" else plan.num_convs):
+            h = self.branch_conv(i, h, weights, stats)[0]
             hs.append(h)
-            prologue = (scales[i], shifts[i])
-        h_s = None
-        if plan.shortcut == "raw_projection" and plan.shortcut_bn is not None:
-            h_s = ops.conv_bnrelu(x, shortcut_weight, None, None, None, plan.shortcut_stride,
-                                  plan.shortcut_bn.batch_stats)[0]
-        return tuple(hs), h_s
-
-    @staticmethod
-    def backward(ctx, dy):
-        plan, ops, group = ctx.plan, ctx.ops, ctx.group
-        n = len(plan.kernel_sizes)
-        has_shortcut_bn = plan.shortcut == "raw_projection" and plan.shortcut_bn is not None
-        n_bn = n + has_shortcut_bn
-        saved = list(ctx.saved_tensors)
-        if plan.recompute:     # memory="min": x, y; h_1 .. h_k and h_s recomputed below
-            x, pos = saved[0], 1
-        else:
-            x, hs = saved[0], saved[1:1 + n]
-            pos = 1 + n
-            h_s = saved[pos] if has_shortcut_bn else None
-            pos += has_shortcut_bn
-        y = saved[pos]
-        pos += 1
-        means, invstds = saved[pos:pos + 2 * n_bn:2], saved[pos + 1:pos + 2 * n_bn:2]
-        pos += 2 * n_bn
-        scales, shifts = saved[pos:pos + n_bn], saved[pos + n_bn:pos + 2 * n_bn]
-        pos += 2 * n_bn
-        conv_weights, bn_weights = saved[pos:pos + n], saved[pos + n:pos + n + n_bn]
-        shortcut_weight = saved[pos + n + n_bn]
-        if plan.recompute:
-            hs, h_s = _PostActivation.recompute(ops, plan, x, scales, shifts, conv_weights, shortcut_weight)
-        world = process_count(group)
-        dy = dy.contiguous()
-        grads: list[Optional[torch.Tensor]] = [None] * ctx.n_params
-
-        def finish(index, g, h, sum_g, sum_g_xhat, mode, grad_slot):
-            """BN ``index``'s weight / bias gradients into ``grad_slot`` and its input gradient."""
-            grads[grad_slot] = sum_g_xhat.to(bn_weights[index].dtype)
-            grads[grad_slot + 1] = sum_g.to(bn_weights[index].dtype)
-            if mode.batch_stats and world > 1:
-                sum_g, sum_g_xhat = _all_reduce_sum(sum_g, group), _all_reduce_sum(sum_g_xhat, group)
-            return ops.bn_backward_finish(g, h, means[index], invstds[index], bn_weights[index], sum_g, sum_g_xhat,
-                                          float(ctx.counts[index]), None, mode.batch_stats)
-
-        # ---- the end: relu(bn_k(h_k) + s) ----
-        g, sum_g, sum_g_xhat, s_sum_g_xhat = ops.bn_add_relu_backward(
-            dy, y, hs[-1], means[n - 1], invstds[n - 1], h_s,
-            means[n] if has_shortcut_bn else None, invstds[n] if has_shortcut_bn else None)
-        dh = finish(n - 1, g, hs[-1], sum_g, sum_g_xhat, plan.bn[n - 1], 6 * (n - 1))
-
-        # ---- the shortcut's gradient, joining conv_1's data gradient ----
-        height, width = x.shape[1], x.shape[2]
-        if plan.shortcut == "raw_projection":
-            d_s = finish(n, g, h_s, sum_g, s_sum_g_xhat, plan.shortcut_bn, 6 * n + 1) if has_shortcut_bn else g
-            grads[6 * n] = ops.conv_wgrad(d_s, x, None, None, shortcut_weight, plan.shortcut_stride)
-            shortcut_grad = ops.conv_dgrad(d_s, shortcut_weight, None, None, None, None, None, None,
-                                           plan.shortcut_stride, height, width)[0]
-        elif plan.shortcut == "pad":
-            s = plan.shortcut_stride
-            shortcut_grad = g.new_zeros(x.shape)
-            shortcut_grad[:, ::s, ::s, :] = g[..., plan.pad_front:plan.pad_front + x.shape[3]]
-        else:
-            shortcut_grad = g
-
-        # ---- the convs, last first: conv_i reads relu(bn_{i-1}(h_{i-1})), conv_1 reads x ----
-        for i in reversed(range(n)):
-            h_in = hs[i - 1] if i > 0 else x
-            prologue = (scales[i - 1], shifts[i - 1]) if i > 0 else (None, None)
-            grads[6 * i + 5] = ops.conv_wgrad(dh, h_in, *prologue, conv_weights[i], plan.strides[i])
-            if i > 0:
-                g_in, sum_g, sum_g_xhat = ops.conv_dgrad(dh, conv_weights[i], h_in, *prologue, means[i - 1],
-                                                         invstds[i - 1], None, plan.strides[i], h_in.shape[1],
-                                                         h_in.shape[2])
-                dh = finish(i - 1, g_in, h_in, sum_g, sum_g_xhat, plan.bn[i - 1], 6 * (i - 1))
-            else:
-                dh = ops.conv_dgrad(dh, conv_weights[0], None, None, None, None, None, shortcut_grad,
-                                    plan.strides[0], height, width)[0]
-        return (dh, None, None, None, *grads)
+        if plan.shortcut_bn is not None:
+            hs.append(self.shortcut(x, shortcut_weight, None, plan.bn[plan.shortcut_bn].batch_stats)[0])
+        return hs
 
 
-# -- the autograd Function -----------------------------------------------------
-class FusedUnitFunction(torch.autograd.Function):
-    """One fused pre-activation unit; see the module docstring.
+def _bn_params(bn_weights, bn_biases, running_means, running_vars, batches_tracked) -> list[BatchNormParams]:
+    return [BatchNormParams(*p) for p in zip(bn_weights, bn_biases, running_means, running_vars, batches_tracked)]
 
-    ``apply(plan, ops, group, want_stats, x, pmean, pm2, pcount, *triples, shortcut_weight)``
-    with ``x`` NHWC, the input partials possibly None, and per triple
-    ``bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, conv_weight``.
-    Returns ``y`` (NHWC) and the partials of y (empty unless ``want_stats``).
-    An original unit (``plan.post_activation``) takes the shortcut BN's ``weight, bias,
-    running_mean, running_var, num_batches_tracked`` after ``shortcut_weight`` (see
-    ``_PostActivation``).
-    """
 
-    @staticmethod
-    def forward(ctx, plan: UnitPlan, ops: Any, group, want_stats: bool, x, in_pmean, in_pm2, in_pcount,
-                *params):
-        if plan.post_activation:
-            return _PostActivation.forward(ctx, plan, ops, group, x, params)
-        n_triples = len(plan.kernel_sizes)
-        triples = [params[6 * i:6 * i + 6] for i in range(n_triples)]
-        shortcut_weight = params[6 * n_triples]
-        world = process_count(group)
+def _stats_lists(stats: list[BatchNormStats]) -> tuple[list, list, list, list]:
+    return ([s.mean for s in stats], [s.invstd for s in stats], [s.scale for s in stats],
+            [s.shift for s in stats])
 
-        h = x
-        partials = (in_pmean, in_pm2, in_pcount) if in_pmean is not None else None
-        inputs, stats, counts = [], [], []
-        residual = None
-        for i, (bn_weight, bn_bias, running_mean, running_var, nbt, conv_weight) in enumerate(triples):
-            mode = plan.bn[i]
-            count = h.shape[0] * h.shape[1] * h.shape[2] * world
-            if mode.batch_stats:
-                if count <= 1:
-                    raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                                     f"{tuple(h.permute(0, 3, 1, 2).shape)}")
-                if partials is None:
-                    partials = ops.channel_stats(h)
-                if world > 1:
-                    partials = _gather_partials(partials, group)
-                update = mode.update_running
-                mean, invstd, scale, shift = ops.bn_finalize(
-                    *partials, bn_weight, bn_bias, running_mean if update else None,
-                    running_var if update else None, nbt if update else None, mode.momentum, mode.eps)
-            else:
-                stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-                mean = running_mean.to(stat_dtype)
-                invstd = torch.rsqrt(running_var.to(stat_dtype) + mode.eps)
-                scale = bn_weight.to(stat_dtype) * invstd
-                shift = bn_bias.to(stat_dtype) - mean * scale
 
+def _running_lists(running: list) -> tuple[list, list]:
+    kept = [r for r in running if r is not None]
+    return [r[0] for r in kept], [r[1] for r in kept]
+
+
+class _Grads:
+    """The gradients a backward operator returns, by name; empty tensors where none was asked for."""
+
+    def __init__(self, x, conv_weights, bn_weights):
+        self.conv_weights, self.bn_weights = conv_weights, bn_weights
+        self.dx = x.new_empty(0)
+        self.conv = [w.new_empty(0) for w in conv_weights]
+        self.bn_weight = [w.new_empty(0) for w in bn_weights]
+        self.bn_bias = [w.new_empty(0) for w in bn_weights]
+        self.shortcut = x.new_empty(0)
+
+    def set_bn(self, j: int, needs: GradNeeds, sum_g, sum_g_xhat) -> None:
+        """BN j's weight and bias gradients from its local sums (distinct tensors: an operator's
+        outputs may not alias each other)."""
+        dtype = self.bn_weights[j].dtype
+        if needs.bn_weight[j]:
+            self.bn_weight[j] = sum_g_xhat.to(dtype, copy=True)
+        if needs.bn_bias[j]:
+            self.bn_bias[j] = sum_g.to(dtype, copy=True)
+
+    def outputs(self):
+        return self.dx, self.conv, self.bn_weight, self.bn_bias, self.shortcut
+
+
+# -- the pre-activation unit ----------------------------------------------------------------------
+PREACT_SCHEMA = (
+    "(Tensor x, Tensor? x_mean, Tensor? x_m2, Tensor? x_count, Tensor[] conv_weights, Tensor[] bn_weights, "
+    "Tensor[] bn_biases, Tensor?[] running_means, Tensor?[] running_vars, Tensor?[] batches_tracked, "
+    "Tensor? shortcut_weight, str plan, str backend, str? group, bool want_stats) "
+    "-> (Tensor y, Tensor y_mean, Tensor y_m2, Tensor y_count, Tensor[] new_running_means, "
+    "Tensor[] new_running_vars, Tensor[] saved_h, Tensor[] means, Tensor[] invstds, Tensor[] scales, "
+    "Tensor[] shifts)")
+PREACT_BACKWARD_SCHEMA = (
+    "(Tensor dy, Tensor x, Tensor[] saved_h, Tensor[] means, Tensor[] invstds, Tensor[] scales, "
+    "Tensor[] shifts, Tensor[] conv_weights, Tensor[] bn_weights, Tensor? shortcut_weight, str plan, "
+    "str backend, str? group, bool[] needs) "
+    "-> (Tensor dx, Tensor[] conv_weight_grads, Tensor[] bn_weight_grads, Tensor[] bn_bias_grads, "
+    "Tensor shortcut_weight_grad)")
+
+
+def preact_forward(x, x_mean, x_m2, x_count, conv_weights, bn_weights, bn_biases, running_means, running_vars,
+                   batches_tracked, shortcut_weight, plan, backend, group, want_stats, *, fake=False):
+    """The ``preact`` operator (``fake``: on fake tensors, collectives by shape only)."""
+    plan = decode_plan(plan)
+    run = _UnitRun(plan, backend, group, fake)
+    bns = _bn_params(bn_weights, bn_biases, running_means, running_vars, batches_tracked)
+    partials = (x_mean, x_m2, x_count) if x_mean is not None else None
+    h, residual = x, None
+    hs, stats, running = [], [], []
+    for i in range(plan.num_convs):
+        bn_stats, new_running = run.statistics(i, partials, bns[i], h)
+        stats.append(bn_stats)
+        running.append(new_running)
+        if i == 0:
+            residual = run.shortcut(x, shortcut_weight, bn_stats if plan.shortcut == "projection" else None)[0]
+        last = i == plan.num_convs - 1
+        emit_stats = want_stats if last else None
+        h_next, *next_partials = run.branch_conv(i, h, conv_weights, stats, residual if last else None,
+                                                 emit_stats)
+        hs.append(h)
+        emitted = want_stats if last else plan.bn[i + 1].batch_stats
+        partials = tuple(next_partials) if emitted else None
+        h = h_next
+    y = h
+    dtype = statistics_dtype(x.dtype)
+    y_partials = partials if want_stats else tuple(x.new_empty(0, dtype=dtype) for _ in range(3))
+    saved_h = [] if plan.recompute else hs[1:]      # the inputs of triples 1 .. n-1 (x is an input)
+    return (y, *y_partials, *_running_lists(running), saved_h, *_stats_lists(stats))
+
+
+def preact_backward(dy, x, saved_h, means, invstds, scales, shifts, conv_weights, bn_weights, shortcut_weight,
+                    plan, backend, group, needs, *, fake=False):
+    """The ``preact_backward`` operator."""
+    plan = decode_plan(plan)
+    needs = GradNeeds.from_flags(needs, plan)
+    work = backward_work(plan, needs)
+    run = _UnitRun(plan, backend, group, fake)
+    stats = [BatchNormStats(*s) for s in zip(means, invstds, scales, shifts)]
+    hs = [x, *(run.recompute(x, conv_weights, stats, shortcut_weight) if plan.recompute else saved_h)]
+    grads = _Grads(x, conv_weights, bn_weights)
+    dy = dy.contiguous()
+    # the projection's weight gradient needs dy and x alone
+    if work.shortcut_wgrad:
+        prologue = stats[0] if plan.shortcut == "projection" else None
+        grads.shortcut = run.wgrad(plan.shortcut_conv, dy, x, prologue, shortcut_weight)
+    g = dy
+    for i in reversed(range(plan.num_convs)):
+        h, spec = hs[i], plan.convs[i]
+        if work.wgrad[i]:
+            grads.conv[i] = run.wgrad(spec, g, h, stats[i], conv_weights[i])
+        if not work.dgrad[i]:
+            break                      # nothing at or below this triple needs a gradient
+        joining = shortcut_grad = None
+        if i == 0 and plan.shortcut == "projection":   # joins conv 0's data gradient before the mask
+            joining = run.shortcut_input_grad(dy, x, shortcut_weight) if work.shortcut_dgrad else None
+        elif i == 0 and work.finish[0]:                 # joins the input gradient after BN 0
+            shortcut_grad = run.shortcut_input_grad(dy, x, shortcut_weight)
+        g_masked, sum_g, sum_g_xhat = run.dgrad(spec, g, conv_weights[i], h, stats[i], joining, h.shape[1],
+                                                h.shape[2])
+        grads.set_bn(i, needs, sum_g, sum_g_xhat)
+        if work.finish[i]:
+            g = run.finish(i, g_masked, h, stats[i], bn_weights[i], sum_g, sum_g_xhat, shortcut_grad)
             if i == 0:
-                if plan.shortcut == "projection":
-                    residual = ops.conv_bnrelu(x, shortcut_weight, scale, shift, None, plan.shortcut_stride,
-                                               False)[0]
-                elif plan.shortcut == "raw_projection":
-                    residual = _raw_projection(x, shortcut_weight, plan.shortcut_stride)
-                elif plan.shortcut == "pad":
-                    s = plan.shortcut_stride
-                    residual = F.pad(x[:, ::s, ::s, :], (plan.pad_front, plan.pad_channels)).contiguous()
-                else:
-                    residual = x
-            last = i == n_triples - 1
-            emit_stats = want_stats if last else plan.bn[i + 1].batch_stats
-            h_next, pmean, pm2, pcount = ops.conv_bnrelu(h, conv_weight, scale, shift,
-                                                         residual if last else None, plan.strides[i], emit_stats,
-                                                         *plan.padding_args(i))
-            inputs.append(h)
-            stats.append((mean, invstd, scale, shift))
-            counts.append(count)
-            partials = (pmean, pm2, pcount) if emit_stats else None
-            h = h_next
+                grads.dx = g
+    return grads.outputs()
 
-        y = h
-        out_stats = partials if want_stats else tuple(y.new_empty(0, dtype=torch.float32) for _ in range(3))
-        ctx.plan, ctx.ops, ctx.group, ctx.counts = plan, ops, group, counts
-        ctx.n_params = len(params)
-        flat_stats = [t for s in stats for t in s]
-        conv_weights = [t[5] for t in triples]
-        bn_weights = [t[0] for t in triples]
-        saved_inputs = inputs[:1] if plan.recompute else inputs   # memory="min": x alone
-        ctx.save_for_backward(*saved_inputs, *flat_stats, *conv_weights, *bn_weights, shortcut_weight)
-        ctx.mark_non_differentiable(*out_stats)
-        return (y, *out_stats)
+
+# -- the original (post-activation) unit ------------------------------------------------------------
+ORIGINAL_SCHEMA = (
+    "(Tensor x, Tensor[] conv_weights, Tensor[] bn_weights, Tensor[] bn_biases, Tensor?[] running_means, "
+    "Tensor?[] running_vars, Tensor?[] batches_tracked, Tensor? shortcut_weight, str plan, str backend, "
+    "str? group) -> (Tensor y, Tensor[] new_running_means, Tensor[] new_running_vars, Tensor[] saved_h, "
+    "Tensor[] means, Tensor[] invstds, Tensor[] scales, Tensor[] shifts)")
+ORIGINAL_BACKWARD_SCHEMA = (
+    "(Tensor dy, Tensor x, Tensor y, Tensor[] saved_h, Tensor[] means, Tensor[] invstds, Tensor[] scales, "
+    "Tensor[] shifts, Tensor[] conv_weights, Tensor[] bn_weights, Tensor? shortcut_weight, str plan, "
+    "str backend, str? group, bool[] needs) "
+    "-> (Tensor dx, Tensor[] conv_weight_grads, Tensor[] bn_weight_grads, Tensor[] bn_bias_grads, "
+    "Tensor shortcut_weight_grad)")
+
+
+def original_forward(x, conv_weights, bn_weights, bn_biases, running_means, running_vars, batches_tracked,
+                     shortcut_weight, plan, backend, group, *, fake=False):
+    """The ``original`` operator."""
+    plan = decode_plan(plan)
+    run = _UnitRun(plan, backend, group, fake)
+    bns = _bn_params(bn_weights, bn_biases, running_means, running_vars, batches_tracked)
+    hs, stats, running = [], [], []
+    h = x
+    for i in range(plan.num_convs):
+        h, *partials = run.branch_conv(i, h, conv_weights, stats)
+        bn_stats, new_running = run.statistics(i, tuple(partials) if plan.bn[i].batch_stats else None, bns[i], h)
+        hs.append(h)
+        stats.append(bn_stats)
+        running.append(new_running)
+    s = plan.shortcut_bn
+    emit = s is not None and plan.bn[s].batch_stats
+    residual, partials = run.shortcut(x, shortcut_weight, None, emit)
+    residual_affine = (None, None)
+    if s is not None:
+        bn_stats, new_running = run.statistics(s, partials, bns[s], residual)
+        stats.append(bn_stats)
+        running.append(new_running)
+        residual_affine = (bn_stats.scale, bn_stats.shift)
+        hs.append(residual)
+    last = stats[plan.num_convs - 1]
+    y = run.ops.bn_add_relu(hs[plan.num_convs - 1], last.scale, last.shift, residual, *residual_affine)
+    saved_h = [] if plan.recompute else hs
+    return (y, *_running_lists(running), saved_h, *_stats_lists(stats))
+
+
+def original_backward(dy, x, y, saved_h, means, invstds, scales, shifts, conv_weights, bn_weights, shortcut_weight,
+                      plan, backend, group, needs, *, fake=False):
+    """The ``original_backward`` operator."""
+    plan = decode_plan(plan)
+    needs = GradNeeds.from_flags(needs, plan)
+    work = backward_work(plan, needs)
+    run = _UnitRun(plan, backend, group, fake)
+    stats = [BatchNormStats(*s) for s in zip(means, invstds, scales, shifts)]
+    hs = run.recompute(x, conv_weights, stats, shortcut_weight) if plan.recompute else list(saved_h)
+    n, s = plan.num_convs, plan.shortcut_bn
+    h_s = hs[n] if s is not None else None
+    grads = _Grads(x, conv_weights, bn_weights)
+    dy = dy.contiguous()
+
+    # ---- the end: relu(bn_k(h_k) + s) ----
+    k = n - 1
+    g, sum_g, sum_g_xhat, s_sum_g_xhat = run.ops.bn_add_relu_backward(
+        dy, y, hs[k], stats[k].mean, stats[k].invstd, h_s, stats[s].mean if s is not None else None,
+        stats[s].invstd if s is not None else None)
+    grads.set_bn(k, needs, sum_g, sum_g_xhat)
+
+    # ---- the shortcut, whose gradient to x joins conv 1's data gradient ----
+    shortcut_grad = None
+    if plan.shortcut_conv is not None:
+        d_s = g
+        if s is not None:
+            grads.set_bn(s, needs, sum_g, s_sum_g_xhat)
+            if work.finish[s]:
+                d_s = run.finish(s, g, h_s, stats[s], bn_weights[s], sum_g, s_sum_g_xhat)
+        if work.shortcut_wgrad:
+            grads.shortcut = run.wgrad(plan.shortcut_conv, d_s, x, None, shortcut_weight)
+        if work.shortcut_dgrad:
+            shortcut_grad = run.shortcut_input_grad(d_s, x, shortcut_weight)
+    elif needs.x:
+        shortcut_grad = run.shortcut_input_grad(g, x, shortcut_weight)
+
+    # ---- the convs, last first: conv i reads relu(bn_{i-1}(h_i)), conv 0 reads x; dh: gradient of h_{i+1} ----
+    dh = run.finish(k, g, hs[k], stats[k], bn_weights[k], sum_g, sum_g_xhat) if work.finish[k] else None
+    for i in reversed(range(n)):
+        if not work.finish[i]:
+            break                      # nothing at or below conv i needs a gradient
+        h_in, spec = (hs[i - 1] if i > 0 else x), plan.convs[i]
+        prologue = stats[i - 1] if i > 0 else None
+        if work.wgrad[i]:
+            grads.conv[i] = run.wgrad(spec, dh, h_in, prologue, conv_weights[i])
+        if not work.dgrad[i]:
+            break
+        if i > 0:
+            g_in, sum_g, sum_g_xhat = run.dgrad(spec, dh, conv_weights[i], h_in, prologue, None, h_in.shape[1],
+                                                h_in.shape[2])
+            grads.set_bn(i - 1, needs, sum_g, sum_g_xhat)
+            if work.finish[i - 1]:
+                dh = run.finish(i - 1, g_in, h_in, stats[i - 1], bn_weights[i - 1], sum_g, sum_g_xhat)
+        else:
+            grads.dx = run.dgrad(spec, dh, conv_weights[0], None, None, shortcut_grad, x.shape[1], x.shape[2])[0]
+    return grads.outputs()
+
+
+# -- the operators ----------------------------------------------------------------------------------
+def _define(name: str, schema: str, impl: Callable):
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=(), schema=schema)(
+        lambda *args: impl(*args))
+    op.register_fake(lambda *args: impl(*args, fake=True))
+    return op
+
+
+_preact_op = _define("preact", PREACT_SCHEMA, preact_forward)
+_preact_backward_op = _define("preact_backward", PREACT_BACKWARD_SCHEMA, preact_backward)
+_original_op = _define("original", ORIGINAL_SCHEMA, original_forward)
+_original_backward_op = _define("original_backward", ORIGINAL_BACKWARD_SCHEMA, original_backward)
+
+
+def _operator(name: str):
+    return getattr(getattr(torch.ops, NAMESPACE), name)
+
+
+def _argument_names(op_name: str) -> list[str]:
+    return [a.name for a in _operator(op_name).default._schema.arguments]
+
+
+def _return_names(op_name: str) -> list[str]:
+    return [r.name for r in _operator(op_name).default._schema.returns]
+
+
+class _Kind(NamedTuple):
+    """A unit kind's operators and the names of their arguments and results."""
+    forward: str
+    backward: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    backward_inputs: tuple[str, ...]
+
+
+_KINDS = {kind: _Kind(kind, f"{kind}_backward", tuple(_argument_names(kind)), tuple(_return_names(kind)),
+                      tuple(_argument_names(f"{kind}_backward")))
+          for kind in ("preact", "original")}
+# what the backward operator takes from the forward's inputs and outputs (the rest: dy and needs)
+_SAVED_FROM_INPUTS = ("x", "conv_weights", "bn_weights", "shortcut_weight", "plan", "backend", "group")
+_SAVED_FROM_OUTPUTS = ("y", "saved_h", "means", "invstds", "scales", "shifts")
+_DIFFERENTIABLE = ("x", "conv_weights", "bn_weights", "bn_biases", "shortcut_weight")
+
+
+def _setup_context(ctx, kind: str, inputs: dict, outputs: dict) -> None:
+    """Shared by the operators' autograd and ``_FunctorchUnit``: save what the backward operator
+    takes (named, packed once with pytree) and mark every output but y non-differentiable."""
+    spec = _KINDS[kind]
+    saved = {name: inputs[name] for name in _SAVED_FROM_INPUTS}
+    saved.update({name: outputs[name] for name in _SAVED_FROM_OUTPUTS if name in spec.backward_inputs})
+    tensors = {name: value for name, value in saved.items() if name not in ("plan", "backend", "group")}
+    leaves, ctx.saved_spec = pytree.tree_flatten(tensors)
+    ctx.save_for_backward(*leaves)
+    ctx.kind, ctx.plan, ctx.backend, ctx.group = kind, saved["plan"], saved["backend"], saved["group"]
+    ctx.mark_non_differentiable(*[t for name in spec.outputs if name != "y"
+                                  for t in pytree.tree_leaves(outputs[name])])
+
+
+def _needs(value) -> Any:
+    """A gradient flag or a list of them (autograd's needs_input_grad of a tensor list)."""
+    return [bool(v) for v in value] if isinstance(value, (list, tuple)) else bool(value)
+
+
+def _unit_backward(ctx, needs_by_name: dict, dy, guard_second_order: bool = True) -> dict:
+    """Shared backward: the backward operator for the gradients asked for, by input name (None where
+    none was asked for); double backward raises ``DOUBLE_BACKWARD_MESSAGE`` (``guard_second_order``;
+    under torch.func, ``_check_first_order_transforms`` refuses nested gradient transforms instead)."""
+    saved = pytree.tree_unflatten(list(ctx.saved_tensors), ctx.saved_spec)
+    conv = needs_by_name["conv_weights"]
+    bn_weight, bn_bias = needs_by_name["bn_weights"], needs_by_name["bn_biases"]
+    needs = GradNeeds(x=bool(needs_by_name["x"]), conv=tuple(conv), bn_weight=tuple(bn_weight),
+                      bn_bias=tuple(bn_bias), shortcut=bool(needs_by_name["shortcut_weight"])
+                      and saved["shortcut_weight"] is not None)
+    kind = _KINDS[ctx.kind]
+    arguments = dict(saved, dy=dy, plan=ctx.plan, backend=ctx.backend, group=ctx.group, needs=needs.flags())
+    with torch.no_grad():
+        dx, conv_grads, bn_weight_grads, bn_bias_grads, shortcut_grad = _operator(
+            kind.backward)(*[arguments[name] for name in kind.backward_inputs])
+    grads = {
+        "x": dx if needs.x else None,
+        "conv_weights": [g if asked else None for g, asked in zip(conv_grads, needs.conv)],
+        "bn_weights": [g if asked else None for g, asked in zip(bn_weight_grads, needs.bn_weight)],
+        "bn_biases": [g if asked else None for g, asked in zip(bn_bias_grads, needs.bn_bias)],
+        "shortcut_weight": shortcut_grad if needs.shortcut else None,
+    }
+    if guard_second_order and torch.is_grad_enabled():   # a create_graph=True pass
+        grads = _raise_when_differentiated(grads)
+    return grads
+
+
+def _raise_when_differentiated(grads: dict) -> dict:
+    """The gradients behind a node that raises ``DOUBLE_BACKWARD_MESSAGE`` when differentiated (a
+    ``create_graph=True`` pass still gives them; only going back through them raises)."""
+    from torch._C import _functions
+    leaves, spec = pytree.tree_flatten(grads)
+    tensors = [t for t in leaves if t is not None]
+    error = _functions.DelayedError(DOUBLE_BACKWARD_MESSAGE.encode(), len(tensors))
+    wrapped = iter(error(*[t.detach().requires_grad_() for t in tensors]))
+    return pytree.tree_unflatten([next(wrapped) if t is not None else None for t in leaves], spec)
+
+
+def _register_autograd(kind: str) -> None:
+    spec = _KINDS[kind]
+
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, kind, dict(zip(spec.inputs, inputs)), dict(zip(spec.outputs, output)))
+
+    def backward(ctx, dy, *_):
+        needs = {name: _needs(flag) for name, flag in zip(spec.inputs, ctx.needs_input_grad)
+                 if name in _DIFFERENTIABLE}
+        grads = _unit_backward(ctx, needs, dy)
+        flags = dict(zip(spec.inputs, ctx.needs_input_grad))
+        # None for the rest: a list of them for a tensor list (one flag per tensor), as autograd expects
+        return tuple(grads[name] if name in grads else ([None] * len(flag) if isinstance(flag, (list, tuple))
+                                                        else None)
+                     for name, flag in flags.items())
+
+    (_preact_op if kind == "preact" else _original_op).register_autograd(backward, setup_context=setup_context)
+
+
+for _kind in _KINDS:
+    _register_autograd(_kind)
+
+
+# -- torch.func ---------------------------------------------------------------------------------------
+def _functorch_transform_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap...) is running this call."""
+    if torch.compiler.is_compiling():
+        return False
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
+def _check_first_order_transforms() -> None:
+    """The torch.func transforms a fused forward runs under: one reverse-mode gradient transform (grad,
+    vjp, jacrev). vmap of the forward raises ``VMAP_MESSAGE``; a second gradient transform (grad of
+    grad, a Hessian) or a forward-mode one would differentiate the backward, which is not
+    differentiable."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    from torch._C._functorch import TransformType
+    interpreters = retrieve_all_functorch_interpreters()
+    if any(i.key() == TransformType.Vmap for i in interpreters):
+        raise RuntimeError(VMAP_MESSAGE)
+    differentiating = [i for i in interpreters if i.key() in (TransformType.Grad, TransformType.Jvp)]
+    if len(differentiating) > 1 or any(i.key() == TransformType.Jvp for i in differentiating):
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE + " (here: nested or forward-mode torch.func transforms)")
+
+
+class _OutputSpec:
+    """Where ``_FunctorchUnit.forward`` leaves the structure of its flattened outputs."""
+    spec = None
+
+
+class _FunctorchUnit(torch.autograd.Function):
+    """The unit operators under torch.func (see the module docstring): the forward operator, the
+    running statistics stored into their buffers here (at the transform's lower level, where they
+    are plain tensors), and the shared setup and backward."""
 
     @staticmethod
-    @_first_order_backward
-    def backward(ctx, dy, _dpmean, _dpm2, _dpcount):
-        if ctx.plan.post_activation:
-            return (None, None, None, None, *_PostActivation.backward(ctx, dy))
-        plan, ops, group = ctx.plan, ctx.ops, ctx.group
-        n = len(plan.kernel_sizes)
-        saved = ctx.saved_tensors
-        k = 1 if plan.recompute else n     # saved inputs: x alone, or x, h_1 .. h_{n-1}
-        inputs = saved[:k]
-        stats = [saved[k + 4 * i:k + 4 * i + 4] for i in range(n)]
-        conv_weights = saved[k + 4 * n:k + 5 * n]
-        bn_weights = saved[k + 5 * n:k + 6 * n]
-        shortcut_weight = saved[k + 6 * n]
-        if plan.recompute:
-            inputs = _recompute_inputs(ops, plan, inputs[0], stats, conv_weights)
-        world = process_count(group)
-        x = inputs[0]
-        dy = dy.contiguous()
+    def forward(kind, holder, in_spec, *leaves):
+        inputs = pytree.tree_unflatten(list(leaves), in_spec)
+        outputs = dict(zip(_KINDS[kind].outputs, _operator(kind)(**inputs)))
+        _store_running(decode_plan(inputs["plan"]), inputs, outputs)
+        flat, holder.spec = pytree.tree_flatten(outputs)
+        return tuple(flat)
 
-        grads: list[Optional[torch.Tensor]] = [None] * ctx.n_params
-        g = dy
-        for i in reversed(range(n)):
-            h, (mean, invstd, scale, shift) = inputs[i], stats[i]
-            mode = plan.bn[i]
-            height, width = h.shape[1], h.shape[2]
-            dweight = ops.conv_wgrad(g, h, scale, shift, conv_weights[i], plan.strides[i], *plan.padding_args(i))
-            joining, shortcut_grad = None, None
-            if i == 0:
-                if plan.shortcut == "projection":
-                    joining = ops.conv_dgrad(dy, shortcut_weight, None, None, None, None, None, None,
-                                             plan.shortcut_stride, height, width)[0]
-                    grads[6 * n] = ops.conv_wgrad(dy, x, scale, shift, shortcut_weight, plan.shortcut_stride)
-                elif plan.shortcut == "raw_projection":
-                    shortcut_grad = ops.conv_dgrad(dy, shortcut_weight, None, None, None, None, None, None,
-                                                   plan.shortcut_stride, height, width)[0]
-                    grads[6 * n] = _raw_projection_wgrad(dy, x, shortcut_weight, plan.shortcut_stride)
-                elif plan.shortcut == "pad":
-                    s = plan.shortcut_stride
-                    shortcut_grad = dy.new_zeros(x.shape)
-                    shortcut_grad[:, ::s, ::s, :] = dy[..., plan.pad_front:plan.pad_front + x.shape[3]]
-                else:
-                    shortcut_grad = dy
-            g_masked, sum_g, sum_g_xhat = ops.conv_dgrad(g, conv_weights[i], h, scale, shift, mean, invstd,
-                                                         joining, plan.strides[i], height, width,
-                                                         *plan.padding_args(i))
-            bn_weight = bn_weights[i]
-            grads[6 * i + 0] = sum_g_xhat.to(bn_weight.dtype)
-            grads[6 * i + 1] = sum_g.to(bn_weight.dtype)
-            grads[6 * i + 5] = dweight
-            if mode.batch_stats and world > 1:
-                sum_g, sum_g_xhat = _all_reduce_sum(sum_g, group), _all_reduce_sum(sum_g_xhat, group)
-            g = ops.bn_backward_finish(g_masked, h, mean, invstd, bn_weight, sum_g, sum_g_xhat,
-                                       float(ctx.counts[i]), shortcut_grad, mode.batch_stats)
-        return (None, None, None, None, g, None, None, None, *grads)
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        kind, holder, in_spec, *leaves = inputs
+        _setup_context(ctx, kind, pytree.tree_unflatten(list(leaves), in_spec),
+                       pytree.tree_unflatten(list(output), holder.spec))
+        ctx.in_spec = in_spec
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        flags = pytree.tree_unflatten(list(ctx.needs_input_grad[3:]), ctx.in_spec)
+        needs = {name: _needs(flags[name]) if flags[name] is not None else False for name in _DIFFERENTIABLE}
+        grads = _unit_backward(ctx, needs, dy, guard_second_order=False)
+        flat = []
+        for path, _ in pytree.tree_flatten_with_path(flags)[0]:
+            value = grads.get(path[0].key)
+            if isinstance(value, list):
+                value = value[path[1].idx]
+            flat.append(value)
+        return (None, None, None, *flat)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise RuntimeError(VMAP_MESSAGE)
 
 
-# -- the entry point used by the dispatch layer ----------------------------------
+def _loop_over_batch(op_name: str):
+    """A vmap rule for a backward operator: the operator once per batch entry, results stacked (what
+    ``jacrev`` needs; the kernels take one batch at a time)."""
+    def rule(info, in_dims, *args):
+        def entry(value, dim, b):
+            if isinstance(value, list):
+                return [entry(v, d, b) for v, d in zip(value, dim or [None] * len(value))]
+            return value if dim is None else value.select(dim, b)
+
+        op = _operator(op_name)
+        results = [op(*[entry(a, d, b) for a, d in zip(args, in_dims)]) for b in range(info.batch_size)]
+        stacked = tuple(torch.stack(parts) if isinstance(parts[0], torch.Tensor)
+                        else [torch.stack(column) for column in zip(*parts)]
+                        for parts in zip(*results))
+        return stacked, tuple(0 if isinstance(v, torch.Tensor) else [0] * len(v) for v in stacked)
+    return rule
+
+
+for _kind in _KINDS.values():
+    torch.library.register_vmap(f"{NAMESPACE}::{_kind.backward}", _loop_over_batch(_kind.backward))
+
+
+# -- the entry point used by the dispatch layer ---------------------------------------------------------
+def _store_running(plan: UnitPlan, inputs: dict, outputs: dict) -> None:
+    """Copy the new running statistics into the BN buffers (the BNs that update, in BN order)."""
+    updating = [j for j, mode in enumerate(plan.bn) if mode.update_running]
+    for j, mean, var in zip(updating, outputs["new_running_means"], outputs["new_running_vars"]):
+        inputs["running_means"][j].copy_(mean)
+        inputs["running_vars"][j].copy_(var)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the convolutions run in: autocast's when it is on, else x's."""
     device = x.device.type
@@ -605,53 +786,65 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _takes_padding(ops: Any) -> bool:
-    """Whether the backend's conv_bnrelu takes ``padding`` (an extension built before it does not)."""
-    overload = getattr(ops.conv_bnrelu, "default", None)
-    return overload is None or any(a.name == "padding" for a in overload._schema.arguments)
-
-
-def run_fused_unit(ops: Any, unit: nn.Module, x: torch.Tensor, stats_in: Optional[Partials] = None,
-                   want_stats: bool = False) -> tuple[torch.Tensor, Optional[Partials]]:
-    """Run ``unit`` (full pre-activation, or original post-activation) on ``x`` with a backend's operators.
-
-    ``stats_in``: partials of x's per-channel statistics (from the previous fused
-    unit's epilogue), so the first BN needs no pass over x. ``want_stats``: also
-    return the partials of the output for the next unit. An original unit has no BN
-    that reads x or y: it ignores ``stats_in`` and returns None partials. Returns ``(y, partials)``
-    with y ``[N, C, H, W]`` in channels_last memory format.
-    """
-    dtype = compute_dtype(x)
+def _unit_bns(unit: nn.Module, plan: UnitPlan) -> list[nn.Module]:
+    """The unit's BNs in BN order (``unit_plan``)."""
     bns = [getattr(unit, f"bn{i}") for i in range(1, unit.num_convs + 1)]
-    convs = [getattr(unit, f"conv{i}") for i in range(1, unit.num_convs + 1)]
+    return bns + ([unit.shortcut_bn] if plan.shortcut_bn is not None else [])
+
+
+def run_fused_unit(backend: str, unit: nn.Module, x: torch.Tensor, stats_in: Optional[Partials] = None,
+                   want_stats: bool = False) -> tuple[torch.Tensor, Optional[Partials]]:
+    """Run ``unit`` (full pre-activation, or original post-activation) on ``x`` with the operator set
+    ``backend`` (a name registered with ``register_operator_set``: ``"triton"``, ``"cuda"``).
+
+    ``stats_in``: partials of x's per-channel statistics (from the previous fused unit's epilogue), so
+    the first BN needs no pass over x. ``want_stats``: also return the partials of the output for the
+    next unit. An original unit has no BN that reads x or y: it ignores ``stats_in`` and returns None
+    partials. Returns ``(y, partials)`` with y ``[N, C, H, W]`` in channels_last memory format.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be the name of a registered operator set, got {type(backend).__name__}")
+    under_functorch = _functorch_transform_active()
+    if under_functorch:
+        _check_first_order_transforms()
+    dtype = compute_dtype(x)
     plan = unit_plan(unit)
-    check_branch_shape(plan, x.shape[2], x.shape[3], type(unit).__name__)
-    if plan.paddings is not None and not torch.compiler.is_compiling() and not _takes_padding(ops):
-        raise RuntimeError(f"{type(unit).__name__}: conv_padding is set, but this build of the operators "
-                           f"({getattr(ops, 'name', ops)}) predates their padding argument: rebuild the extension")
+    check_branch_shape(plan, x.shape[2], x.shape[3], type(unit).__name__, unit.conv_padding is not None)
+    bns = _unit_bns(unit, plan)
     for bn in bns:  # as nn.BatchNorm2d.forward, before the statistics are used
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
-
-    x_nhwc = x.to(dtype).contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-    if stats_in is None or not plan.bn[0].batch_stats:
-        stats_in = (None, None, None)
-    params: list[Optional[torch.Tensor]] = []
-    for bn, conv in zip(bns, convs):
-        params += [bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, conv.weight]
-    params.append(unit.shortcut.weight if unit.shortcut is not None else None)
-    if plan.post_activation:   # the shortcut's BN, and no statistics of x in or y out (no BN reads them)
-        shortcut_bn = unit.shortcut_bn
-        if shortcut_bn is not None and shortcut_bn.training and shortcut_bn.track_running_stats \
-                and shortcut_bn.num_batches_tracked is not None:
-            shortcut_bn.num_batches_tracked.add_(1)
-        params += ([shortcut_bn.weight, shortcut_bn.bias, shortcut_bn.running_mean, shortcut_bn.running_var,
-                    shortcut_bn.num_batches_tracked] if shortcut_bn is not None else [None] * 5)
-        stats_in, want_stats = (None, None, None), False
-    group = getattr(unit, "stats_group", None)
-
-    y, pmean, pm2, pcount = FusedUnitFunction.apply(plan, ops, group, want_stats, x_nhwc, *stats_in, *params)
-    out = y.permute(0, 3, 1, 2)
+    convs = [getattr(unit, f"conv{i}") for i in range(1, unit.num_convs + 1)]
+    inputs = dict(
+        x=x.to(dtype).contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1),
+        conv_weights=[c.weight for c in convs],
+        bn_weights=[bn.weight for bn in bns], bn_biases=[bn.bias for bn in bns],
+        running_means=[bn.running_mean for bn in bns], running_vars=[bn.running_var for bn in bns],
+        batches_tracked=[bn.num_batches_tracked for bn in bns],
+        shortcut_weight=unit.shortcut.weight if unit.shortcut is not None else None,
+        plan=plan.encode(), backend=backend, group=group_name(getattr(unit, "stats_group", None)))
+    if plan.kind == "preact":
+        use_stats_in = stats_in is not None and plan.bn[0].batch_stats
+        x_mean, x_m2, x_count = stats_in if use_stats_in else (None, None, None)
+        inputs.update(x_mean=x_mean, x_m2=x_m2, x_count=x_count, want_stats=want_stats)
+    else:
+        want_stats = False
+    kind = _KINDS[plan.kind]
+    ordered = {name: inputs[name] for name in kind.inputs}
+    if under_functorch:
+        holder = _OutputSpec()
+        leaves, in_spec = pytree.tree_flatten(ordered)
+        flat = _FunctorchUnit.apply(plan.kind, holder, in_spec, *leaves)
+        outputs = pytree.tree_unflatten(list(flat), holder.spec)
+    else:
+        outputs = dict(zip(kind.outputs, _operator(kind.forward)(**ordered)))
+        _store_running(plan, ordered, outputs)
+    out = outputs["y"].permute(0, 3, 1, 2)
     if plan.shortcut in ("identity", "pad") and x.dtype != dtype:
         out = out.to(torch.promote_types(x.dtype, dtype))   # eager adds the shortcut in x's dtype
-    return out, ((pmean, pm2, pcount) if want_stats else None)
+    if not want_stats:
+        return out, None
+    return out, (outputs["y_mean"], outputs["y_m2"], outputs["y_count"])
+
+
+from . import unit_flops  # noqa: E402,F401  (FLOP formulas of the operators above)

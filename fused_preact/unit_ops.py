@@ -3,10 +3,11 @@
 A fused pre-activation unit is a chain of BN-ReLU-conv triples plus a shortcut; a
 fused original (post-activation) unit is the same chain whose first conv reads its
 raw input (no prologue), ended by ``relu(bn_k(h_k) + s)``. ``fused_preact.unit_function``
-writes their forward and backward once, in terms of the eight operators below; each backend (Triton in ``kernels/``, the C++/CUDA
-extension in ``csrc/``) registers them with ``torch.library`` under its own
-namespace with exactly these schemas, so one autograd Function serves both and
-``torch.compile`` sees opaque operators with fake implementations.
+writes their forward and backward once, in terms of the eight operators below; each backend
+(Triton in ``kernels/``, the C++/CUDA extension in ``csrc/``) registers them with ``torch.library``
+under its own namespace with exactly these schemas, so one implementation serves both and
+``torch.compile`` sees opaque operators with fake implementations. The whole unit is itself an
+operator (see "The unit operators" at the end).
 
 Conventions shared by every operator
 ------------------------------------
@@ -26,7 +27,10 @@ Conventions shared by every operator
   product (as autocast does), accumulates in fp32, and returns weight gradients in
   the weight's own dtype.
 - The "pre-activation" of a conv input ``h`` is ``a = relu(scale[c] * h + shift[c])``
-  computed in fp32, then rounded to the activation dtype for the product. Spatial
+  computed in fp32, then rounded to the activation dtype for the product. NaN and Inf as eager:
+  every ReLU keeps a NaN (``torch.relu``), and every ReLU mask is ``threshold_backward``'s,
+  zero where the ReLU's input (or output) is ``<= 0`` and the gradient elsewhere, so a NaN
+  passes the gradient. Spatial
   zero padding is applied to ``a``, not ``h`` (padded positions are 0 after the
   activation, as in eager). ``a`` is never written to memory.
 - Per-channel statistics travel as *partials*: ``pmean [T, C]``, ``pm2 [T, C]`` and
@@ -75,8 +79,8 @@ Operators (schemas as registered)
     ``t = conv_input_grad(dy, weight)`` of NHWC shape ``[N, height, width, Cin]`` (the
     gradient of the unpadded input; ``height``/``width`` must give dy's size), plus ``add`` when given
     (a gradient that joins at the same point, e.g. the projection shortcut's). With
-    ``h`` given (the conv's raw input, before its BN-ReLU): ``g = t * (scale * h +
-    shift > 0)`` (the ReLU mask, recomputed) and the float32 ``[Cin]`` reductions
+    ``h`` given (the conv's raw input, before its BN-ReLU): ``g = t`` where ``scale * h +
+    shift`` is not ``<= 0``, else 0 (the ReLU mask, recomputed) and the float32 ``[Cin]`` reductions
     ``sum_g = sum(g)``, ``sum_g_xhat = sum(g * (h - mean) * invstd)`` over N, H, W
     (the BN weight and bias gradients). With ``h`` None: ``g = t`` and both sums are
     empty tensors. ``g`` is in dy's dtype.
@@ -108,18 +112,71 @@ Operators (schemas as registered)
 ``bn_add_relu_backward(Tensor dy, Tensor y, Tensor h, Tensor mean, Tensor invstd,
                        Tensor? residual, Tensor? residual_mean, Tensor? residual_invstd)
                        -> (Tensor g, Tensor sum_g, Tensor sum_g_xhat, Tensor residual_sum_g_xhat)``
-    Its backward up to the BN-backward finishes, in one pass: ``g = dy * (y > 0)`` (the
-    ReLU mask read from the saved output y, which the next unit keeps as its input
+    Its backward up to the BN-backward finishes, in one pass: ``g = dy`` where ``y`` is not
+    ``<= 0``, else 0 (the ReLU mask read from the saved output y, which the next unit keeps as its input
     anyway), in dy's dtype, and the float32 ``[C]`` sums ``sum_g = sum(g)``,
     ``sum_g_xhat = sum(g * (h - mean) * invstd)`` and, with ``residual`` (the
     projection's raw output h_s) and its statistics given, ``residual_sum_g_xhat =
     sum(g * (residual - residual_mean) * residual_invstd)`` (empty otherwise). g is the
     gradient of both BN outputs and of a BN-less shortcut; ``bn_backward_finish`` turns
     it into dh per BN (``sum_g`` serves both BNs).
+
+The unit operators: autograd, export, torch.func (``fused_preact.unit_function``)
+-------------------------------------------------------------------------------
+The eight operators above are the backends' kernels; the autograd of a whole unit sits one level
+up, as four functional ``torch.library.custom_op`` operators in the ``fused_preact_unit``
+namespace, defined (with their fake implementations, autograd, vmap rules and FLOP formulas) when
+``fused_preact.unit_function`` is imported, which ``import fused_preact`` does:
+
+``preact(Tensor x, Tensor? x_mean, Tensor? x_m2, Tensor? x_count, Tensor[] conv_weights,
+         Tensor[] bn_weights, Tensor[] bn_biases, Tensor?[] running_means, Tensor?[] running_vars,
+         Tensor?[] batches_tracked, Tensor? shortcut_weight, str plan, str backend, str? group,
+         bool want_stats) -> (Tensor y, Tensor y_mean, Tensor y_m2, Tensor y_count,
+         Tensor[] new_running_means, Tensor[] new_running_vars, Tensor[] saved_h, Tensor[] means,
+         Tensor[] invstds, Tensor[] scales, Tensor[] shifts)``
+``original(...)``: the same without the statistics of x and y (no BN reads them).
+``preact_backward(Tensor dy, Tensor x, Tensor[] saved_h, <the four statistics lists>,
+         Tensor[] conv_weights, Tensor[] bn_weights, Tensor? shortcut_weight, str plan, str backend,
+         str? group, bool[] needs) -> (Tensor dx, Tensor[] conv_weight_grads, Tensor[] bn_weight_grads,
+         Tensor[] bn_bias_grads, Tensor shortcut_weight_grad)``
+``original_backward(...)``: the same with the unit's output ``y`` after ``x`` (its ReLU mask).
+
+- ``plan``: the unit's static structure (``unit_plan.UnitPlan.encode``: kind, each conv's kernel,
+  stride and padding, each BN's mode, the shortcut, the memory mode); ``backend``: an operator set
+  by name (``"triton"``, ``"cuda"``: ``dispatch`` registers them, loading their operators on first
+  use); ``group``: the process group of synchronized BN by name (None: not synchronized);
+  ``needs``: which gradients to form (``unit_plan.GradNeeds``). BN lists are in BN order: the
+  branch BNs, then an original unit's projection BN. Gradients nobody asked for come back as
+  empty tensors (an operator cannot return None).
+- Functional, as ``register_autograd`` requires (``torch._library.utils.is_functional_schema``):
+  the new running statistics are returned and copied into the BN buffers by the caller
+  (``run_fused_unit``; a plain ``copy_``, so ``torch.export`` records it as a buffer mutation and
+  ``torch.compile`` as a graph op). Outputs never alias inputs or each other.
+- ``register_autograd`` on the forward operators (the backward calls the backward operator under
+  ``no_grad``, ``create_graph=True`` then gets a node that raises the double-backward message when
+  differentiated); ``register_fake`` runs the same Python forward and backward on fake tensors
+  (every backend operator has a fake; collectives by shape only).
+
+Why this design: ``torch.export`` inlines an ``autograd.Function`` and loses its backward (an
+exported program of a unit written as an autograd Function trains without gradients); an operator with
+``register_autograd`` stays one node in the exported graph, and its backward runs when the loaded
+program trains, in a process that only imported ``fused_preact``. One operator per unit kind
+rather than autograd per backend operator: the BN statistics, the shortcut and the gradient
+selection are the unit's, not a kernel's, and it keeps the exported graph one node per unit.
+
+torch.func: ``torch.library``'s generated autograd Function has no ``setup_context`` and cannot run
+under torch.func transforms (measured on torch 2.14: "must override the setup_context
+staticmethod"), so under a transform the same operators run through an autograd Function in the
+``forward`` + ``setup_context`` style around the same setup and backward (``_FunctorchUnit``):
+``grad``, ``vjp`` and ``jacrev`` (the backward operators have a vmap rule that loops over the
+batch). ``vmap`` of a fused forward and nested gradient transforms raise a message naming
+``backend="eager"``.
 """
 from __future__ import annotations
 
 from typing import Optional
+
+import torch
 
 OPERATORS = ("channel_stats", "bn_finalize", "conv_bnrelu", "conv_dgrad", "conv_wgrad",
              "bn_backward_finish", "bn_add_relu", "bn_add_relu_backward")
@@ -149,6 +206,13 @@ SCHEMAS = {
 
 
 Padding = tuple[int, int, int, int]   # (left, right, top, bottom)
+
+
+def statistics_dtype(activation_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of every per-channel statistic, partial and sum for activations of
+    ``activation_dtype``: float64 for float64 activations, else float32 (the one rule; the C++
+    operators follow it too, ``stat_dtype`` in ``csrc/unit_ops.h``)."""
+    return torch.float64 if activation_dtype == torch.float64 else torch.float32
 
 
 def conv_padding(padding, kernel_size: int) -> Padding:

@@ -6,7 +6,8 @@
 #   forward:   y = relu(scale * h + shift + s),  s = residual                      (identity, option A,
 #                                                                                    projection without BN)
 #                                                s = rscale * residual + rshift     (projection + its BN)
-#   backward:  g = dy * (y > 0)                  (the ReLU mask from the saved output: the next unit
+#   backward:  g = dy * !(y <= 0)                (the ReLU mask from the saved output, NaN passing as in
+#                                                 torch's threshold_backward: the next unit
 #                                                 keeps y as its input anyway, so nothing extra is saved)
 #              sum_g = sum(g), sum_g_xhat = sum(g * (h - mean)) * invstd, and with the shortcut's BN
 #              residual_sum_g_xhat = sum(g * (residual - rmean)) * rinvstd   over N, H, W
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .bn_backward_finish import DTYPES, MAX_BLOCK_C, MIN_BLOCK_C, NUM_WARPS, TILE_ELEMENTS, launch_plan
-from .channel_stats import stat_dtype_of
+from fused_preact.unit_ops import statistics_dtype
 from .rounding import cast_rounded
 from .runtime import check_device, interpreting
 
@@ -62,7 +63,7 @@ def _bn_add_relu_fwd_kernel(
         if RESIDUAL_BN:
             s = s * rscale[None, :] + rshift[None, :]
         v = h * scale[None, :] + shift[None, :] + s
-        y = tl.maximum(v, 0.0)
+        y = tl.where(v <= 0.0, 0.0, v)   # relu that keeps a NaN, as torch.relu (tl.maximum drops it)
         tl.store(y_ptr + offsets, cast_rounded(y, y_ptr.dtype.element_ty, EMULATE_ROUNDING), mask=ok)
 
 
@@ -96,7 +97,9 @@ def _bn_add_relu_bwd_kernel(
         offsets = rows[:, None].to(tl.int64) * channels + cols[None, :]
         dy = tl.load(dy_ptr + offsets, mask=ok, other=0.0).to(acc_dtype)
         y = tl.load(y_ptr + offsets, mask=ok, other=0.0).to(acc_dtype)
-        g = tl.where(y > 0.0, dy, 0.0)   # masked rows load y = 0: g = 0 there
+        # torch's threshold_backward: zero where y <= 0, dy elsewhere (a NaN y passes dy, as in eager);
+        # masked rows load y = 0: g = 0 there
+        g = tl.where(y <= 0.0, 0.0, dy)
         tl.store(g_ptr + offsets, g.to(g_ptr.dtype.element_ty), mask=ok)
         h = tl.load(h_ptr + offsets, mask=ok, other=0.0).to(acc_dtype)
         sum_g += g
@@ -141,7 +144,7 @@ def _check_data(name: str, t, ref: Optional[torch.Tensor], ref_name: str) -> Non
 def _check_vector(name: str, t, ref: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    channels, dtype = ref.shape[-1], stat_dtype_of(ref.dtype)
+    channels, dtype = ref.shape[-1], statistics_dtype(ref.dtype)
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but the activations are on {ref.device}")
     if t.dtype != dtype:
@@ -202,7 +205,7 @@ def bn_add_relu_backward(dy: torch.Tensor, y: torch.Tensor, h: torch.Tensor, mea
     num_rows = dy.numel() // channels
     g = torch.empty_like(dy)
     block_m, block_c, tiles_per_program, row_programs = launch_plan(num_rows, channels)
-    stat = stat_dtype_of(dy.dtype)
+    stat = statistics_dtype(dy.dtype)
     partials = torch.empty(3 if residual_bn else 2, row_programs, channels, dtype=stat, device=dy.device)
     _bn_add_relu_bwd_kernel[(row_programs, triton.cdiv(channels, block_c))](
         dy, y, h, residual if residual_bn else h, g, mean, invstd,
@@ -220,7 +223,7 @@ def aot_variants():
     block_c = MIN_BLOCK_C
     while block_c <= MAX_BLOCK_C:
         for dtype, name in DTYPES.items():
-            stat = DTYPES[stat_dtype_of(dtype)]
+            stat = DTYPES[statistics_dtype(dtype)]
             for residual_bn in (False, True):
                 blocks = {"BLOCK_M": TILE_ELEMENTS // block_c, "BLOCK_C": block_c}
                 sizes = {"num_rows": "i32", "channels": "i32", "tiles_per_program": "i32"}

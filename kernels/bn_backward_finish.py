@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .channel_stats import stat_dtype_of
+from fused_preact.unit_ops import statistics_dtype
 from .rounding import cast_rounded
 from .runtime import check_device, interpreting
 
@@ -122,7 +122,7 @@ def _check_inputs(g, h, mean, invstd, weight, sum_g, sum_g_xhat, count, add, bat
         raise ValueError(f"g must be a contiguous 4-D NHWC tensor [N, H, W, C], got shape {list(g.shape)}")
     if g.shape[-1] == 0:
         raise ValueError("g has no channels")
-    stat_dtype = stat_dtype_of(g.dtype)
+    stat_dtype = statistics_dtype(g.dtype)
     _check_channel_vector("invstd", invstd, g, (stat_dtype,))
     _check_channel_vector("weight", weight, g, WEIGHT_DTYPES)
     if add is not None:
@@ -165,7 +165,7 @@ def aot_variants():
     block_c = MIN_BLOCK_C
     while block_c <= MAX_BLOCK_C:
         for dtype, name in DTYPES.items():
-            stat = DTYPES[stat_dtype_of(dtype)]
+            stat = DTYPES[statistics_dtype(dtype)]
             for batch_stats in (True, False):
                 for has_add in (True, False):
                     yield {

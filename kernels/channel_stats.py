@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .runtime import check_device, interpreting
+from fused_preact.unit_ops import statistics_dtype
 
 # Tile of one loop step: BLOCK_M * BLOCK_C = TILE_ELEMENTS values spread over NUM_WARPS warps.
 TILE_ELEMENTS = 4096
@@ -81,11 +82,6 @@ def _channel_stats_kernel(
     tl.store(pcount_ptr + pid_t + first, count.to(stat_dtype), mask=(first == 0) & (pid_c == 0))
 
 
-def stat_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    """Statistics are float32, float64 for float64 activations."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _block_c(channels: int) -> int:
     return min(max(triton.next_power_of_2(channels), MIN_BLOCK_C), MAX_BLOCK_C)
 
@@ -129,7 +125,7 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     channels = x.shape[-1]
     num_rows = x.numel() // channels
     block_m, block_c, tiles_per_program, t = launch_plan(num_rows, channels)
-    stat_dtype = stat_dtype_of(x.dtype)
+    stat_dtype = statistics_dtype(x.dtype)
     pmean = torch.empty(t, channels, dtype=stat_dtype, device=x.device)
     pm2 = torch.empty(t, channels, dtype=stat_dtype, device=x.device)
     pcount = torch.empty(t, dtype=stat_dtype, device=x.device)
@@ -145,7 +141,7 @@ def aot_variants():
     block_c = MIN_BLOCK_C
     while block_c <= MAX_BLOCK_C:
         for dtype, name in DTYPES.items():
-            stat = DTYPES[stat_dtype_of(dtype)]
+            stat = DTYPES[statistics_dtype(dtype)]
             yield {
                 "name": f"channel_stats_{name}_c{block_c}",
                 "kernel": _channel_stats_kernel,

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import conv_common as cc
-from fused_preact.unit_ops import conv_padding, padded_output_shape
+from fused_preact.unit_ops import conv_padding, padded_output_shape, statistics_dtype
 
 # Rows per partial-statistics row (divides every BLOCK_M).
 STATS_ROWS = 64
@@ -160,7 +160,7 @@ def conv_bnrelu_fwd(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch
     cout = weight.shape[0]
     num_rows = n * out_height * out_width
     y = torch.empty(n, out_height, out_width, cout, dtype=x.dtype, device=x.device)
-    partial_dtype = cc.stat_dtype(x.dtype)
+    partial_dtype = statistics_dtype(x.dtype)
     num_partials = stats_rows(n, out_height, out_width) if stats else 0
     pmean = torch.empty(num_partials, cout, dtype=partial_dtype, device=x.device)
     pm2 = torch.empty(num_partials, cout, dtype=partial_dtype, device=x.device)

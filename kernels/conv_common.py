@@ -1,7 +1,8 @@
 # conv_common: what the three implicit-GEMM conv kernels share.
 #
 #   - load_preact: a [BLOCK_M, BLOCK_K] tile of the conv input's pre-activation
-#     a = relu(scale[c] * x + shift[c]) (fp32, fp64 for fp64 x), zero in the spatial padding and
+#     a = relu(scale[c] * x + shift[c]) (fp32, fp64 for fp64 x; NaN stays NaN as in torch.relu),
+#     zero in the spatial padding and
 #     past the last channel, rounded to x's dtype: the prologue of the forward and of wgrad.
 #     With PROLOGUE False the tile is x as it is (the original unit's first conv and projection),
 #     and the launchers pass a placeholder for scale / shift (prologue_vectors).
@@ -19,6 +20,7 @@ import triton.language as tl
 
 from .rounding import cast_rounded
 from .runtime import check_device, dot_precision, interpreting
+from fused_preact.unit_ops import statistics_dtype
 
 # Activation dtypes the conv kernels take, with their Triton pointer type names.
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
@@ -132,18 +134,14 @@ def load_preact(x_ptr, scale_ptr, shift_ptr, pixel, pixel_ok, channel, channels,
         return x
     scale = tl.load(scale_ptr + channel, mask=channel_ok, other=0.0)
     shift = tl.load(shift_ptr + channel, mask=channel_ok, other=0.0)
-    a = tl.maximum(x.to(scale.dtype) * scale[None, :] + shift[None, :], 0.0)
+    v = x.to(scale.dtype) * scale[None, :] + shift[None, :]
+    a = tl.where(v <= 0.0, 0.0, v)   # relu that keeps a NaN, as torch.relu (tl.maximum would drop it)
     return cast_rounded(tl.where(ok, a, 0.0), x_ptr.dtype.element_ty, EMULATE_ROUNDING)
 
 
 # ---------------------------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------------------------
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and per-channel vectors: float32, float64 for float64 activations."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def check_activation(name: str, t, dtype: Optional[torch.dtype] = None) -> None:
     """``t`` is a contiguous 4-D NHWC tensor of a supported dtype (``dtype`` when given)."""
     if not isinstance(t, torch.Tensor):
@@ -207,7 +205,7 @@ def check_prologue(scale, shift, channels: int, dtype: torch.dtype, device: torc
                          "(the conv reads x as it is)")
     if scale is None:
         return False
-    vector_dtype = stat_dtype(dtype)
+    vector_dtype = statistics_dtype(dtype)
     check_channel_vector("scale", scale, channels, vector_dtype, device)
     check_channel_vector("shift", shift, channels, vector_dtype, device)
     return True
@@ -218,7 +216,7 @@ def prologue_vectors(scale, shift, dtype: torch.dtype, device: torch.device) -> 
     statistics dtype (never read, it types the kernel's accumulator) when there is no prologue."""
     if scale is not None:
         return scale, shift
-    placeholder = torch.zeros(1, dtype=stat_dtype(dtype), device=device)
+    placeholder = torch.zeros(1, dtype=statistics_dtype(dtype), device=device)
     return placeholder, placeholder
 
 

@@ -6,7 +6,8 @@
 #   (read under the EXPLICIT_PADDING switch; the default variant computes K // 2 as before)
 #   t = conv_input_grad(dy, weight)  [N, height, width, Cin]      (+ add, when given)
 #   with h (the conv's raw input) given:
-#     g = t * (scale * h + shift > 0)                             (the ReLU mask, recomputed)
+#     g = t * !(scale * h + shift <= 0)                           (the ReLU mask, recomputed; a NaN
+#                                                                  passes t, as torch's threshold_backward)
 #     sum_g = sum(g), sum_g_xhat = sum(g * (h - mean) * invstd)   over N, H, W; [Cin] float32
 #   -> g in dy's dtype (t when h is None, and both sums empty)
 #
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import conv_common as cc
-from fused_preact.unit_ops import conv_padding, padded_output_shape
+from fused_preact.unit_ops import conv_padding, padded_output_shape, statistics_dtype
 
 
 @triton.jit
@@ -124,8 +125,9 @@ def _conv_dgrad_kernel(
         shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
         mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
         invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0)
-        active = ok & (h * scale[None, :] + shift[None, :] > 0)
-        acc = tl.where(active, acc, 0.0)
+        # the ReLU mask as torch's threshold_backward: zero where the pre-activation is <= 0, so a NaN
+        # pre-activation passes the gradient, as in eager
+        acc = tl.where(ok, tl.where(h * scale[None, :] + shift[None, :] <= 0, 0.0, acc), 0.0)
         xhat = (h - mean[None, :]) * invstd[None, :]
         partial_row = (parity_class * row_blocks + pid_m) * cin
         tl.store(partial_g_ptr + partial_row + cols, tl.sum(acc, axis=0), mask=col_ok)
@@ -168,7 +170,7 @@ def _check(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width
         for name, vector in (("scale", scale), ("shift", shift), ("mean", mean), ("invstd", invstd)):
             if vector is None:
                 raise ValueError(f"{name} is required when h is given")
-            cc.check_channel_vector(name, vector, weight.shape[1], cc.stat_dtype(dy.dtype), dy.device)
+            cc.check_channel_vector(name, vector, weight.shape[1], statistics_dtype(dy.dtype), dy.device)
     return k
 
 
@@ -182,7 +184,7 @@ def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, h: Optional[torch.Tensor]
     n, out_height, out_width, cout = dy.shape
     cin = weight.shape[1]
     g = torch.empty(n, height, width, cin, dtype=dy.dtype, device=dy.device)
-    sum_dtype = cc.stat_dtype(dy.dtype)
+    sum_dtype = statistics_dtype(dy.dtype)
     classes = stride * stride
     # One partial row per program, sized for the smallest row block; rows of programs that a
     # larger block does not launch stay zero.

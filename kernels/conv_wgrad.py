@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import conv_common as cc
 from .runtime import interpreting
-from fused_preact.unit_ops import conv_padding, padded_output_shape
+from fused_preact.unit_ops import conv_padding, padded_output_shape, statistics_dtype
 
 # Programs to aim for with split-K: a few waves of an H100 (132 SMs); the interpreter pays per program.
 TARGET_PROGRAMS = 4 * 132
@@ -140,7 +140,7 @@ def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, scale: Optional[torch.Tensor],
         return torch.zeros(weight.shape, dtype=weight.dtype, device=x.device)
     rows_per_split = split_rows(num_rows, cin, cout, k)
     splits = triton.cdiv(num_rows, rows_per_split)
-    partial = torch.empty(splits, k * k, cout, cin, dtype=cc.stat_dtype(x.dtype), device=x.device)
+    partial = torch.empty(splits, k * k, cout, cin, dtype=statistics_dtype(x.dtype), device=x.device)
 
     def grid(meta):
         return (k * k * triton.cdiv(cout, meta["BLOCK_N"]) * triton.cdiv(cin, meta["BLOCK_K"]), splits)

@@ -19,14 +19,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fused_preact.unit_ops import SCHEMAS, padded_output_shape
+from fused_preact.unit_ops import SCHEMAS, padded_output_shape, statistics_dtype
 
 NAMESPACE = "fused_preact_triton"
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics are float32, float64 for float64 activations."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _operator(name: str, mutates_args=()):
@@ -45,7 +40,7 @@ def _(x):
     from .channel_stats import partial_rows
     channels = x.shape[-1]
     t = partial_rows(x.numel() // channels, channels)
-    dtype = _stat_dtype(x.dtype)
+    dtype = statistics_dtype(x.dtype)
     return x.new_empty(t, channels, dtype=dtype), x.new_empty(t, channels, dtype=dtype), x.new_empty(t, dtype=dtype)
 
 
@@ -81,7 +76,7 @@ def _(x, weight, scale, shift, residual, stride, stats, padding=None):
     ho, wo = padded_output_shape(height, width, weight.shape[-1], stride, padding)
     cout = weight.shape[0]
     y = x.new_empty(n, ho, wo, cout)
-    dtype = _stat_dtype(x.dtype)
+    dtype = statistics_dtype(x.dtype)
     t = stats_rows(n, ho, wo) if stats else 0   # no statistics: partials with no rows
     return y, x.new_empty(t, cout, dtype=dtype), x.new_empty(t, cout, dtype=dtype), x.new_empty(t, dtype=dtype)
 
@@ -100,7 +95,7 @@ def conv_dgrad(dy: Tensor, weight: Tensor, h: Optional[Tensor], scale: Optional[
 def _(dy, weight, h, scale, shift, mean, invstd, add, stride, height, width, padding=None):
     cin = weight.shape[1]
     g = dy.new_empty(dy.shape[0], height, width, cin)
-    dtype = _stat_dtype(dy.dtype)
+    dtype = statistics_dtype(dy.dtype)
     sums = cin if h is not None else 0
     return g, dy.new_empty(sums, dtype=dtype), dy.new_empty(sums, dtype=dtype)
 
@@ -157,6 +152,6 @@ def bn_add_relu_backward(dy: Tensor, y: Tensor, h: Tensor, mean: Tensor, invstd:
 @bn_add_relu_backward.register_fake
 def _(dy, y, h, mean, invstd, residual, residual_mean, residual_invstd):
     channels = dy.shape[-1]
-    dtype = _stat_dtype(dy.dtype)
+    dtype = statistics_dtype(dy.dtype)
     return (torch.empty_like(dy), dy.new_empty(channels, dtype=dtype), dy.new_empty(channels, dtype=dtype),
             dy.new_empty(channels if residual is not None else 0, dtype=dtype))

@@ -89,17 +89,20 @@ def test_pads_the_fused_unit_cannot_take_stay_eager_with_the_reason(unit, reason
     assert torch.equal(model(x), reference(x))
 
 
-@pytest.mark.parametrize("backend,pad", [("cuda", "module"), ("cuda", "function"), ("triton", "module")])
-def test_explicit_padding_fused_and_exact(backend, pad, one_cpu_thread):
+@pytest.mark.parametrize("backend,pad,memory", [("cuda", "module", "default"), ("cuda", "function", "default"),
+                                                ("triton", "module", "default"), ("cuda", "module", "min")])
+def test_explicit_padding_fused_and_exact(backend, pad, memory, one_cpu_thread):
     """Both forms, (1, 1, 1, 1) and the stride-2 (0, 1, 0, 1), fused on the C++ CPU kernels and the
-    Triton interpreter; training then eval; state and the very tensors kept."""
+    Triton interpreter, memory="min" too (its recompute passes each conv's padding); training then
+    eval; state and the very tensors kept."""
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64) * 1.5 + 0.3
     _need(backend, x)
     model = perturb_bn(fm.tf_same_preresnet(widths=(4, 8), pad=pad).double())
     reference = copy.deepcopy(model)
     params, keys = list(model.parameters()), list(model.state_dict())
-    _, report = convert_to_fused(model, backend=backend, return_report=True)
+    _, report = convert_to_fused(model, backend=backend, memory=memory, return_report=True)
     assert report.num_fused == report.num_units == 2, report.summary()
+    assert [u.memory for u in _fused_units(model)] == [memory] * 2
     assert [u.conv_padding for u in _fused_units(model)] == [((1, 1, 1, 1), (1, 1, 1, 1)),
                                                              ((0, 1, 0, 1), (1, 1, 1, 1))]
     assert [id(p) for p in model.parameters()] == [id(p) for p in params] and list(model.state_dict()) == keys

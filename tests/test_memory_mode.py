@@ -85,6 +85,9 @@ def _both_modes(make, backend, shape, dtype, train=True, autocast_dtype=None):
     return [_step(module, x, dy, autocast_dtype) for module in (unit, low)]
 
 
+# with --full: the default run has this in tests/test_unit_cross_product.py
+# (memory="min" against eager, every shortcut form, both backends)
+@pytest.mark.full
 @pytest.mark.parametrize("backend,case", DEFAULT_CASES, ids=[f"{b}-{u[0]}" for b, u in DEFAULT_CASES])
 def test_min_equals_default_in_float64(backend, case):
     name, make, shape = case

@@ -84,6 +84,9 @@ TRAIN_CASES = [pytest.param(backend, *unit, id=f"{unit[0]}-{backend}",
                for backend in BACKENDS for unit in UNITS]
 
 
+# with --full: the default run has this in tests/test_unit_cross_product.py
+# (original units against eager in float64, every shortcut form, both backends)
+@pytest.mark.full
 @pytest.mark.parametrize("backend,name,make,shape", TRAIN_CASES)
 def test_original_unit_float64_train(backend, name, make, shape):
     x = torch.randn(shape, dtype=torch.float64) * 1.5 + 0.5
@@ -95,6 +98,9 @@ EVAL_CASES = [pytest.param("cuda", *UNITS[7], id="bottleneck s2 1x1 B+BN-cuda"),
               pytest.param("triton", *UNITS[2], id="basic s2 B+BN-triton")]
 
 
+# with --full: the default run has this in tests/test_unit_cross_product.py
+# (original units against eager in float64, every shortcut form, both backends)
+@pytest.mark.full
 @pytest.mark.parametrize("backend,name,make,shape", EVAL_CASES)
 def test_original_unit_float64_eval(backend, name, make, shape):
     x = torch.randn(shape, dtype=torch.float64) * 1.5 + 0.5

@@ -1,8 +1,11 @@
 """Synchronized BN statistics of fused units: two gloo processes, each with half the batch,
-match one process with the whole batch (outputs, input and parameter gradients, running stats)."""
+match one process with the whole batch (outputs, input and parameter gradients, running stats).
+The same two processes train a converted model under DistributedDataParallel, which warns of no
+gradient whose strides differ from its bucket view's (the 1x1 projections' weight gradients did)."""
 import copy
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -34,7 +37,7 @@ def _make_unit():
 
 def _step(unit, x, dy):
     x = x.clone().requires_grad_(True)
-    y, _ = run_fused_unit(reference_ops, unit, x)
+    y, _ = run_fused_unit(reference_ops.REFERENCE_BACKEND, unit, x)
     (y * dy).sum().backward()
     return y.detach(), x.grad, {n: p.grad for n, p in unit.named_parameters()}, unit.state_dict()
 
@@ -48,13 +51,33 @@ def _worker(rank, init_file, out_file):
         sync_batch_stats(unit)
         half = slice(2 * rank, 2 * rank + 2)
         torch.save(_step(unit, x[half], dy[half]), f"{out_file}.{memory}.{rank}")
+    torch.save(_ddp_stride_warnings(), f"{out_file}.ddp.{rank}")
     dist.destroy_process_group()
+
+
+def _ddp_stride_warnings():
+    """What DistributedDataParallel warns about gradient strides over a step of a converted CIFAR
+    ResNet-8 (1x1 projections) on the C++ CPU kernels; None when the extension is not built.
+    (channels_last models: tests/test_unit_interop.py compares every gradient's strides.)"""
+    from torch.nn.parallel import DistributedDataParallel
+    from fused_preact import convert_to_fused, dispatch, models
+    if dispatch.unavailable_reason("cuda", torch.zeros(1, 1, 1, 1)) is not None:
+        return None
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(convert_to_fused(models.cifar_resnet(8, num_classes=3), backend="cuda"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ddp(torch.randn(2, 3, 8, 8)).square().sum().backward()
+    return [str(w.message) for w in caught if "strides" in str(w.message)]
 
 
 def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=WORLD, join=True)
     for memory in MEMORY_MODES:
         _compare_with_one_process(tmp_path, memory)
+    for rank in range(WORLD):
+        said = torch.load(tmp_path / f"out.ddp.{rank}")
+        assert said == [] or said is None, said
 
 
 def _compare_with_one_process(tmp_path, memory):

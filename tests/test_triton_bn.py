@@ -25,6 +25,7 @@ from fused_preact.kernels import channel_stats as stats_module
 from fused_preact.kernels.bn_backward_finish import bn_backward_finish
 from fused_preact.kernels.bn_finalize import bn_finalize
 from fused_preact.kernels.channel_stats import channel_stats, partial_rows
+from fused_preact.unit_ops import statistics_dtype
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -41,7 +42,7 @@ def _diagonal(params):
 
 
 def _stat_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return statistics_dtype(dtype)
 
 
 def _stat_tol(dtype):

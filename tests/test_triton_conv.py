@@ -18,7 +18,7 @@ from fused_preact.kernels.conv_bnrelu_fwd import STATS_ROWS, conv_bnrelu_fwd, st
 from fused_preact.kernels.conv_dgrad import conv_dgrad
 from fused_preact.kernels.conv_wgrad import conv_wgrad
 from fused_preact.kernels.runtime import interpreting
-from fused_preact.unit_ops import conv_output_size
+from fused_preact.unit_ops import conv_output_size, statistics_dtype
 from fused_preact import reference_ops as ref
 
 TF32 = not interpreting() and torch.backends.cudnn.allow_tf32
@@ -45,7 +45,7 @@ def _nhwc(t):
 
 
 def _vector_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return statistics_dtype(dtype)
 
 
 def _bn_vectors(cin, dtype):

@@ -13,7 +13,7 @@ from comparisons import perturb_bn
 TOL = dict(rtol=1e-9, atol=1e-9)
 
 
-def run_both(unit, x, *, fused_ops=reference_ops):
+def run_both(unit, x, *, fused_ops=reference_ops.REFERENCE_BACKEND):
     eager = copy.deepcopy(unit)
     fused = copy.deepcopy(unit)
     x_e = x.clone().requires_grad_(True)
@@ -71,7 +71,7 @@ def test_running_statistics_over_several_steps(momentum):
     for _ in range(3):
         x = torch.randn(2, 4, 5, 5, dtype=torch.float64) * 3 + 1
         eager(x)
-        run_fused_unit(reference_ops, fused, x)
+        run_fused_unit(reference_ops.REFERENCE_BACKEND, fused, x)
     for (name, b), f in zip(eager.named_buffers(), fused.buffers()):
         torch.testing.assert_close(f, b, **TOL, msg=lambda m: f"{name}: {m}")
     assert int(fused.bn1.num_batches_tracked) == 3
@@ -90,9 +90,9 @@ def test_without_running_statistics_uses_batch_statistics_in_eval():
 def test_chained_statistics_equal_a_fresh_pass():
     first, second = PreActBlock(4, 4).double(), perturb_bn(PreActBlock(4, 4).double())
     x = torch.randn(3, 4, 7, 7, dtype=torch.float64) + 2
-    y, stats = run_fused_unit(reference_ops, copy.deepcopy(first), x, want_stats=True)
-    chained, _ = run_fused_unit(reference_ops, copy.deepcopy(second), y, stats_in=stats)
-    fresh, _ = run_fused_unit(reference_ops, copy.deepcopy(second), y)
+    y, stats = run_fused_unit(reference_ops.REFERENCE_BACKEND, copy.deepcopy(first), x, want_stats=True)
+    chained, _ = run_fused_unit(reference_ops.REFERENCE_BACKEND, copy.deepcopy(second), y, stats_in=stats)
+    fresh, _ = run_fused_unit(reference_ops.REFERENCE_BACKEND, copy.deepcopy(second), y)
     torch.testing.assert_close(chained, fresh, **TOL)
     mean, m2, n = reference_ops.merge_partials(*stats)
     y64 = y.double()
@@ -105,11 +105,11 @@ def test_nchw_input_and_autocast_dtypes():
     x = torch.randn(2, 4, 7, 7)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_e = copy.deepcopy(unit)(x)
-        y_f, _ = run_fused_unit(reference_ops, copy.deepcopy(unit), x)
+        y_f, _ = run_fused_unit(reference_ops.REFERENCE_BACKEND, copy.deepcopy(unit), x)
     assert y_f.dtype == y_e.dtype == torch.float32   # bf16 branch + fp32 identity shortcut
     torch.testing.assert_close(y_f, y_e, rtol=0.05, atol=0.05)
 
 
 def test_training_with_one_value_per_channel_raises_like_batchnorm():
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
-        run_fused_unit(reference_ops, PreActBlock(3, 3).double(), torch.randn(1, 3, 1, 1, dtype=torch.float64))
+        run_fused_unit(reference_ops.REFERENCE_BACKEND, PreActBlock(3, 3).double(), torch.randn(1, 3, 1, 1, dtype=torch.float64))
