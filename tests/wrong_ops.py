@@ -1,13 +1,13 @@
 """A backend with one operator made wrong, for the tests of ``python -m fused_preact.check`` and of
 the units' first-use check: ``make_wrong(monkeypatch, ...)`` swaps the registered backend's operator
-namespace for one whose ``operator`` scales its first output by 1.01 for activations of ``dtypes``."""
+namespace (in dispatch and in the unit operators' operator sets) for one whose ``operator`` scales its first output by 1.01 for activations of ``dtypes``."""
 from __future__ import annotations
 
 import dataclasses
 
 import torch
 
-from fused_preact import dispatch
+from fused_preact import dispatch, unit_function
 
 
 class WrongOps:
@@ -36,4 +36,6 @@ def make_wrong(monkeypatch, backend: str = "cuda", operator: str = "conv_bnrelu"
     registered = dispatch._registry[backend]
     wrong = WrongOps(registered.ops(), operator, dtypes)
     monkeypatch.setitem(dispatch._registry, backend, dataclasses.replace(registered, ops=lambda: wrong))
+    # the unit operators take their backend's operators by name, from unit_function's operator sets
+    monkeypatch.setitem(unit_function._OPERATOR_SETS, backend, lambda: wrong)
     return wrong
