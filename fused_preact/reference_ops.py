@@ -151,15 +151,18 @@ def conv_bnrelu(x, weight, scale, shift, residual, stride, stats, padding=None, 
 
 
 def _conv_input_grad(dy, weight, stride, height, width, padding, math: _Math):
-    """The gradient of a conv's unpadded input (NHWC) from dy, by autograd through the conv."""
+    """The gradient of a conv's unpadded input (NHWC) from dy (``torch.nn.grad``: no autograd, so it
+    also runs inside an operator's implementation, where nothing records a graph)."""
     k = weight.shape[-1]
     pad, conv_pad = _pad_arguments(padding, k)
     n, cin = dy.shape[0], weight.shape[1]
     dy_, w = math.conv_operands(_nchw(dy), weight)
-    x = torch.zeros(n, cin, height, width, dtype=dy_.dtype, device=dy.device, requires_grad=True)
-    with torch.enable_grad():
-        y = F.conv2d(F.pad(x, pad) if pad is not None else x, w, stride=stride, padding=conv_pad)
-        (t,) = torch.autograd.grad(y, x, dy_)
+    if pad is None:
+        t = torch.nn.grad.conv2d_input((n, cin, height, width), w, dy_, stride=stride, padding=conv_pad)
+    else:   # the gradient of the padded input, cropped to the input
+        left, right, top, bottom = pad
+        t = torch.nn.grad.conv2d_input((n, cin, height + top + bottom, width + left + right), w, dy_,
+                                       stride=stride)[:, :, top:top + height, left:left + width]
     return _nhwc(math.up(t))
 
 
@@ -188,10 +191,7 @@ def conv_wgrad(dy, x, scale, shift, weight, stride, padding=None, *, eager: bool
     a, dy_, w = math.conv_operands(_nchw(_preact(x, scale, shift, math).to(x.dtype)), _nchw(dy), weight)
     if pad is not None:
         a = F.pad(a, pad)
-    w = w.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        y = F.conv2d(a, w, stride=stride, padding=conv_pad)
-        (dw,) = torch.autograd.grad(y, w, dy_)
+    dw = torch.nn.grad.conv2d_weight(a, tuple(w.shape), dy_, stride=stride, padding=conv_pad)
     return dw.to(weight.dtype).contiguous()
 
 
