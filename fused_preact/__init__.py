@@ -10,13 +10,13 @@ from .dispatch import BACKENDS, available_backends
 from .fused import FusedOriginalBlock, FusedOriginalBottleneck, FusedPreActBlock, FusedPreActBottleneck
 from .sync_bn import sync_batch_stats
 from .models import MODELS, ResNet, cifar_resnet, create_model, imagenet_resnet
-from .units import (ACTIVATIONS, SHORTCUTS, OriginalBlock, OriginalBottleneck, PreActBlock, PreActBottleneck,
-                    ResidualUnit, make_unit)
+from .units import OriginalBlock, OriginalBottleneck, PreActBlock, PreActBottleneck, ResidualUnit
+from .variants import ACTIVATIONS, SHORTCUTS, SingleConvUnit, VariantUnit, make_unit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS", "BACKENDS", "MODELS", "SHORTCUTS", "ConversionReport", "FusedOriginalBlock", "FusedOriginalBottleneck",
-    "FusedPreActBlock", "FusedPreActBottleneck", "OriginalBlock", "OriginalBottleneck", "PreActBlock", "PreActBottleneck", "ResNet", "ResidualUnit", "available_backends", "cifar_resnet",
+    "FusedPreActBlock", "FusedPreActBottleneck", "OriginalBlock", "OriginalBottleneck", "PreActBlock", "PreActBottleneck", "ResNet", "ResidualUnit", "SingleConvUnit", "VariantUnit", "available_backends", "cifar_resnet",
     "convert_to_fused", "create_model", "imagenet_resnet", "make_unit", "sync_batch_stats",
 ]
