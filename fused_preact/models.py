@@ -115,7 +115,7 @@ class ResNet(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__}: x must be an image batch of shape (N, 3, H, W), got {shape}")
-        x = self._run_stages(self.stem(x))
+        x = self.stages(self.stem(x))
         if self.norm is not None:
             x = F.relu(self.norm(x))
         return x
@@ -123,20 +123,6 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-    def _run_stages(self, x: torch.Tensor) -> torch.Tensor:
-        """The stages; a chain of fused units hands each unit's output statistics, computed in
-        its last conv's epilogue, to the next unit's first BN, which then needs no pass of its own."""
-        from .fused import _FusedUnitMixin   # fused builds on units, models on both
-        plain = all(type(stage) is nn.Sequential and not stage._forward_hooks and not stage._forward_pre_hooks
-                    for stage in self.stages)
-        units = [unit for stage in self.stages for unit in stage] if plain else []
-        if not units or not all(isinstance(unit, _FusedUnitMixin) for unit in units):
-            return self.stages(x)
-        stats = None
-        for unit in units[:-1]:
-            x, stats = unit(x, stats_in=stats, return_stats=True)
-        return units[-1](x, stats_in=stats)
 
     def units(self) -> list[ResidualUnit]:
         """The residual units in order of depth."""
