@@ -130,6 +130,8 @@ class _Recorder(TorchDispatchMode):
         self.values: dict[tuple, int] = {}  # _key of a tensor -> node id of its current value
         self.keep: list = []                # every tensor seen stays alive, so no memory is reused
         self.child_calls: dict[str, list] = {}   # direct child -> [first node, end node] of each call
+        self.running: list[str] = []        # the BatchNorm modules being called (a BN without tensors
+                                            # of its own, affine=False and no running statistics)
         self.input: Optional[torch.Tensor] = None
 
     def track(self, t: torch.Tensor, node: _Node) -> int:
@@ -189,7 +191,8 @@ class _Recorder(TorchDispatchMode):
         if name in ("native_dropout", "dropout", "feature_dropout"):
             return _Node("dropout", tuple(data), op=name)
         if "batch_norm" in name and ids[0] is not None:
-            module = self._owner(args[1]) or self._owner(args[3] if len(args) > 3 else None)
+            module = (self._owner(args[1]) or self._owner(args[3] if len(args) > 3 else None)
+                      or (self.running[-1] if self.running else None))
             training = next((a for a in args[5:] if isinstance(a, bool)), None)
             floats = [a for a in args[5:] if isinstance(a, float)]
             return _Node("bn", (ids[0],), module, name, extra={"training": training, "floats": floats})
@@ -352,6 +355,17 @@ def _record(replica: nn.Module, owners: dict, in_channels: int, size: int):
     recorder = _Recorder(owners)
     recorder.track(x, _Node("input"))
     handles = []
+
+    def leave(module, args, output):
+        recorder.running.pop()
+    for path, sub in replica.named_modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and not sub.affine and sub.running_mean is None:
+            def enter(module, args, path=path):
+                recorder.running.append(path)
+            try:
+                handles += [sub.register_forward_pre_hook(enter), sub.register_forward_hook(leave)]
+            except RuntimeError:   # a scripted module takes no hooks
+                pass
     for name, child in replica.named_children():
         def before(module, args, name=name):
             recorder.child_calls.setdefault(name, []).append([len(recorder.nodes), None])

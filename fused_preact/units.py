@@ -40,6 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# the variants of the paper (its Fig. 4 activation orders and Fig. 2 shortcuts), built by
+# ``variants``; named here, where the trainer's options and the models read them
+ACTIVATIONS = ("original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact")
+SHORTCUTS = ("identity", "scaling", "exclusive_gating", "shortcut_gating", "conv1x1", "dropout")
 PROJECTIONS = ("A", "B", "raw")
 BOTTLENECK_STRIDE_ON = ("1x1", "3x3")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

@@ -54,12 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .units import (BOTTLENECK_EXPANSION, BOTTLENECK_STRIDE_ON, PROJECTIONS, OriginalBlock, OriginalBottleneck,
-                    PadShortcut, PreActBlock, PreActBottleneck, ResidualUnit, _choice, branch_convs, conv1x1,
-                    conv3x3)
-
-ACTIVATIONS = ("original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact")
-SHORTCUTS = ("identity", "scaling", "exclusive_gating", "shortcut_gating", "conv1x1", "dropout")
+from .units import (ACTIVATIONS, BOTTLENECK_EXPANSION, BOTTLENECK_STRIDE_ON, PROJECTIONS, SHORTCUTS, OriginalBlock,
+                    OriginalBottleneck, PadShortcut, PreActBlock, PreActBottleneck, ResidualUnit, _choice,
+                    branch_convs, conv1x1, conv3x3)
 
 
 class VariantUnit(ResidualUnit):
