@@ -58,7 +58,7 @@ def test_a_hook_inside_a_unit_fires_as_in_eager_and_removing_it_brings_the_fused
     assert relative_error(seen["fused"][0], seen["eager"][0]) <= 1e-10   # unit 0 ran fused: its rounding
     with warnings.catch_warnings():
         warnings.simplefilter("error")                                # one warning, not one per call
-        model(x)
+        model(x), reference(x)
         handle.remove()
         assert_same_step(reference, model, x)
     assert kernel_calls == [False] * 4 and len(seen["fused"]) == 2   # then both units fused
