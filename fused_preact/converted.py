@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .fused import _FusedUnitMixin
-from .kernel_view import KERNEL_BATCHNORMS
+from .kernel_view import KERNEL_BATCHNORMS, UnitPieces
 from .units import PadShortcut
 
 # the dictionaries and sets nn.Module.__init__ makes: submodules, parameters, buffers, hooks
@@ -103,15 +103,12 @@ class ConvertedUnit(_FusedUnitMixin, nn.Module):
     def _unit_name(self) -> str:
         return f"{type(self._original).__name__} (fused)"
 
-    def _kernel_pieces(self) -> dict:
+    def _kernel_pieces(self) -> UnitPieces:
         parts = self._parts
-        convs = [_submodule(self, p) for p in parts.convs]
-        bns = [_submodule(self, p) for p in parts.bns]
-        shortcut_bn = _submodule(self, parts.shortcut_bn) if parts.shortcut_bn else None
-        return dict(convs=convs, bns=bns, shortcut=_submodule(self, parts.shortcut) if parts.shortcut else None,
-                    shortcut_bn=shortcut_bn, pad_shortcut=parts.pad_shortcut, preact=parts.preact,
-                    shares_preact=parts.shares_preact, stride=parts.stride, in_channels=parts.in_channels,
-                    norm_types=parts.norm_types, norms=bns + ([shortcut_bn] if shortcut_bn is not None else []))
+        return UnitPieces(tuple(_submodule(self, p) for p in parts.convs), tuple(_submodule(self, p) for p in parts.bns),
+                          _submodule(self, parts.shortcut) if parts.shortcut else None,
+                          _submodule(self, parts.shortcut_bn) if parts.shortcut_bn else None, parts.pad_shortcut,
+                          parts.preact, parts.shares_preact, parts.stride, parts.in_channels, parts.norm_types)
 
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The original module's own forward (its hooks ran around this unit's call already)."""

@@ -54,13 +54,15 @@ import torch
 from torch import nn
 
 from . import dispatch, stats_handoff
-from .kernel_view import (KERNEL_BATCHNORMS, batchnorm_reason, kernel_batchnorm, plain_conv_reason,
-                          reference_forward, synchronized_bn_group, view_class)
+from .kernel_view import (KERNEL_BATCHNORMS, UnitPieces, kernel_batchnorm, reference_forward, synchronized_bn_group,
+                          view_class)
 from .unit_function import check_memory, process_count
 from .unit_hooks import global_hooks, inner_hook
 from .units import OriginalBlock, OriginalBottleneck, PreActBlock, PreActBottleneck, check_unit_input
 
 _warned_global_hooks = False
+_CONV_NAMES = ("conv1", "conv2", "conv3")
+_BN_NAMES = ("bn1", "bn2", "bn3")
 
 
 class _FusedUnitMixin:
@@ -102,7 +104,7 @@ class _FusedUnitMixin:
         is initialized)."""
         if self._stats_group is not None:
             return self._stats_group
-        group = synchronized_bn_group(self._kernel_pieces()["norms"])
+        group = synchronized_bn_group(self._kernel_pieces().norms())
         return None if isinstance(group, str) else group
 
     @stats_group.setter
@@ -130,18 +132,17 @@ class _FusedUnitMixin:
         """Whether the unit is a full pre-activation unit (its first BN reads its input)."""
         return self.preact
 
-    def _kernel_pieces(self) -> dict:
-        """The unit's modules and shape as the kernels need them: ``convs``, ``bns`` (one per conv),
-        ``shortcut``, ``shortcut_bn``, ``pad_shortcut``, ``preact``, ``shares_preact``, ``stride``,
-        ``in_channels``, ``norm_types`` (the BN classes the kernels may take for it) and ``norms``
-        (every BN, the shortcut's included). Raises LookupError naming a piece that is gone."""
-        convs = [getattr(self, f"conv{i}") for i in range(1, self.num_convs + 1)]
-        bns = [getattr(self, f"bn{i}") for i in range(1, self.num_convs + 1)]
-        shortcut_bn = self.shortcut_bn
-        return dict(convs=convs, bns=bns, shortcut=self.shortcut, shortcut_bn=shortcut_bn,
-                    pad_shortcut=self.pad_shortcut, preact=self.preact, shares_preact=self.shares_preact,
-                    stride=self.stride, in_channels=self.in_channels, norm_types=KERNEL_BATCHNORMS,
-                    norms=bns + ([shortcut_bn] if shortcut_bn is not None else []))
+    def _kernel_pieces(self) -> UnitPieces:
+        """The unit's modules and shape as the kernels take them (raises LookupError or
+        AttributeError naming a submodule that is gone)."""
+        state = self.__dict__            # read directly: this runs on every call
+        modules = state["_modules"]
+        n = state["num_convs"]
+        return UnitPieces(tuple(modules[name] for name in _CONV_NAMES[:n]), tuple(modules[name] for name in _BN_NAMES[:n]),
+                          modules.get("shortcut", state.get("shortcut")),
+                          modules.get("shortcut_bn", state.get("shortcut_bn")),
+                          modules.get("pad_shortcut", state.get("pad_shortcut")), self.preact, self.shares_preact,
+                          state["stride"], state["in_channels"], KERNEL_BATCHNORMS)
 
     def _kernel_view(self, x: torch.Tensor):
         """(the ``KernelView`` the kernels read, None), or (None, why the fused path cannot run the
@@ -150,31 +151,23 @@ class _FusedUnitMixin:
             pieces = self._kernel_pieces()
         except (LookupError, AttributeError) as error:    # a submodule the user deleted
             return None, f"it no longer holds {error.args[0]}"
-        convs, bns, norms = pieces["convs"], pieces["bns"], pieces["norms"]
-        roles = [(conv, f"conv {i}") for i, conv in enumerate(convs, start=1)]
-        if pieces["shortcut"] is not None:
-            roles.append((pieces["shortcut"], "shortcut projection"))
-        for conv, role in roles:
-            reason = plain_conv_reason(conv, role)
-            if reason:
-                return None, reason
-        for i, bn in enumerate(norms, start=1):
-            reason = batchnorm_reason(bn, "shortcut BatchNorm" if i > len(bns) else f"BatchNorm {i}",
-                                      pieces["norm_types"])
-            if reason:
-                return None, reason
+        reason = pieces.cannot_run()
+        if reason is not None:
+            return None, reason
         group = self._stats_group
         if group is None:
-            group = synchronized_bn_group(norms)
+            group = synchronized_bn_group(pieces.norms())
             if isinstance(group, str):
                 return None, group
-        like = convs[0].weight
-        shortcut_bn = pieces["shortcut_bn"]
+        bns, shortcut_bn = pieces.bns, pieces.shortcut_bn
+        if not all(bn.affine for bn in pieces.norms()):
+            like = pieces.convs[0].weight
+            bns = [kernel_batchnorm(bn, like) for bn in bns]
+            shortcut_bn = None if shortcut_bn is None else kernel_batchnorm(shortcut_bn, like)
         view = view_class(type(self).__name__)(
-            convs=convs, bns=[kernel_batchnorm(bn, like) for bn in bns], shortcut=pieces["shortcut"],
-            shortcut_bn=None if shortcut_bn is None else kernel_batchnorm(shortcut_bn, like),
-            pad_shortcut=pieces["pad_shortcut"], preact=pieces["preact"], shares_preact=pieces["shares_preact"],
-            stride=pieces["stride"], in_channels=pieces["in_channels"], conv_padding=self.conv_padding,
+            convs=pieces.convs, bns=bns, shortcut=pieces.shortcut, shortcut_bn=shortcut_bn,
+            pad_shortcut=pieces.pad_shortcut, preact=pieces.preact, shares_preact=pieces.shares_preact,
+            stride=pieces.stride, in_channels=pieces.in_channels, conv_padding=self.conv_padding,
             memory=self.memory, stats_group=group)
         return view, None
 

@@ -25,13 +25,48 @@ groups); the unit then runs its eager computation.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+class UnitPieces(NamedTuple):
+    """A fused unit's modules and shape as the kernels take them, looked up at one call."""
+    convs: tuple            # the branch convs, in the order they run
+    bns: tuple              # bns[i] belongs to convs[i]
+    shortcut: Optional[nn.Module]       # the 1x1 projection conv
+    shortcut_bn: Optional[nn.Module]    # its BN (original units)
+    pad_shortcut: object                # option A (``.extra_channels``, ``.front_channels``), or None
+    preact: bool
+    shares_preact: bool
+    stride: int
+    in_channels: int
+    norm_types: tuple       # the BatchNorm classes the kernels may take for this unit
+
+    def norms(self) -> tuple:
+        """Every BatchNorm of the unit, the shortcut's included."""
+        return self.bns if self.shortcut_bn is None else self.bns + (self.shortcut_bn,)
+
+    def cannot_run(self) -> Optional[str]:
+        """Why the kernels cannot take these modules, or None."""
+        if all(type(c) is nn.Conv2d for c in self.convs) and (
+                self.shortcut is None or type(self.shortcut) is nn.Conv2d) and all(
+                type(bn) in self.norm_types for bn in self.norms()):
+            return None
+        roles = [(c, f"conv {i}") for i, c in enumerate(self.convs, start=1)] + [(self.shortcut, "shortcut projection")]
+        for conv, role in roles:
+            if conv is not None and plain_conv_reason(conv, role):
+                return plain_conv_reason(conv, role)
+        for i, bn in enumerate(self.norms(), start=1):
+            reason = batchnorm_reason(bn, "shortcut BatchNorm" if i > len(self.bns) else f"BatchNorm {i}",
+                                      self.norm_types)
+            if reason:
+                return reason
+        return None
 
 
 class KernelView:
@@ -97,9 +132,9 @@ def synchronized_bn_group(bns: Sequence[nn.Module]) -> Union[None, object, str]:
     """The process group the unit's ``nn.SyncBatchNorm`` modules synchronize over: None when
     none is a SyncBatchNorm or no process group is initialized (then they compute as plain BNs);
     a string saying why not when only some are, or over different groups."""
-    synced = [bn for bn in bns if isinstance(bn, nn.SyncBatchNorm)]
-    if not synced:
+    if not any(isinstance(bn, nn.SyncBatchNorm) for bn in bns):
         return None
+    synced = [bn for bn in bns if isinstance(bn, nn.SyncBatchNorm)]
     if len(synced) != len(bns):
         plain = [type(bn).__name__ for bn in bns if not isinstance(bn, nn.SyncBatchNorm)]
         return (f"{len(synced)} of its {len(bns)} BatchNorms are nn.SyncBatchNorm and the others "
@@ -135,11 +170,11 @@ def batchnorm_reason(bn: object, role: str, allowed: tuple = KERNEL_BATCHNORMS) 
     return None
 
 
-def reference_forward(pieces: dict, conv_padding, x: torch.Tensor) -> torch.Tensor:
-    """What the fused kernels compute for a unit, in eager PyTorch, on the very modules they read
-    (``pieces``: see ``FusedUnitMixin._kernel_pieces``): the exactness guard runs this when no
-    kernel can run on its float64 CPU copy, so the mapping of modules is still proven."""
-    convs, bns = pieces["convs"], pieces["bns"]
+def reference_forward(pieces: UnitPieces, conv_padding, x: torch.Tensor) -> torch.Tensor:
+    """What the fused kernels compute for a unit, in eager PyTorch, on the very modules they read:
+    the exactness guard runs this when no kernel can run on its float64 CPU copy, so the mapping of
+    modules is still proven."""
+    convs, bns = pieces.convs, pieces.bns
 
     def conv(i: int, h: torch.Tensor) -> torch.Tensor:
         if conv_padding is None:
@@ -148,19 +183,19 @@ def reference_forward(pieces: dict, conv_padding, x: torch.Tensor) -> torch.Tens
         return F.conv2d(F.pad(h, tuple(conv_padding[i])), c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
 
     def shortcut(source: torch.Tensor) -> torch.Tensor:
-        if pieces["shortcut"] is not None:
-            s = pieces["shortcut"](source)
-            return pieces["shortcut_bn"](s) if pieces["shortcut_bn"] is not None else s
-        if pieces["pad_shortcut"] is not None:
-            return pieces["pad_shortcut"](x)
+        if pieces.shortcut is not None:
+            s = pieces.shortcut(source)
+            return pieces.shortcut_bn(s) if pieces.shortcut_bn is not None else s
+        if pieces.pad_shortcut is not None:
+            return pieces.pad_shortcut(x)
         return x
 
-    if pieces["preact"]:
+    if pieces.preact:
         x_preact = F.relu(bns[0](x))
         h = conv(0, x_preact)
         for i in range(1, len(convs)):
             h = conv(i, F.relu(bns[i](h)))
-        return shortcut(x_preact if pieces["shares_preact"] else x) + h
+        return shortcut(x_preact if pieces.shares_preact else x) + h
     h = x
     for i in range(len(convs)):
         h = bns[i](conv(i, h))
