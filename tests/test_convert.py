@@ -105,3 +105,19 @@ def test_convert_rejects_bad_arguments():
         convert_to_fused(models.cifar_resnet20(), backend="fast")
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         convert_to_fused("resnet")
+
+
+@pytest.mark.parametrize("name,unit_class,count,reason", [
+    ("resnet50_gn", "Bottleneck", 16, "its residual branch ends in aten.native_group_norm"),
+    ("skresnet18", "SelectiveKernelBasic", 8, "conv2.conv takes aten.sum"),
+])
+def test_the_report_counts_every_residual_unit(name, unit_class, count, reason):
+    """M counts residual units of any normalization and any branch (timm's GroupNorm and
+    selective-kernel ResNets, whose first conv takes half of the input's channels), left eager
+    with the reason: "0 of 16", not "0 of 0"."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, num_classes=10)
+    with pytest.warns(RuntimeWarning, match=rf"0 of {count} residual units fused; left eager: "
+                                            rf"{unit_class} x{count}: {reason}"):
+        _, report = convert_to_fused(model, return_report=True)
+    assert report.num_units == count and not report.fused
