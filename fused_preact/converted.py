@@ -113,6 +113,13 @@ class ConvertedUnit(_FusedUnitMixin, nn.Module):
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The original module's own forward (its hooks ran around this unit's call already)."""
         original = self._original
+        if original.__dict__["_modules"] is not self.__dict__["_modules"]:
+            # a replica (nn.DataParallel copies the dictionaries): the forward on its own modules
+            twin = object.__new__(type(original))
+            twin.__dict__.update(vars(original))
+            twin.__dict__.update({k: self.__dict__[k] for k in _MODULE_STATE})
+            twin.training = self.training
+            return twin.forward(x)
         if original.training != self.training:
             original.training = self.training
         return original.forward(x)

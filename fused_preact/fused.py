@@ -171,6 +171,14 @@ class _FusedUnitMixin:
             memory=self.memory, stats_group=group)
         return view, None
 
+    def _run_kernels(self, name: str, x: torch.Tensor, stats_in=None, want_stats: bool = False):
+        """``dispatch.run_unit`` of backend ``name`` on this unit as it is now (its kernel view):
+        ``(y, partials or None)``; for callers other than ``forward`` (a self-check)."""
+        view, reason = self._kernel_view(x)
+        if view is None:
+            raise RuntimeError(f"{self._unit_name()}: the fused kernels cannot run it: {reason}")
+        return dispatch.run_unit(name, view, x, stats_in, want_stats)
+
     def _warn_eager(self, reason: str) -> None:
         if reason != self._eager_reason and not torch.compiler.is_compiling():
             self._eager_reason = reason

@@ -34,8 +34,10 @@ def _assert_same_training_step(before, after, x):
         torch.testing.assert_close(b1, b0, rtol=0, atol=0, msg=name)
 
 
+# the ImageNet layout with --full (about 15 s here); its units are the CIFAR nets' classes
 @pytest.mark.parametrize("builder,size", [(models.cifar_resnet20, 16), (models.cifar_resnet164, 16),
-                                          (lambda: models.imagenet_resnet50(num_classes=5), 64)])
+                                          pytest.param(lambda: models.imagenet_resnet50(num_classes=5), 64,
+                                                       marks=pytest.mark.full, id="imagenet_resnet50")])
 def test_converts_own_models_in_place(builder, size):
     model = builder().double()
     params_before = list(model.parameters())
@@ -58,7 +60,8 @@ def test_other_variants_are_left_alone():
     assert report.num_units == 9 and not report.fused
 
 
-@pytest.mark.parametrize("name", ["resnetv2_50", "resnetv2_18"])
+# resnetv2_50 with --full (its bottleneck units also run in test_convert_keeps_model.py, at small widths)
+@pytest.mark.parametrize("name", [pytest.param("resnetv2_50", marks=pytest.mark.full), "resnetv2_18"])
 def test_converts_timm_resnetv2(name):
     """timm's units, fused on the C++ CPU kernels (the eager path where the extension is not built)."""
     timm = pytest.importorskip("timm")

@@ -47,15 +47,18 @@ def _pytorchcv_preresnet8():
     return model
 
 
-# name, builder, input (batch, size): every BN sees at least 16 values per channel in training
+# name, builder, input (batch, size, training): in training every BN sees at least 16 values per channel;
+# torchvision's nets in eval mode by default (their float64 training step at 64 px: about 20 s here)
 MODELS = [
-    ("torchvision resnet18", lambda: torchvision.models.resnet18(num_classes=10), (4, 64)),
-    pytest.param("torchvision resnet50", lambda: torchvision.models.resnet50(num_classes=10), (4, 64),
+    ("torchvision resnet18", lambda: torchvision.models.resnet18(num_classes=10), (2, 32, False)),
+    pytest.param("torchvision resnet18 training", lambda: torchvision.models.resnet18(num_classes=10), (4, 64, True),
+                 marks=pytest.mark.full, id="torchvision resnet18 training"),
+    pytest.param("torchvision resnet50", lambda: torchvision.models.resnet50(num_classes=10), (4, 64, True),
                  marks=pytest.mark.full, id="torchvision resnet50"),
-    ("pytorchcv preresnet8", _pytorchcv_preresnet8, (4, 8)),
-    ("timm resnetv2", _small_timm_resnetv2, (4, 32)),
+    ("pytorchcv preresnet8", _pytorchcv_preresnet8, (4, 8, True)),
+    ("timm resnetv2", _small_timm_resnetv2, (4, 32, True)),
     ("kuangliu, nn.Sequential shortcut", lambda: fm.kuangliu_preact_resnet18(widths=(4, 8), num_blocks=(2, 1)),
-     (4, 8)),
+     (4, 8, True)),
 ]
 MODEL_IDS = [m[0] if isinstance(m, tuple) else m.id for m in MODELS]
 
@@ -83,9 +86,10 @@ def test_converted_model_keeps_names_paths_and_functional_call(name, build, shap
                                    and found.eager_module() is module), path
     assert all(model.get_parameter(n) is p for n, p in parameters.items())
 
-    # functional_call with the original names, in training (batch statistics, running updates): the
+    # functional_call with the original names (training: batch statistics, running updates): the
     # fused kernels read the tensors passed in
-    batch, size = shape
+    batch, size, training = shape
+    model.train(training), reference.train(training)
     x = torch.randn(batch, 3, size, size, dtype=torch.float64)
     tensors = {n: t.detach().clone() * (1.1 if t.is_floating_point() else 1)
                for n, t in list(reference.named_parameters()) + list(reference.named_buffers())}
@@ -136,10 +140,11 @@ def test_state_travels_with_the_unit_and_reads_through_to_the_original():
 
 
 @pytest.mark.parametrize("build,size", [
-    (lambda: torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=5), 32),
-    (lambda: models.cifar_resnet(8, num_classes=5), 8),
-    (lambda: fm.kuangliu_preact_resnet18(widths=(4, 8), num_blocks=(2, 1)), 8),
-], ids=["torchvision", "own units", "kuangliu"])
+    pytest.param(lambda: torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1],
+                                                          num_classes=5), 32, marks=pytest.mark.full, id="torchvision"),
+    pytest.param(lambda: models.cifar_resnet(8, num_classes=5), 8, id="own units"),
+    pytest.param(lambda: fm.kuangliu_preact_resnet18(widths=(4, 8), num_blocks=(2, 1)), 8, id="kuangliu"),
+])
 def test_to_eager_gives_back_the_model(build, size):
     """to_eager(convert_to_fused(m)) is m again: the same module classes at the same paths, the
     same tensors, float64 outputs and gradients; and it converts again."""
@@ -171,19 +176,19 @@ def test_to_eager_of_a_unit_built_fused():
 def test_reconversion_is_checked_like_a_first_conversion(monkeypatch):
     """Converting a converted model again (another memory mode) runs the float64 guard for each
     configuration again; a unit that fails it goes back to its eager module, named in the report."""
-    model = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=5)
+    model = fm.kuangliu_preact_resnet18(widths=(4, 8), num_blocks=(2, 1))   # 3 units, 2 configurations
     convert_to_fused(model, backend="eager")
     first = model.layer1[0]
     runs = []
     real = convert.check_replacement
     monkeypatch.setattr(convert, "check_replacement", lambda *a, **k: runs.append(1) or real(*a, **k))
     _, report = convert_to_fused(model, backend="eager", memory="min", return_report=True)
-    assert len(runs) == 4 and report.num_fused == 4 and model.layer1[0] is first and first.memory == "min"
+    assert len(runs) == 2 and report.num_fused == 3 and model.layer1[0] is first and first.memory == "min"
     monkeypatch.setattr(convert, "check_replacement", lambda *a, **k: "the fused unit's output differs (test)")
-    with pytest.warns(RuntimeWarning, match=r"0 of 4 residual units fused; left eager: BasicBlock x4: the fused "
+    with pytest.warns(RuntimeWarning, match=r"0 of 3 residual units fused; left eager: KLPreActBlock x3: the fused "
                                             r"unit's output differs \(test\)"):
         convert_to_fused(model, backend="eager")
-    assert type(model.layer1[0]) is torchvision.models.resnet.BasicBlock
+    assert type(model.layer1[0]) is fm.KLPreActBlock
 
 
 def test_backend_eager_reports_what_runs(caplog):
@@ -194,6 +199,7 @@ def test_backend_eager_reports_what_runs(caplog):
                                        "run their eager PyTorch computation, no fused kernel")
 
 
+@pytest.mark.default_cases(ids=["affine=False"])
 @pytest.mark.parametrize("bn", [dict(affine=False), dict(track_running_stats=False),
                                 dict(affine=False, track_running_stats=False, momentum=None)],
                          ids=["affine=False", "track_running_stats=False", "neither, momentum=None"])
