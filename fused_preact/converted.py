@@ -105,7 +105,8 @@ class ConvertedUnit(_FusedUnitMixin, nn.Module):
 
     def _kernel_pieces(self) -> UnitPieces:
         parts = self._parts
-        return UnitPieces(tuple(_submodule(self, p) for p in parts.convs), tuple(_submodule(self, p) for p in parts.bns),
+        return UnitPieces(tuple(_submodule(self, p) for p in parts.convs),
+                          tuple(_submodule(self, p) for p in parts.bns),
                           _submodule(self, parts.shortcut) if parts.shortcut else None,
                           _submodule(self, parts.shortcut_bn) if parts.shortcut_bn else None, parts.pad_shortcut,
                           parts.preact, parts.shares_preact, parts.stride, parts.in_channels, parts.norm_types)

@@ -270,15 +270,18 @@ def _branch(nodes: list[_Node], end: int):
             return None, Reason(Mismatch.BRANCH, f"{conv.module} takes {_describe(act)}, not a ReLU of a BatchNorm")
         bn = nodes[act.inputs[0]]
         if bn.kind != "bn":
-            return None, Reason(Mismatch.BRANCH, f"the ReLU before {conv.module} takes {_describe(bn)}, not a BatchNorm")
+            return None, Reason(Mismatch.BRANCH,
+                                f"the ReLU before {conv.module} takes {_describe(bn)}, not a BatchNorm")
         triples.append((bn.module, act_id, conv.module, pad))
         source = nodes[bn.inputs[0]]
         if source.kind == "input":
             if len(triples) < 2:
-                return None, Reason(Mismatch.SINGLE_CONV, f"its residual branch is the single convolution {conv.module}")
+                return None, Reason(Mismatch.SINGLE_CONV,
+                                    f"its residual branch is the single convolution {conv.module}")
             return triples[::-1], None
         if source.kind != "conv":
-            return None, Reason(Mismatch.BRANCH, f"{bn.module} takes {_describe(source)}, not the input or a convolution")
+            return None, Reason(Mismatch.BRANCH,
+                                f"{bn.module} takes {_describe(source)}, not the input or a convolution")
         at = bn.inputs[0]
 
 
@@ -568,7 +571,8 @@ def _original_branch(nodes: list[_Node], end: int):
         source = nodes[conv.inputs[0]]
         if source.kind == "input":
             if len(pairs) < 2:
-                return None, Reason(Mismatch.SINGLE_CONV, f"its residual branch is the single convolution {conv.module}")
+                return None, Reason(Mismatch.SINGLE_CONV,
+                                    f"its residual branch is the single convolution {conv.module}")
             return pairs[::-1], None
         if source.kind == "dropout":
             return None, _DROPOUT

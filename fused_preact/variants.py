@@ -262,8 +262,9 @@ def make_unit(in_channels: int, out_channels: int, stride: int = 1, *, bottlenec
     """A unit of the given variant. The standard full pre-activation unit with an
     identity shortcut comes back as ``PreActBlock`` / ``PreActBottleneck``, the original
     unit with an identity shortcut (projection ``"A"`` or ``"B"``) as ``OriginalBlock`` /
-    ``OriginalBottleneck`` (which ``convert_to_fused`` turns into their fused twins); ``shortcut_options`` (``scale_shortcut``,
-    ``scale_residual``, ``gate_bias``, ``dropout``) only matter to other shortcuts.
+    ``OriginalBottleneck`` (which ``convert_to_fused`` turns into their fused twins);
+    ``shortcut_options`` (``scale_shortcut``, ``scale_residual``, ``gate_bias``, ``dropout``) only
+    matter to other shortcuts.
     ``single_conv=True`` gives a ``SingleConvUnit`` (one 3x3 conv, always eager)."""
     if single_conv:
         if bottleneck:
