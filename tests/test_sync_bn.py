@@ -142,11 +142,13 @@ def test_convert_sync_batchnorm_after_conversion_keeps_the_units_fused():
     """Single process, no process group: the units stay fused, their SyncBatchNorms compute as plain
     BNs (as SyncBatchNorm does without a process group), and a unit whose BNs are only partly
     synchronized runs its eager computation, saying why, rather than synchronizing some BNs."""
+    if dispatch.unavailable_reason("cuda", torch.zeros(1, dtype=torch.float64)) is not None:
+        pytest.skip("the C++ extension is not built")
     model, x = _sync_model()
     reference = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(convert_to_fused(model, "eager"))
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(convert_to_fused(model, "cuda"))
     assert [type(m).__name__ for m in model] == ["ConvertedUnit"] * 3
     assert all(unit.stats_group is None for unit in model)
     model[1].bn1 = nn.BatchNorm2d(8).double()
