@@ -76,7 +76,7 @@ class ConversionReport:
     -> why that unit stays eager; ``classes``: path -> the original class name of
     every residual unit; ``backend``: the backend the fused units were given;
     ``guard_backend``: who ran the fused copies of the exactness guard (``"cuda"``: the
-    C++ CPU kernels; ``"eager"``: the fused class's eager path).
+    C++ CPU kernels; ``"eager"``: what the kernels compute, in eager PyTorch).
     Paths are ``named_modules`` names, ``""`` for the model itself.
     """
     fused: list[str] = field(default_factory=list)

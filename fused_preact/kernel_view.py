@@ -19,9 +19,10 @@ Two things are adapted on the way, both exact:
   theirs (``process_group``, or the whole world), so a unit of synchronized BNs
   synchronizes through the fused path as eager ``SyncBatchNorm`` does.
 
-``make_view`` returns the view, or why the fused path cannot run the unit as it is now
-(a submodule that is no plain conv or BN any more, BNs synchronized over different
-groups); the unit then runs its eager computation.
+A fused unit's ``_kernel_view(x)`` (``fused.FusedUnitMixin``) returns the view, or why the fused
+path cannot run the unit as it is now (a submodule that is no plain conv or BN any more, BNs
+synchronized over different groups); the unit then runs its eager computation.
+``reference_forward`` is what the kernels compute on those modules, in eager PyTorch.
 """
 from __future__ import annotations
 
@@ -57,10 +58,11 @@ class UnitPieces(NamedTuple):
                 self.shortcut is None or type(self.shortcut) is nn.Conv2d) and all(
                 type(bn) in self.norm_types for bn in self.norms()):
             return None
-        roles = [(c, f"conv {i}") for i, c in enumerate(self.convs, start=1)] + [(self.shortcut, "shortcut projection")]
-        for conv, role in roles:
-            if conv is not None and plain_conv_reason(conv, role):
-                return plain_conv_reason(conv, role)
+        roles = [(c, f"conv {i}") for i, c in enumerate(self.convs, start=1)]
+        for conv, role in roles + [(self.shortcut, "shortcut projection")]:
+            reason = None if conv is None else plain_conv_reason(conv, role)
+            if reason:
+                return reason
         for i, bn in enumerate(self.norms(), start=1):
             reason = batchnorm_reason(bn, "shortcut BatchNorm" if i > len(self.bns) else f"BatchNorm {i}",
                                       self.norm_types)

@@ -9,7 +9,8 @@ in eval mode: output, input gradient, every parameter gradient and every buffer
 tensors, so the copy's own ``named_parameters`` pair them up.
 
 The fused twin runs ``backend``: the C++ CPU kernels when the extension is built
-(they take float64), else the fused class's eager path, which still proves the
+(they take float64), else, in eager PyTorch, what the kernels would compute on the
+modules the twin maps (``kernel_view.reference_forward``), which still proves the
 mapping of weights, strides and shortcut. ``guard_backend()`` chooses explicitly, never
 ``"auto"`` (which may pick eager for small CPU inputs).
 """
@@ -35,7 +36,7 @@ def guard_backend() -> str:
 
 def describe_backend(backend: str) -> str:
     return ("the extension's C++ CPU kernels" if backend == "cuda"
-            else "the fused class's eager path (the C++ extension is not built)")
+            else "eager PyTorch computing what the fused kernels compute (the C++ extension is not built)")
 
 
 # the forward and backward hooks (state_dict hooks stay: they keep the key names)

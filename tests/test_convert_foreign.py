@@ -277,13 +277,13 @@ def test_converted_foreign_model_double_backward_and_empty_batch():
 
 
 def test_guard_without_the_extension_checks_the_mapping_with_the_eager_path(monkeypatch):
-    """No C++ build: the guard's fused copy runs the fused class's eager path, which still
+    """No C++ build: the guard's fused copy runs what the kernels compute in eager PyTorch, which still
     proves the mapping (a swapped BN pair fails it) and lets a right one through."""
     monkeypatch.setattr(convert, "guard_backend", lambda: "eager")
     model = fm.fb_preresnet(8, base=4)
     _, report = convert_to_fused(model, backend="eager", return_report=True)
     assert report.guard_backend == "eager" and report.num_fused == 3
-    assert "fused class's eager path" in report.summary()
+    assert "eager PyTorch computing what the fused kernels compute" in report.summary()
     real = convert.recognize
     monkeypatch.setattr(convert, "recognize", lambda module, width: (lambda r: type(r)(
         True, match=UnitMatch(r.match.bns[::-1], r.match.convs, r.match.shortcut, r.match.shortcut_conv))
