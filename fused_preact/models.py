@@ -16,7 +16,7 @@ Post-activation variants (original ResNet units) put BN-ReLU after the stem conv
 and need no final BN-ReLU, since their units end activated (or, for
 ``relu_before_add``, are never normalized after the addition in the paper either).
 Their original units with an identity shortcut (option A or B) are ``OriginalBlock`` /
-``OriginalBottleneck`` (``units.make_unit``), which ``convert_to_fused`` -- and so the
+``OriginalBottleneck`` (``variants.make_unit``), which ``convert_to_fused`` -- and so the
 trainer with a fused backend -- turns into fused units, as the pre-activation ones.
 
 Initialization as the paper: He-normal convs (fan-out, as its code), no conv
@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .units import BOTTLENECK_EXPANSION, ResidualUnit, make_unit
+from .units import BOTTLENECK_EXPANSION, ResidualUnit
+from .variants import make_unit
 
 CIFAR_DEPTHS = {"basic": 6, "bottleneck": 9}
 IMAGENET_STAGES = {
@@ -56,7 +57,7 @@ class ResNet(nn.Module):
         stem_channels: channels of the stem conv.
         **unit_options: passed to every unit (``activation``, ``shortcut``,
             ``projection``, ``stride_on``, ``scale_shortcut``, ``scale_residual``,
-            ``gate_bias``, ``dropout``); see ``units.ResidualUnit``.
+            ``gate_bias``, ``dropout``); see ``variants.VariantUnit``.
     """
 
     def __init__(self, stage_depths: Sequence[int], stage_channels: Sequence[int], *, bottleneck: bool,
@@ -114,7 +115,7 @@ class ResNet(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__}: x must be an image batch of shape (N, 3, H, W), got {shape}")
-        x = self._run_stages(self.stem(x))
+        x = self.stages(self.stem(x))
         if self.norm is not None:
             x = F.relu(self.norm(x))
         return x
@@ -122,20 +123,6 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-    def _run_stages(self, x: torch.Tensor) -> torch.Tensor:
-        """The stages; a chain of fused units hands each unit's output statistics, computed in
-        its last conv's epilogue, to the next unit's first BN, which then needs no pass of its own."""
-        from .fused import _FusedUnitMixin   # fused builds on units, models on both
-        plain = all(type(stage) is nn.Sequential and not stage._forward_hooks and not stage._forward_pre_hooks
-                    for stage in self.stages)
-        units = [unit for stage in self.stages for unit in stage] if plain else []
-        if not units or not all(isinstance(unit, _FusedUnitMixin) for unit in units):
-            return self.stages(x)
-        stats = None
-        for unit in units[:-1]:
-            x, stats = unit(x, stats_in=stats, return_stats=True)
-        return units[-1](x, stats_in=stats)
 
     def units(self) -> list[ResidualUnit]:
         """The residual units in order of depth."""
@@ -157,7 +144,7 @@ def cifar_resnet(depth: int, num_classes: int = 10, *, bottleneck: bool = False,
 
 
 def cifar_resnet_1layer(depth: int, num_classes: int = 10, **unit_options) -> ResNet:
-    """CIFAR ResNet of depth 3n+2 whose shortcuts each skip one 3x3 conv (``units.SingleConvUnit``):
+    """CIFAR ResNet of depth 3n+2 whose shortcuts each skip one 3x3 conv (``variants.SingleConvUnit``):
     n units per stage at widths 16/32/64; depth 110 is Table 3's "ResNet-110 (1layer skip)".
     Its units always run eager (no fused one-conv unit)."""
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 5 or (depth - 2) % 3:

@@ -38,15 +38,33 @@ unit is the one fused.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .unit_guard import SAMPLE_SIZE, float64_copy
 
+
+
+class Mismatch(enum.Enum):
+    """The kind of reason a side of a residual sum is not the fused unit's branch or shortcut:
+    which reason a refusal names, when both sides fail, is chosen by kind, never by wording."""
+    DROPOUT = "dropout between the branch's convolutions"     # the most specific: named first
+    SHORTCUT = "the other side is a branch, this is no shortcut the fused unit has"
+    BRANCH = "no chain of the fused unit's BN, ReLU and conv"
+    SINGLE_CONV = "a single convolution (a projection, or a one-conv branch)"
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a side of the residual sum does not match: its kind, and the words the report gives."""
+    kind: Mismatch
+    text: str
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,8 @@ class _Node:
 _RELU_OPS = {"relu", "relu_"}
 _ADD_OPS = {"add", "add_"}
 _PASSTHROUGH_OPS = {"alias", "detach", "clone", "contiguous", "_to_copy", "lift_fresh"}
+_SPLIT_OPS = {"split", "split_with_sizes", "unbind", "chunk", "tensor_split", "unsafe_split",
+              "unsafe_split_with_sizes"}
 _RANDOM_SOURCES = {"empty_like", "empty", "zeros_like", "ones_like", "rand_like", "new_empty",
                    "bernoulli", "bernoulli_", "uniform_"}
 
@@ -110,6 +130,8 @@ class _Recorder(TorchDispatchMode):
         self.values: dict[tuple, int] = {}  # _key of a tensor -> node id of its current value
         self.keep: list = []                # every tensor seen stays alive, so no memory is reused
         self.child_calls: dict[str, list] = {}   # direct child -> [first node, end node] of each call
+        self.running: list[str] = []        # the BatchNorm modules being called (a BN without tensors
+                                            # of its own, affine=False and no running statistics)
         self.input: Optional[torch.Tensor] = None
 
     def track(self, t: torch.Tensor, node: _Node) -> int:
@@ -131,7 +153,7 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        flat = list(args) + list(kwargs.values())
+        flat = pytree.tree_leaves((args, kwargs))    # the tensors of torch.stack's list too
         ids = [self._node_of(a) for a in flat]
         tracked = [i for i in ids if i is not None]
         if name in _RANDOM_SOURCES:       # fresh or random values: a dropout mask being built
@@ -150,9 +172,13 @@ class _Recorder(TorchDispatchMode):
             return out
         node = self._classify(name, args, kwargs, ids, tracked, kinds)
         self.track(first, node)
-        if isinstance(out, (tuple, list)):       # BN's saved statistics etc. are no activations
+        if isinstance(out, (tuple, list)):
             for extra in out[1:]:
-                if isinstance(extra, torch.Tensor):
+                if not isinstance(extra, torch.Tensor):
+                    continue
+                if name in _SPLIT_OPS:           # each piece of x is a value of its own
+                    self.track(extra, _Node(node.kind, node.inputs, node.module, node.op, dict(node.extra)))
+                else:                            # BN's saved statistics etc. are no activations
                     self.keep.append(extra)
         return out
 
@@ -165,7 +191,8 @@ class _Recorder(TorchDispatchMode):
         if name in ("native_dropout", "dropout", "feature_dropout"):
             return _Node("dropout", tuple(data), op=name)
         if "batch_norm" in name and ids[0] is not None:
-            module = self._owner(args[1]) or self._owner(args[3] if len(args) > 3 else None)
+            module = (self._owner(args[1]) or self._owner(args[3] if len(args) > 3 else None)
+                      or (self.running[-1] if self.running else None))
             training = next((a for a in args[5:] if isinstance(a, bool)), None)
             floats = [a for a in args[5:] if isinstance(a, float)]
             return _Node("bn", (ids[0],), module, name, extra={"training": training, "floats": floats})
@@ -220,6 +247,9 @@ def _explicit_pad(nodes: list[_Node], at: int, conv_path: Optional[str]):
     return (left, right, top, bottom), node.inputs[0], None
 
 
+_DROPOUT = Reason(Mismatch.DROPOUT, "it applies dropout between its convolutions (the fused unit has no dropout)")
+
+
 def _branch(nodes: list[_Node], end: int):
     """The (bn, relu node, conv, explicit pad) of each BN-ReLU-[pad-]conv ending at node ``end``,
     first to last, or the reason they are not."""
@@ -229,26 +259,29 @@ def _branch(nodes: list[_Node], end: int):
         conv = nodes[at]
         if conv.kind != "conv":
             what = f"a BatchNorm ({conv.module})" if conv.kind == "bn" else _describe(conv)
-            return None, f"its residual branch ends in {what}, not a convolution"
+            return None, Reason(Mismatch.BRANCH, f"its residual branch ends in {what}, not a convolution")
         pad, act_id, why = _explicit_pad(nodes, conv.inputs[0], conv.module)
         if why:
-            return None, why
+            return None, Reason(Mismatch.BRANCH, why)
         act = nodes[act_id]
         if act.kind == "dropout":
-            return None, "it applies dropout between its convolutions (the fused unit has no dropout)"
+            return None, _DROPOUT
         if act.kind != "relu":
-            return None, f"{conv.module} takes {_describe(act)}, not a ReLU of a BatchNorm"
+            return None, Reason(Mismatch.BRANCH, f"{conv.module} takes {_describe(act)}, not a ReLU of a BatchNorm")
         bn = nodes[act.inputs[0]]
         if bn.kind != "bn":
-            return None, f"the ReLU before {conv.module} takes {_describe(bn)}, not a BatchNorm"
+            return None, Reason(Mismatch.BRANCH,
+                                f"the ReLU before {conv.module} takes {_describe(bn)}, not a BatchNorm")
         triples.append((bn.module, act_id, conv.module, pad))
         source = nodes[bn.inputs[0]]
         if source.kind == "input":
             if len(triples) < 2:
-                return None, f"its residual branch is the single convolution {conv.module}"
+                return None, Reason(Mismatch.SINGLE_CONV,
+                                    f"its residual branch is the single convolution {conv.module}")
             return triples[::-1], None
         if source.kind != "conv":
-            return None, f"{bn.module} takes {_describe(source)}, not the input or a convolution"
+            return None, Reason(Mismatch.BRANCH,
+                                f"{bn.module} takes {_describe(source)}, not the input or a convolution")
         at = bn.inputs[0]
 
 
@@ -267,27 +300,28 @@ def _shortcut(nodes: list[_Node], at: int, first_relu: int):
 
 def _match(nodes: list[_Node], out: int) -> tuple[Optional[UnitMatch], Optional[str]]:
     total = nodes[out]
-    reasons = []
+    reasons = []     # (how much that side looked like the branch, Reason)
     for branch_end, shortcut_end in (total.inputs, total.inputs[::-1]):
         triples, why = _branch(nodes, branch_end)
         if triples is None:
             # how much this side looks like the branch: a conv, else any op but the input; a lone
             # conv of the pre-activation (a projection, or a single-conv branch) less than an op
-            score = (nodes[branch_end].kind == "conv") + (nodes[branch_end].kind != "input")
-            if why.startswith("its residual branch is the single convolution"):
+            if why.kind is Mismatch.SINGLE_CONV:
                 score = 0.5
+            else:
+                score = (nodes[branch_end].kind == "conv") + (nodes[branch_end].kind != "input")
             reasons.append((score, why))
             continue
         shortcut, why = _shortcut(nodes, shortcut_end, triples[0][1])
         if shortcut is None:
-            reasons.append((2, why))
+            reasons.append((2, Reason(Mismatch.SHORTCUT, why)))
             continue
         pads = tuple(t[3] or (0, 0, 0, 0) for t in triples) if any(t[3] for t in triples) else None
         return UnitMatch(bns=tuple(t[0] for t in triples), convs=tuple(t[2] for t in triples),
                          shortcut=shortcut[0], shortcut_conv=shortcut[1], pads=pads), None
     # the reason from the side that looked like a branch, dropout first (the most specific)
-    reasons.sort(key=lambda r: (not r[1].startswith("it applies dropout"), -r[0]))
-    return None, reasons[0][1]
+    reasons.sort(key=lambda r: (r[1].kind is not Mismatch.DROPOUT, -r[0]))
+    return None, reasons[0][1].text
 
 
 def _check_calls(nodes: list[_Node], match: UnitMatch, module: nn.Module) -> Optional[str]:
@@ -324,6 +358,17 @@ def _record(replica: nn.Module, owners: dict, in_channels: int, size: int):
     recorder = _Recorder(owners)
     recorder.track(x, _Node("input"))
     handles = []
+
+    def leave(module, args, output):
+        recorder.running.pop()
+    for path, sub in replica.named_modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and not sub.affine and sub.running_mean is None:
+            def enter(module, args, path=path):
+                recorder.running.append(path)
+            try:
+                handles += [sub.register_forward_pre_hook(enter), sub.register_forward_hook(leave)]
+            except RuntimeError:   # a scripted module takes no hooks
+                pass
     for name, child in replica.named_children():
         def before(module, args, name=name):
             recorder.child_calls.setdefault(name, []).append([len(recorder.nodes), None])
@@ -517,26 +562,29 @@ def _original_branch(nodes: list[_Node], end: int):
     while True:
         bn = nodes[at]
         if bn.kind != "bn":
-            return None, f"its residual branch ends in {_describe(bn)}, not a BatchNorm of a convolution"
+            return None, Reason(Mismatch.BRANCH,
+                                f"its residual branch ends in {_describe(bn)}, not a BatchNorm of a convolution")
         conv = nodes[bn.inputs[0]]
         if conv.kind != "conv":
-            return None, f"{bn.module} takes {_describe(conv)}, not a convolution"
+            return None, Reason(Mismatch.BRANCH, f"{bn.module} takes {_describe(conv)}, not a convolution")
         pairs.append((conv.module, bn.module))
         source = nodes[conv.inputs[0]]
         if source.kind == "input":
             if len(pairs) < 2:
-                return None, f"its residual branch is the single convolution {conv.module}"
+                return None, Reason(Mismatch.SINGLE_CONV,
+                                    f"its residual branch is the single convolution {conv.module}")
             return pairs[::-1], None
         if source.kind == "dropout":
-            return None, "it applies dropout between its convolutions (the fused unit has no dropout)"
+            return None, _DROPOUT
         if source.kind != "relu":
-            return None, f"{conv.module} takes {_describe(source)}, not the input or a ReLU of a BatchNorm"
+            return None, Reason(Mismatch.BRANCH,
+                                f"{conv.module} takes {_describe(source)}, not the input or a ReLU of a BatchNorm")
         at = source.inputs[0]
 
 
 def _match_original(nodes: list[_Node], total: int) -> tuple[Optional[OriginalUnitMatch], Optional[str]]:
     """Match ``relu(node total)`` with ``total = bn_n(h_n) + s`` against the original unit."""
-    reasons = []
+    reasons = []     # (order, Reason): a shortcut's reason first, else the first side's
     for branch_end, shortcut_end in (nodes[total].inputs, nodes[total].inputs[::-1]):
         pairs, why = _original_branch(nodes, branch_end)
         if pairs is None:
@@ -544,11 +592,11 @@ def _match_original(nodes: list[_Node], total: int) -> tuple[Optional[OriginalUn
             continue
         shortcut, why = _original_shortcut(nodes, shortcut_end)
         if shortcut is None:
-            reasons.append((-1, why))      # the other side was a branch: its shortcut is the reason
+            reasons.append((-1, Reason(Mismatch.SHORTCUT, why)))   # the other side was a branch
             continue
         return OriginalUnitMatch(convs=tuple(p[0] for p in pairs), bns=tuple(p[1] for p in pairs), **shortcut), None
-    reasons.sort(key=lambda r: (not r[1].startswith("it applies dropout"), r[0]))
-    return None, reasons[0][1]
+    reasons.sort(key=lambda r: (r[1].kind is not Mismatch.DROPOUT, r[0]))
+    return None, reasons[0][1].text
 
 
 def _recognize_original(nodes: list[_Node], total: int, replica: nn.Module, size: int) -> Recognition:

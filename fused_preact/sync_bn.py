@@ -6,6 +6,11 @@ statistics (one row of mean, M2 and count per process) and merges them before th
 finalize, its backward all-reduces the two per-channel sums of BN backward. BN
 modules outside fused units (a model's stem or final norm) are not touched: convert
 them with ``nn.SyncBatchNorm.convert_sync_batchnorm`` (CUDA) or your own.
+
+Without it, a fused unit whose BatchNorms are ``nn.SyncBatchNorm`` (from
+``convert_sync_batchnorm``, before or after ``convert_to_fused``) synchronizes over their
+process group through the same kernels, as eager SyncBatchNorm would (``fused`` and
+``kernel_view``): ``sync_batch_stats`` is for plain BatchNorms, or to choose the group.
 """
 from __future__ import annotations
 

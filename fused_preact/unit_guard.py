@@ -9,7 +9,8 @@ in eval mode: output, input gradient, every parameter gradient and every buffer
 tensors, so the copy's own ``named_parameters`` pair them up.
 
 The fused twin runs ``backend``: the C++ CPU kernels when the extension is built
-(they take float64), else the fused class's eager path, which still proves the
+(they take float64), else, in eager PyTorch, what the kernels would compute on the
+modules the twin maps (``kernel_view.reference_forward``), which still proves the
 mapping of weights, strides and shortcut. ``guard_backend()`` chooses explicitly, never
 ``"auto"`` (which may pick eager for small CPU inputs).
 """
@@ -35,7 +36,7 @@ def guard_backend() -> str:
 
 def describe_backend(backend: str) -> str:
     return ("the extension's C++ CPU kernels" if backend == "cuda"
-            else "the fused class's eager path (the C++ extension is not built)")
+            else "eager PyTorch computing what the fused kernels compute (the C++ extension is not built)")
 
 
 # the forward and backward hooks (state_dict hooks stay: they keep the key names)
@@ -44,14 +45,33 @@ HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backw
 
 
 def float64_copy(module: nn.Module) -> nn.Module:
-    """A float64 CPU copy of ``module`` without the user's hooks (they must not see the guard's runs)."""
-    replica = copy.deepcopy(module).to("cpu", torch.float64)
+    """A float64 CPU copy of ``module`` without the user's hooks (they must not see the guard's runs),
+    its ``nn.SyncBatchNorm`` modules as plain BatchNorms (see ``plain_batchnorms``)."""
+    replica = plain_batchnorms(copy.deepcopy(module)).to("cpu", torch.float64)
     for m in replica.modules():
         for name in HOOK_DICTS:
             hooks = getattr(m, name, None)
             if hooks:
                 hooks.clear()
     return replica
+
+
+def plain_batchnorms(module: nn.Module) -> nn.Module:
+    """``module`` with each ``nn.SyncBatchNorm`` inside replaced by an ``nn.BatchNorm2d`` holding its
+    tensors and settings, in place: what one process computes with it, and what a copy on the CPU
+    can run (a SyncBatchNorm refuses CPU inputs once a process group is initialized). The fused
+    units synchronize SyncBatchNorms through the same kernels, so the mapping proven on plain BNs
+    holds for them."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.SyncBatchNorm:
+                plain = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                       child.track_running_stats, device="meta")
+                for attribute in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                    setattr(plain, attribute, getattr(child, attribute))
+                plain.train(child.training)
+                setattr(parent, name, plain)
+    return module
 
 
 def _perturb(module: nn.Module, generator: torch.Generator) -> None:
@@ -75,10 +95,10 @@ def _error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-6))
 
 
-def _step(module: nn.Module, x: torch.Tensor, dy: Optional[torch.Tensor]):
+def _step(module: nn.Module, x: torch.Tensor, dy: Optional[torch.Tensor], forward: Optional[Callable] = None):
     module.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
-    y = module(x)
+    y = (forward or module)(x)
     if dy is None:
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
     (y * dy).sum().backward()
@@ -100,13 +120,17 @@ def check_replacement(unit: nn.Module, build: Callable[[nn.Module], nn.Module], 
         except Exception as error:   # a mapping the fused class cannot hold
             return f"the fused unit cannot be built ({type(error).__name__}: {error})"
         x = torch.randn(2, in_channels, size, size, generator=generator, dtype=torch.float64) * 1.5 + 0.3
+        _, cannot = fused._kernel_view(x)
+        if cannot is not None:      # it would run its eager computation: nothing to prove
+            return f"the fused unit cannot run it ({cannot})"
         for training in (True, False):
             original.train(training)
             fused.train(training)
             source.train(training)
             y0, dx0, dy = _step(original, x, None)
             try:
-                y1, dx1, _ = _step(fused, x, dy)
+                # without kernels: what they would compute, on the modules the twin maps
+                y1, dx1, _ = _step(fused, x, dy, fused._reference_forward if backend == "eager" else None)
             except Exception as error:
                 return f"the fused unit fails on a float64 sample ({type(error).__name__}: {error})"
             mode = "training" if training else "eval"

@@ -1,54 +1,47 @@
-"""Eager reference of every residual unit studied in He et al., "Identity Mappings
-in Deep Residual Networks" (ECCV 2016, arXiv:1603.05027).
+"""The four standard residual units of He et al., eager PyTorch: what the fused units compute.
 
-A unit computes ``y = combine(h(x), F(x))`` where ``F`` is the residual branch
-(two 3x3 convs, or 1x1-3x3-1x1 with expansion 4, or one 3x3 conv in
-``SingleConvUnit``) and ``h`` the shortcut.
+Full pre-activation units ("Identity Mappings in Deep Residual Networks", ECCV 2016,
+arXiv:1603.05027, Fig. 4e) and the original, post-activation units of "Deep Residual
+Learning" (CVPR 2016; torchvision's ``BasicBlock`` / ``Bottleneck``)::
 
-Activation variants (paper Fig. 4 / Table 2), for the basic unit::
+    PreActBlock         y = s + conv2(relu(bn2(conv1(relu(bn1(x))))))
+    PreActBottleneck    y = s + conv3(relu(bn3(conv2(relu(bn2(conv1(relu(bn1(x)))))))))
+    OriginalBlock       y = relu(bn2(conv2(relu(bn1(conv1(x))))) + s)
+    OriginalBottleneck  y = relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + s)
 
-    original          (a)  y = relu(x + BN(conv(relu(BN(conv(x))))))
-    bn_after_add      (b)  y = relu(BN(x + conv(relu(BN(conv(x))))))
-    relu_before_add   (c)  y = x + relu(BN(conv(relu(BN(conv(x))))))
-    relu_only_preact  (d)  y = x + BN(conv(relu(BN(conv(relu(x))))))
-    full_preact       (e)  y = x + conv(relu(BN(conv(relu(BN(x))))))
+Basic units have two 3x3 convs; bottlenecks 1x1 -> 3x3 -> 1x1 with a width of
+``out_channels // 4``. The shortcut ``s`` is ``x`` when the unit keeps its shape, else:
 
-Shortcut variants (paper Fig. 2 / Table 1), with ``s`` the shortcut value and
-``r`` the residual branch output::
+- ``projection="B"``: a 1x1 conv projection (``shortcut``). A pre-activation unit projects
+  the *pre-activated* input ``relu(bn1(x))``, so its first BN-ReLU is shared by both
+  paths (``shares_preact``); an original unit projects ``x`` and follows the projection
+  by its own BN (``shortcut_bn``) unless ``shortcut_bn=False``;
+- ``projection="raw"`` (pre-activation only): a 1x1 projection of the raw input ``x``
+  (the ports of fb.resnet.torch's pre-activation nets);
+- ``projection="A"``: ``x`` subsampled and zero-padded along the channels (``PadShortcut``,
+  the original paper's CIFAR nets): no parameters.
 
-    identity           y = s + r
-    scaling            y = scale_shortcut * s + scale_residual * r
-    exclusive_gating   y = (1 - g) * s + g * r,  g = sigmoid(conv1x1(x) + b_g)
-    shortcut_gating    y = (1 - g) * s + r
-    conv1x1            y = conv1x1(x) + r          (a projection on every unit)
-    dropout            y = dropout(s, p) + r
+The paper's other variants (its Fig. 2 shortcuts and Fig. 4 activation orders) and the
+single-conv unit of its Table 3 are in ``variants``.
 
-Layout rules, from the paper's appendix and its public Torch code:
-- a unit that changes shape (stride 2, or more channels, as in stage 1 of the
-  bottleneck nets: 16 -> 64) uses a 1x1 projection shortcut (``projection="B"``)
-  that takes the *pre-activated* input, so the first BN-ReLU is shared by both
-  paths; ``projection="A"`` (CIFAR basic nets of the original ResNet paper)
-  subsamples and zero-pads the raw input instead, keeping the shortcut free of
-  parameters and activations; ``projection="raw"`` is a 1x1 projection of the *raw*
-  input ``x`` (the ports of fb.resnet.torch's pre-activation nets), so the first
-  BN-ReLU belongs to the residual branch alone;
-- a unit that keeps its shape keeps its BN-ReLU inside the residual branch, so
-  the shortcut is a clean identity;
-- post-activation units (a)-(c) take a projection as in the original ResNet:
-  conv1x1 followed by BN.
+Module names are the state_dict keys: ``conv_i`` is the branch's i-th conv, ``bn_i`` the
+BN that belongs to it (before it in pre-activation units, after it in original units),
+``shortcut`` the projection conv and ``shortcut_bn`` its BN.
 
-Module names are stable (they are the state_dict keys): ``conv1..convK`` are the
-branch's convolutions in order, ``bn_i`` is the BN that belongs to ``conv_i``
-(before it in pre-activation units, after it in post-activation units),
-``bn_add`` the BN after the addition of variant (b), ``shortcut`` the projection
-conv (``shortcut_bn`` its BN in post-activation units), ``gate`` the gating conv.
+``conv_padding`` (``None`` here): set on fused units by ``convert_to_fused`` for nets that
+pad explicitly; one ``(left, right, top, bottom)`` per branch conv, the total zero padding
+of that conv's input, which then runs as ``F.pad`` and the conv with padding 0.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+# the variants of the paper (its Fig. 4 activation orders and Fig. 2 shortcuts), built by
+# ``variants``; named here, where the trainer's options and the models read them
 ACTIVATIONS = ("original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact")
 SHORTCUTS = ("identity", "scaling", "exclusive_gating", "shortcut_gating", "conv1x1", "dropout")
 PROJECTIONS = ("A", "B", "raw")
@@ -123,122 +116,23 @@ class PadShortcut(nn.Module):
 
 
 class ResidualUnit(nn.Module):
-    """One residual unit of any variant in the paper (see the module docstring).
-
-    ``conv_padding`` (not an argument, not state; ``None`` here, set on fused units by
-    ``convert_to_fused`` for nets that pad explicitly): ``None``, or one ``(left, right,
-    top, bottom)`` per branch conv, the total zero padding of that conv's input, which
-    then runs as ``F.pad`` followed by the conv with padding 0 (its own ``padding`` is
-    not used).
-
-    Args:
-        in_channels, out_channels: channels of the unit's input and output.
-        stride: spatial stride of the unit (1 or 2).
-        bottleneck: ``False`` for two 3x3 convs, ``True`` for 1x1-3x3-1x1 with a
-            width of ``out_channels // 4``.
-        activation: one of ``ACTIVATIONS`` (paper Fig. 4).
-        shortcut: one of ``SHORTCUTS`` (paper Fig. 2).
-        projection: shortcut of a shape-changing unit: ``"B"`` 1x1 conv
-            projection (of the pre-activated input in pre-activation units),
-            ``"raw"`` 1x1 conv projection of the raw input, ``"A"`` subsample +
-            zero-pad.
-        stride_on: where a bottleneck puts its stride: ``"1x1"`` (the paper's
-            code, default) or ``"3x3"`` (timm / torchvision).
-        scale_shortcut, scale_residual: the lambdas of ``shortcut="scaling"``.
-        gate_bias: initial gate bias ``b_g`` of the gating shortcuts.
-        dropout: drop ratio of ``shortcut="dropout"``.
-        shortcut_bn: whether the 1x1 projection of a post-activation unit is followed by
-            its own BN (``shortcut_bn``, the original ResNet's and torchvision's
-            ``downsample``); ``False`` keeps the bare 1x1 conv. Pre-activation units have
-            no shortcut BN either way.
-    """
+    """What every residual unit of this project has: its shape (``in_channels``,
+    ``out_channels``, ``stride``, ``num_convs``), the input check, and each branch conv run
+    with its own padding or with ``conv_padding`` (see the module docstring)."""
 
     # explicit zero padding of each branch conv's input, or None (each conv's own padding)
-    conv_padding = None
+    conv_padding: Optional[tuple[tuple[int, int, int, int], ...]] = None
+    num_convs: int
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        stride: int = 1,
-        *,
-        bottleneck: bool = False,
-        activation: str = "full_preact",
-        shortcut: str = "identity",
-        projection: str = "B",
-        stride_on: str = "1x1",
-        scale_shortcut: float = 0.5,
-        scale_residual: float = 0.5,
-        gate_bias: float = -6.0,
-        dropout: float = 0.5,
-        shortcut_bn: bool = True,
-    ):
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
         _positive_int("in_channels", in_channels)
         _positive_int("out_channels", out_channels)
         _choice("stride", stride, (1, 2))
-        _choice("activation", activation, ACTIVATIONS)
-        _choice("shortcut", shortcut, SHORTCUTS)
-        _choice("projection", projection, PROJECTIONS)
-        _choice("stride_on", stride_on, BOTTLENECK_STRIDE_ON)
-        if bottleneck and out_channels % BOTTLENECK_EXPANSION:
-            raise ValueError(f"a bottleneck unit needs out_channels divisible by 4, got {out_channels}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
-        self.bottleneck, self.activation, self.shortcut_kind = bottleneck, activation, shortcut
-        self.projection, self.stride_on = projection, stride_on
-        self.scale_shortcut, self.scale_residual = scale_shortcut, scale_residual
-        self.preact = activation in ("relu_only_preact", "full_preact")
-        changes_shape = stride != 1 or in_channels != out_channels
 
-        # residual branch: conv1..convK, each with its BN (before it if pre-activation)
-        convs = self._branch_convs(in_channels, out_channels, stride)
-        self.num_convs = len(convs)
-        for i, conv in enumerate(convs, start=1):     # registered in the order they run
-            if activation == "full_preact":
-                setattr(self, f"bn{i}", nn.BatchNorm2d(conv.in_channels))
-            setattr(self, f"conv{i}", conv)
-            if activation != "full_preact" and (activation != "bn_after_add" or i < len(convs)):
-                setattr(self, f"bn{i}", nn.BatchNorm2d(conv.out_channels))
-        if activation == "bn_after_add":
-            self.bn_add = nn.BatchNorm2d(out_channels)
-
-        # shortcut: identity, zero-pad (A) or 1x1 projection (B, and the conv1x1 variant)
-        self.pad_shortcut = None
-        self.shortcut = None
-        self.shortcut_bn = None
-        if shortcut == "conv1x1" or (changes_shape and projection in ("B", "raw")):
-            self.shortcut = conv1x1(in_channels, out_channels, stride)
-            if not self.preact and shortcut_bn:
-                self.shortcut_bn = nn.BatchNorm2d(out_channels)
-        elif changes_shape:
-            self.pad_shortcut = PadShortcut(in_channels, out_channels, stride)
-        # a pre-activation unit with a projection shares its first activation with the shortcut,
-        # unless the projection takes the raw input
-        self.shares_preact = self.preact and self.shortcut is not None and projection != "raw"
-
-        self.gate = None
-        if shortcut in ("exclusive_gating", "shortcut_gating"):
-            self.gate = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=True)
-            nn.init.constant_(self.gate.bias, gate_bias)
-        self.shortcut_dropout = nn.Dropout(dropout) if shortcut == "dropout" else None
-
-    def _branch_convs(self, in_channels: int, out_channels: int, stride: int) -> list[nn.Conv2d]:
-        """The residual branch's convolutions, in the order they run."""
-        if self.bottleneck:
-            width = out_channels // BOTTLENECK_EXPANSION
-            s1, s3 = (stride, 1) if self.stride_on == "1x1" else (1, stride)
-            return [conv1x1(in_channels, width, s1), conv3x3(width, width, s3), conv1x1(width, out_channels)]
-        return [conv3x3(in_channels, out_channels, stride), conv3x3(out_channels, out_channels)]
-
-    # -- the two paths -------------------------------------------------------
-    def _preactivate(self, x: torch.Tensor) -> torch.Tensor:
-        """First activation of a pre-activation unit: relu(bn1(x)) or relu(x)."""
-        if self.activation == "full_preact":
-            x = self.bn1(x)
-        return F.relu(x)
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_unit_input(x, self.in_channels, type(self).__name__)
 
     def _branch_conv(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """Branch conv ``i`` (1-based) of ``h``: with ``conv_padding``, ``F.pad`` by its entry and
@@ -249,29 +143,139 @@ class ResidualUnit(nn.Module):
         return F.conv2d(F.pad(h, tuple(self.conv_padding[i - 1])), conv.weight, conv.bias, conv.stride, 0,
                         conv.dilation, conv.groups)
 
-    def _residual(self, x: torch.Tensor, preactivated: bool) -> torch.Tensor:
-        h = x
-        for i in range(1, self.num_convs + 1):
-            last = i == self.num_convs
-            if self.activation == "full_preact":           # BN -> ReLU -> conv
-                if not (i == 1 and preactivated):
-                    h = F.relu(getattr(self, f"bn{i}")(h))
-                h = self._branch_conv(i, h)
-            elif self.activation == "relu_only_preact":    # ReLU -> conv -> BN
-                if not (i == 1 and preactivated):
-                    h = F.relu(h)
-                h = getattr(self, f"bn{i}")(self._branch_conv(i, h))
-            else:                                          # conv -> BN -> ReLU
-                h = self._branch_conv(i, h)
-                if not last:
-                    h = F.relu(getattr(self, f"bn{i}")(h))
-                elif self.activation == "original":
-                    h = getattr(self, f"bn{i}")(h)
-                elif self.activation == "relu_before_add":
-                    h = F.relu(getattr(self, f"bn{i}")(h))
-        return h
+    def _changes_shape(self) -> bool:
+        return self.stride != 1 or self.in_channels != self.out_channels
 
-    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+
+def branch_convs(in_channels: int, out_channels: int, stride: int, stride_on: Optional[str]) -> list[nn.Conv2d]:
+    """The branch's convs in the order they run: two 3x3 (``stride_on=None``: a basic unit), or
+    1x1 -> 3x3 -> 1x1 at width ``out_channels // 4`` with the stride on the first 1x1 or the 3x3."""
+    if stride_on is None:
+        return [conv3x3(in_channels, out_channels, stride), conv3x3(out_channels, out_channels)]
+    _choice("stride_on", stride_on, BOTTLENECK_STRIDE_ON)
+    if out_channels % BOTTLENECK_EXPANSION:
+        raise ValueError(f"a bottleneck unit needs out_channels divisible by 4, got {out_channels}")
+    width = out_channels // BOTTLENECK_EXPANSION
+    s1, s3 = (stride, 1) if stride_on == "1x1" else (1, stride)
+    return [conv1x1(in_channels, width, s1), conv3x3(width, width, s3), conv1x1(width, out_channels)]
+
+
+class _PreActUnit(ResidualUnit):
+    """A full pre-activation unit: BN -> ReLU -> conv per branch conv, shortcut of x or of
+    the first pre-activation."""
+
+    preact = True
+    shortcut_bn = None     # pre-activation projections have no BN of their own
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, projection: str,
+                 stride_on: Optional[str]):
+        _choice("projection", projection, PROJECTIONS)
+        super().__init__(in_channels, out_channels, stride)
+        convs = branch_convs(in_channels, out_channels, stride, stride_on)
+        self.projection = projection
+        self.num_convs = len(convs)
+        for i, conv in enumerate(convs, start=1):     # registered in the order they run
+            setattr(self, f"bn{i}", nn.BatchNorm2d(conv.in_channels))
+            setattr(self, f"conv{i}", conv)
+        self.shortcut: Optional[nn.Conv2d] = None
+        self.pad_shortcut: Optional[PadShortcut] = None
+        if self._changes_shape() and projection in ("B", "raw"):
+            self.shortcut = conv1x1(in_channels, out_channels, stride)
+        elif self._changes_shape():
+            self.pad_shortcut = PadShortcut(in_channels, out_channels, stride)
+        # the projection of "B" takes the first pre-activation, which both paths then share
+        self.shares_preact = self.shortcut is not None and projection != "raw"
+
+    def _shortcut_of(self, x: torch.Tensor, x_preact: torch.Tensor) -> torch.Tensor:
+        if self.shortcut is not None:
+            return self.shortcut(x_preact if self.shares_preact else x)
+        if self.pad_shortcut is not None:
+            return self.pad_shortcut(x)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}->{self.out_channels}, stride={self.stride}, projection={self.projection}"
+
+
+class PreActBlock(_PreActUnit):
+    """Full pre-activation basic unit (paper Fig. 4e): two 3x3 convs.
+
+    ``y = s + conv2(relu(bn2(conv1(relu(bn1(x))))))``; a shape-changing unit's ``s`` is
+    ``shortcut(relu(bn1(x)))`` (projection ``"B"``), ``shortcut(x)`` (``"raw"``) or the
+    zero-padded ``x`` (``"A"``).
+    State names: ``bn1, conv1, bn2, conv2`` and ``shortcut`` when projecting.
+    """
+
+    bottleneck = False
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B"):
+        super().__init__(in_channels, out_channels, stride, projection, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x_preact = F.relu(self.bn1(x))
+        h = self._branch_conv(1, x_preact)
+        h = self._branch_conv(2, F.relu(self.bn2(h)))
+        return self._shortcut_of(x, x_preact) + h
+
+
+class PreActBottleneck(_PreActUnit):
+    """Full pre-activation bottleneck unit: 1x1 -> 3x3 -> 1x1, width ``out_channels // 4``.
+
+    ``y = s + conv3(relu(bn3(conv2(relu(bn2(conv1(relu(bn1(x)))))))))``, ``s`` as in
+    ``PreActBlock``. ``stride_on`` places the stride on the first 1x1 (the paper's code,
+    default) or on the 3x3 (timm, torchvision). State names: ``bn1..bn3, conv1..conv3``
+    and ``shortcut`` when projecting.
+    """
+
+    bottleneck = True
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
+                 stride_on: str = "1x1"):
+        super().__init__(in_channels, out_channels, stride, projection, stride_on)
+        self.stride_on = stride_on
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x_preact = F.relu(self.bn1(x))
+        h = self._branch_conv(1, x_preact)
+        h = self._branch_conv(2, F.relu(self.bn2(h)))
+        h = self._branch_conv(3, F.relu(self.bn3(h)))
+        return self._shortcut_of(x, x_preact) + h
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, stride_on={self.stride_on}"
+
+
+class _OriginalUnit(ResidualUnit):
+    """An original (post-activation) unit: conv -> BN per branch conv, ReLU after the sum."""
+
+    preact = False
+    shares_preact = False
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, projection: str,
+                 stride_on: Optional[str], shortcut_bn: bool, shortcut: str):
+        _choice("projection", projection, ("A", "B"))
+        _choice("shortcut", shortcut, ("identity", "conv1x1"))
+        super().__init__(in_channels, out_channels, stride)
+        convs = branch_convs(in_channels, out_channels, stride, stride_on)
+        self.projection = projection
+        self.num_convs = len(convs)
+        for i, conv in enumerate(convs, start=1):     # registered in the order they run
+            setattr(self, f"conv{i}", conv)
+            setattr(self, f"bn{i}", nn.BatchNorm2d(conv.out_channels))
+        self.shortcut: Optional[nn.Conv2d] = None
+        self.shortcut_bn: Optional[nn.BatchNorm2d] = None
+        self.pad_shortcut: Optional[PadShortcut] = None
+        # "conv1x1" projects on every unit, shape kept or not (paper Table 1's "1x1 conv shortcut")
+        if shortcut == "conv1x1" or (self._changes_shape() and projection == "B"):
+            self.shortcut = conv1x1(in_channels, out_channels, stride)
+            if shortcut_bn:
+                self.shortcut_bn = nn.BatchNorm2d(out_channels)
+        elif self._changes_shape():
+            self.pad_shortcut = PadShortcut(in_channels, out_channels, stride)
+
+    def _shortcut_of(self, x: torch.Tensor) -> torch.Tensor:
         if self.shortcut is not None:
             s = self.shortcut(x)
             return self.shortcut_bn(s) if self.shortcut_bn is not None else s
@@ -279,67 +283,13 @@ class ResidualUnit(nn.Module):
             return self.pad_shortcut(x)
         return x
 
-    def _combine(self, shortcut_in: torch.Tensor, s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        kind = self.shortcut_kind
-        if kind == "scaling":
-            return self.scale_shortcut * s + self.scale_residual * r
-        if kind in ("exclusive_gating", "shortcut_gating"):
-            g = torch.sigmoid(self.gate(shortcut_in))
-            return (1 - g) * s + (g * r if kind == "exclusive_gating" else r)
-        if kind == "dropout":
-            return self.shortcut_dropout(s) + r
-        return s + r
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_unit_input(x, self.in_channels, type(self).__name__)
-        if self.shares_preact:
-            x_preact = self._preactivate(x)
-            shortcut_in = x_preact
-            r = self._residual(x_preact, preactivated=True)
-        else:
-            shortcut_in = x
-            r = self._residual(x, preactivated=False)
-        y = self._combine(shortcut_in, self._shortcut(shortcut_in), r)
-        if self.activation == "original":
-            y = F.relu(y)
-        elif self.activation == "bn_after_add":
-            y = F.relu(self.bn_add(y))
-        return y
-
     def extra_repr(self) -> str:
-        kind = "bottleneck" if self.bottleneck else "basic"
-        return (f"{self.in_channels}->{self.out_channels}, stride={self.stride}, {kind}, "
-                f"activation={self.activation}, shortcut={self.shortcut_kind}")
+        shortcut = "conv1x1" if self.shortcut is not None and not self._changes_shape() else self.projection
+        return (f"{self.in_channels}->{self.out_channels}, stride={self.stride}, shortcut={shortcut}"
+                f"{'' if self.shortcut is None or self.shortcut_bn is not None else ' (no BN)'}")
 
 
-class PreActBlock(ResidualUnit):
-    """Full pre-activation basic unit (paper Fig. 4e): two 3x3 convs, identity shortcut.
-
-    ``y = x + conv2(relu(bn2(conv1(relu(bn1(x))))))``; a shape-changing unit uses
-    ``shortcut(relu(bn1(x)))`` (projection ``"B"``), ``shortcut(x)`` (``"raw"``) or a
-    zero-padded ``x`` (``"A"``).
-    State names: ``bn1, conv1, bn2, conv2`` and ``shortcut`` when projecting.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B"):
-        super().__init__(in_channels, out_channels, stride, projection=projection)
-
-
-class PreActBottleneck(ResidualUnit):
-    """Full pre-activation bottleneck unit: 1x1 -> 3x3 -> 1x1, width ``out_channels // 4``.
-
-    ``stride_on`` places the stride on the first 1x1 (the paper's code, default)
-    or on the 3x3 (timm, torchvision). State names: ``bn1..bn3, conv1..conv3``
-    and ``shortcut`` when projecting.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
-                 stride_on: str = "1x1"):
-        super().__init__(in_channels, out_channels, stride, bottleneck=True, projection=projection,
-                         stride_on=stride_on)
-
-
-class OriginalBlock(ResidualUnit):
+class OriginalBlock(_OriginalUnit):
     """Original (post-activation) basic unit of He et al. 2015 (paper Fig. 4a), torchvision's
     ``BasicBlock``: ``y = relu(bn2(conv2(relu(bn1(conv1(x))))) + s)``.
 
@@ -351,85 +301,45 @@ class OriginalBlock(ResidualUnit):
     State names: ``conv1, bn1, conv2, bn2`` and ``shortcut`` (+ ``shortcut_bn``) when projecting.
     """
 
+    bottleneck = False
+
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
                  *, shortcut_bn: bool = True, shortcut: str = "identity"):
-        _choice("projection", projection, ("A", "B"))
-        _choice("shortcut", shortcut, ("identity", "conv1x1"))
-        super().__init__(in_channels, out_channels, stride, activation="original", shortcut=shortcut,
-                         projection=projection, shortcut_bn=shortcut_bn)
+        super().__init__(in_channels, out_channels, stride, projection, None, shortcut_bn, shortcut)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        h = F.relu(self.bn1(self._branch_conv(1, x)))
+        h = self.bn2(self._branch_conv(2, h))
+        return F.relu(self._shortcut_of(x) + h)
 
 
-class OriginalBottleneck(ResidualUnit):
+class OriginalBottleneck(_OriginalUnit):
     """Original (post-activation) bottleneck unit: 1x1 -> 3x3 -> 1x1 convs, each followed by
-    its BN, ReLU after the first two BNs and after the add; width ``out_channels // 4``.
+    its BN, ReLU after the first two BNs and after the add; width ``out_channels // 4``:
+    ``y = relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + s)``.
 
     ``stride_on`` places the stride on the 3x3 (torchvision's ResNet v1.5, default) or on
     the first 1x1 (the original paper's). Shortcuts as ``OriginalBlock``. State names:
     ``conv1..conv3, bn1..bn3`` and ``shortcut`` (+ ``shortcut_bn``) when projecting.
     """
 
+    bottleneck = True
+
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, projection: str = "B",
                  stride_on: str = "3x3", *, shortcut_bn: bool = True, shortcut: str = "identity"):
-        _choice("projection", projection, ("A", "B"))
-        _choice("shortcut", shortcut, ("identity", "conv1x1"))
-        super().__init__(in_channels, out_channels, stride, bottleneck=True, activation="original",
-                         shortcut=shortcut, projection=projection, stride_on=stride_on, shortcut_bn=shortcut_bn)
+        super().__init__(in_channels, out_channels, stride, projection, stride_on, shortcut_bn, shortcut)
+        self.stride_on = stride_on
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        h = F.relu(self.bn1(self._branch_conv(1, x)))
+        h = F.relu(self.bn2(self._branch_conv(2, h)))
+        h = self.bn3(self._branch_conv(3, h))
+        return F.relu(self._shortcut_of(x) + h)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, stride_on={self.stride_on}"
 
 
-class SingleConvUnit(ResidualUnit):
-    """A unit whose shortcut skips a single 3x3 conv: Table 3's "ResNet-110 (1layer skip)".
-
-    The paper says only that in this 110-layer net "each shortcut skips only 1
-    layer (i.e., a Residual Unit has only 1 layer)"; neither the authors' Torch
-    code (resnet-1k-layers, fb.resnet.torch) nor the text gives more. What the
-    text leaves open, and what this unit chooses:
-
-    - the order of BN and ReLU: the same orders as the two-conv units of Fig. 4,
-      with the branch cut to one conv, e.g. ``original`` (a)
-      ``y = relu(x + BN(conv(x)))`` and ``full_preact`` (e)
-      ``y = x + conv(relu(BN(x)))``; every activation and shortcut variant works;
-    - the layout of the net: 36 units per stage (108 convs, plus the stem conv and
-      the classifier make 110 layers, as the 54 two-conv units of ResNet-110);
-      widths 16/32/64 (see ``models.cifar_resnet_1layer``);
-    - a shape-changing unit puts its stride on its one conv and takes the shortcut
-      the caller picks (``projection``, as the two-conv units; the experiments use
-      ``"A"``, the zero-padded identity of [1]'s CIFAR nets).
-
-    It runs eager: no fused kernel computes a one-conv unit, and
-    ``convert_to_fused`` leaves it as it is (it is not a ``PreActBlock``).
-    State names: ``conv1, bn1`` (plus ``shortcut``, ``gate`` ... as ``ResidualUnit``).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, **options):
-        if options.get("bottleneck"):
-            raise ValueError("SingleConvUnit has one 3x3 conv: bottleneck=True does not apply")
-        super().__init__(in_channels, out_channels, stride, **options)
-
-    def _branch_convs(self, in_channels: int, out_channels: int, stride: int) -> list[nn.Conv2d]:
-        return [conv3x3(in_channels, out_channels, stride)]
-
-
-def make_unit(in_channels: int, out_channels: int, stride: int = 1, *, bottleneck: bool = False,
-              activation: str = "full_preact", shortcut: str = "identity", projection: str = "B",
-              stride_on: str = "1x1", single_conv: bool = False, **shortcut_options) -> ResidualUnit:
-    """A unit of the given variant. The standard full pre-activation unit with an
-    identity shortcut comes back as ``PreActBlock`` / ``PreActBottleneck``, the original
-    unit with an identity shortcut (projection ``"A"`` or ``"B"``) as ``OriginalBlock`` /
-    ``OriginalBottleneck`` (so ``convert_to_fused`` changes their class); ``shortcut_options`` (``scale_shortcut``,
-    ``scale_residual``, ``gate_bias``, ``dropout``) only matter to other shortcuts.
-    ``single_conv=True`` gives a ``SingleConvUnit`` (one 3x3 conv, always eager)."""
-    if single_conv:
-        if bottleneck:
-            raise ValueError("single_conv=True needs bottleneck=False: a single-conv unit has one 3x3 conv")
-        return SingleConvUnit(in_channels, out_channels, stride, activation=activation, shortcut=shortcut,
-                              projection=projection, stride_on=stride_on, **shortcut_options)
-    if activation == "full_preact" and shortcut == "identity":
-        if bottleneck:
-            return PreActBottleneck(in_channels, out_channels, stride, projection, stride_on)
-        return PreActBlock(in_channels, out_channels, stride, projection)
-    if activation == "original" and shortcut == "identity" and projection in ("A", "B"):
-        if bottleneck:
-            return OriginalBottleneck(in_channels, out_channels, stride, projection, stride_on)
-        return OriginalBlock(in_channels, out_channels, stride, projection)
-    return ResidualUnit(in_channels, out_channels, stride, bottleneck=bottleneck, activation=activation,
-                        shortcut=shortcut, projection=projection, stride_on=stride_on, **shortcut_options)
+STANDARD_UNITS = (PreActBlock, PreActBottleneck, OriginalBlock, OriginalBottleneck)

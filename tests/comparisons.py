@@ -9,8 +9,9 @@ def perturb_bn(module: torch.nn.Module) -> torch.nn.Module:
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
                 if m.running_mean is not None:
                     m.running_mean.uniform_(-0.3, 0.3)
                     m.running_var.uniform_(0.5, 2.0)

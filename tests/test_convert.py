@@ -5,9 +5,12 @@ import warnings
 import pytest
 import torch
 
-from fused_preact import convert_to_fused, models
+from comparisons import assert_same_step
+
+from fused_preact import convert_to_fused, dispatch, models
+from fused_preact.converted import ConvertedUnit
 from fused_preact.fused import FusedPreActBlock, FusedPreActBottleneck
-from fused_preact.units import ResidualUnit
+from fused_preact.variants import VariantUnit
 
 
 def _run(model, x, seed=0):
@@ -31,8 +34,10 @@ def _assert_same_training_step(before, after, x):
         torch.testing.assert_close(b1, b0, rtol=0, atol=0, msg=name)
 
 
+# the ImageNet layout with --full (about 15 s here); its units are the CIFAR nets' classes
 @pytest.mark.parametrize("builder,size", [(models.cifar_resnet20, 16), (models.cifar_resnet164, 16),
-                                          (lambda: models.imagenet_resnet50(num_classes=5), 64)])
+                                          pytest.param(lambda: models.imagenet_resnet50(num_classes=5), 64,
+                                                       marks=pytest.mark.full, id="imagenet_resnet50")])
 def test_converts_own_models_in_place(builder, size):
     model = builder().double()
     params_before = list(model.parameters())
@@ -48,31 +53,38 @@ def test_converts_own_models_in_place(builder, size):
 
 def test_other_variants_are_left_alone():
     model = models.cifar_resnet20(activation="relu_before_add")
-    with pytest.warns(RuntimeWarning, match=r"0 of 9 residual units fused; left eager: ResidualUnit x7: its residual "
+    with pytest.warns(RuntimeWarning, match=r"0 of 9 residual units fused; left eager: VariantUnit x7: its residual "
                                             r"branch ends in a ReLU, not a convolution"):
         _, report = convert_to_fused(model, return_report=True)
-    assert all(type(u) is ResidualUnit for u in model.units())
+    assert all(type(u) is VariantUnit for u in model.units())
     assert report.num_units == 9 and not report.fused
 
 
-@pytest.mark.parametrize("name", ["resnetv2_50", "resnetv2_18"])
+# resnetv2_50 with --full (its bottleneck units also run in test_convert_keeps_model.py, at small widths)
+@pytest.mark.parametrize("name", [pytest.param("resnetv2_50", marks=pytest.mark.full), "resnetv2_18"])
 def test_converts_timm_resnetv2(name):
+    """timm's units, fused on the C++ CPU kernels (the eager path where the extension is not built)."""
     timm = pytest.importorskip("timm")
     model = timm.create_model(name, num_classes=10).double()
     reference = copy.deepcopy(model)
     state = copy.deepcopy(model.state_dict())
     params_before = list(model.parameters())
+    names = [n for n, _ in model.named_modules()]
+    backend = "cuda" if dispatch.unavailable_reason("cuda", torch.zeros(1, dtype=torch.float64)) is None else "eager"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         rng = torch.get_rng_state()
-        convert_to_fused(model, backend="eager")
+        convert_to_fused(model, backend=backend)
         assert torch.equal(torch.get_rng_state(), rng)        # converting draws no random numbers
-        fused = [m for m in model.modules() if isinstance(m, (FusedPreActBlock, FusedPreActBottleneck))]
+        fused = [m for m in model.modules() if isinstance(m, ConvertedUnit)]
         assert len(fused) == (16 if name == "resnetv2_50" else 8)
+        assert {u.original_class.__name__ for u in fused} == {"PreActBottleneck" if name == "resnetv2_50"
+                                                              else "PreActBasic"}
+        assert [n for n, _ in model.named_modules()] == names  # timm's module paths
         assert list(model.state_dict()) == list(state)      # timm's key names and order
         model.load_state_dict(state, strict=True)            # timm checkpoints still load
         assert all(a is b for a, b in zip(model.parameters(), params_before))
-        _assert_same_training_step(reference, model, torch.randn(2, 3, 64, 64, dtype=torch.float64))
+        assert_same_step(reference, model, torch.randn(2, 3, 64, 64, dtype=torch.float64))
 
 
 def test_timm_units_that_compute_something_else_stay_eager():
@@ -87,8 +99,8 @@ def test_timm_units_that_compute_something_else_stay_eager():
                                              r"conv1 is a StdConv2d"):
         _, report = convert_to_fused(model, return_report=True)
     assert report.fused == ["1"] and list(report.left_eager) == ["0"]
-    assert model[0] is gn_unit and isinstance(model[1], FusedPreActBottleneck)
-    assert model[1].stride_on == "3x3" and model[1].conv2.stride == (2, 2)
+    assert model[0] is gn_unit and isinstance(model[1], ConvertedUnit) and model[1].original_class is PreActBottleneck
+    assert model[1].conv2.stride == (2, 2) and model[1]._parts.shortcut == "downsample.conv"
 
 
 def test_convert_rejects_bad_arguments():
@@ -96,3 +108,19 @@ def test_convert_rejects_bad_arguments():
         convert_to_fused(models.cifar_resnet20(), backend="fast")
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         convert_to_fused("resnet")
+
+
+@pytest.mark.parametrize("name,unit_class,count,reason", [
+    ("resnet50_gn", "Bottleneck", 16, "its residual branch ends in aten.native_group_norm"),
+    ("skresnet18", "SelectiveKernelBasic", 8, "conv2.conv takes aten.sum"),
+])
+def test_the_report_counts_every_residual_unit(name, unit_class, count, reason):
+    """M counts residual units of any normalization and any branch (timm's GroupNorm and
+    selective-kernel ResNets, whose first conv takes half of the input's channels), left eager
+    with the reason: "0 of 16", not "0 of 0"."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, num_classes=10)
+    with pytest.warns(RuntimeWarning, match=rf"0 of {count} residual units fused; left eager: "
+                                            rf"{unit_class} x{count}: {reason}"):
+        _, report = convert_to_fused(model, return_report=True)
+    assert report.num_units == count and not report.fused

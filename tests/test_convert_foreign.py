@@ -16,27 +16,34 @@ from torch import nn
 
 import foreign_models as fm
 from fused_preact import convert, convert_to_fused, dispatch, models
-from fused_preact.fused import FusedPreActBlock, FusedPreActBottleneck, _FusedUnitMixin
+from fused_preact.converted import ConvertedUnit
+from fused_preact.fused import FusedPreActBlock, _FusedUnitMixin
 from fused_preact.recognize import UnitMatch, recognize
 from comparisons import assert_same_step, perturb_bn, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# name, builder, input size, units, fused class, shortcut kinds (plan) of the fused units
+# name, builder, input size, units, branch convs of the fused units, their shortcut kinds
 FORMS = [
     ("kuangliu basic", lambda: fm.kuangliu_preact_resnet18(widths=(4, 8), num_blocks=(2, 1)), 8,
-     3, FusedPreActBlock, {"identity", "projection"}),
+     3, 2, {"identity", "projection"}),
     ("kuangliu bottleneck 3x3", lambda: fm.kuangliu_preact_resnet50(widths=(2, 4), num_blocks=(1, 2)), 8,
-     3, FusedPreActBottleneck, {"identity", "projection"}),
+     3, 3, {"identity", "projection"}),
     ("wide resnet", lambda: fm.wide_resnet(depth=16, widen_factor=2, base=2), 12,
-     6, FusedPreActBlock, {"identity", "projection"}),
+     6, 2, {"identity", "projection"}),
     ("fb basic raw", lambda: fm.fb_preresnet(8, "BasicBlock", base=4), 12,
-     3, FusedPreActBlock, {"identity", "raw_projection"}),
+     3, 2, {"identity", "raw_projection"}),
     ("fb bottleneck 3x3 raw", lambda: fm.fb_preresnet(11, "Bottleneck", base=2), 12,
-     3, FusedPreActBottleneck, {"raw_projection"}),
+     3, 3, {"raw_projection"}),
     ("fb bottleneck 1x1 raw", lambda: fm.fb_preresnet(11, "Bottleneck", base=2, stride_on="1x1"), 12,
-     3, FusedPreActBottleneck, {"raw_projection"}),
+     3, 3, {"raw_projection"}),
 ]
+
+
+def _shortcut_kind(unit):
+    """identity | projection (of the pre-activation) | raw_projection (of x), as the kernels see it."""
+    view, _ = unit._kernel_view(torch.zeros(1))
+    return ("identity" if view.shortcut is None else "projection" if view.shares_preact else "raw_projection")
 
 
 def _need(backend, x):
@@ -49,8 +56,8 @@ def _fused_units(model):
     return [m for m in model.modules() if isinstance(m, _FusedUnitMixin)]
 
 
-@pytest.mark.parametrize("name,build,size,units,fused_class,shortcuts", FORMS, ids=[f[0] for f in FORMS])
-def test_converts_and_keeps_state(name, build, size, units, fused_class, shortcuts):
+@pytest.mark.parametrize("name,build,size,units,convs,shortcuts", FORMS, ids=[f[0] for f in FORMS])
+def test_converts_and_keeps_state(name, build, size, units, convs, shortcuts):
     model = perturb_bn(build().double())
     unconverted = copy.deepcopy(model)
     state = copy.deepcopy(model.state_dict())
@@ -62,9 +69,8 @@ def test_converts_and_keeps_state(name, build, size, units, fused_class, shortcu
     assert converted is model
     fused = _fused_units(model)
     assert len(fused) == units and report.num_fused == report.num_units == units
-    assert all(type(u) is fused_class for u in fused)
-    from fused_preact.unit_function import unit_plan
-    assert {unit_plan(u).shortcut for u in fused} == shortcuts
+    assert all(type(u) is ConvertedUnit and u.num_convs == convs for u in fused)
+    assert {_shortcut_kind(u) for u in fused} == shortcuts
     # the very tensors, in the original order (an optimizer built before keeps working)
     assert all(a is b for a, b in zip(model.parameters(), params)) and len(list(model.parameters())) == len(params)
     assert all(a is b for a, b in zip(model.buffers(), buffers))
@@ -84,8 +90,8 @@ def test_converts_and_keeps_state(name, build, size, units, fused_class, shortcu
 # every form on the C++ backend; on the Triton interpreter (2-5 s a form) one form by default, all with --full
 @pytest.mark.default_cases(keep=lambda params: params["backend"] == "cuda" or params["name"] == "kuangliu basic")
 @pytest.mark.parametrize("backend", ["cuda", pytest.param("triton", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("name,build,size,units,fused_class,shortcuts", FORMS, ids=[f[0] for f in FORMS])
-def test_converted_model_computes_the_same_in_float64(backend, name, build, size, units, fused_class, shortcuts):
+@pytest.mark.parametrize("name,build,size,units,convs,shortcuts", FORMS, ids=[f[0] for f in FORMS])
+def test_converted_model_computes_the_same_in_float64(backend, name, build, size, units, convs, shortcuts):
     x = torch.randn(2, 3, size, size, dtype=torch.float64) * 1.5 + 0.3
     _need(backend, x.to(DEVICE))
     model = perturb_bn(build().double())
@@ -131,7 +137,7 @@ def test_recognition_follows_data_flow_not_names():
     recognition = recognize(unit, 6)
     assert recognition.match == UnitMatch(bns=("a", "m"), convs=("z", "q"), shortcut="identity", shortcut_conv=None)
     fused = convert_to_fused(copy.deepcopy(unit))
-    assert isinstance(fused, FusedPreActBlock) and list(fused.state_dict()) == list(unit.state_dict())
+    assert isinstance(fused, ConvertedUnit) and list(fused.state_dict()) == list(unit.state_dict())
 
 
 class _PostActivation(nn.Module):      # torchvision's BasicBlock layout
@@ -183,13 +189,6 @@ def test_units_computing_something_else_stay_eager_and_named(unit, reason):
                                             + type(unit).__name__ + " x1: " + reason):
         _, report = convert_to_fused(model, return_report=True)
     assert model[1] is unit and report.left_eager["1"].startswith(reason)
-
-
-def test_unit_with_hooks_stays_eager():
-    unit = fm.KLPreActBlock(4, 4)
-    unit.conv1.register_forward_hook(lambda *args: None)
-    with pytest.warns(RuntimeWarning, match="hooks"):
-        assert convert_to_fused(unit) is unit
 
 
 def test_all_fused_is_one_log_line_and_no_warning(caplog):
@@ -278,13 +277,13 @@ def test_converted_foreign_model_double_backward_and_empty_batch():
 
 
 def test_guard_without_the_extension_checks_the_mapping_with_the_eager_path(monkeypatch):
-    """No C++ build: the guard's fused copy runs the fused class's eager path, which still
+    """No C++ build: the guard's fused copy runs what the kernels compute in eager PyTorch, which still
     proves the mapping (a swapped BN pair fails it) and lets a right one through."""
     monkeypatch.setattr(convert, "guard_backend", lambda: "eager")
     model = fm.fb_preresnet(8, base=4)
     _, report = convert_to_fused(model, backend="eager", return_report=True)
     assert report.guard_backend == "eager" and report.num_fused == 3
-    assert "fused class's eager path" in report.summary()
+    assert "eager PyTorch computing what the fused kernels compute" in report.summary()
     real = convert.recognize
     monkeypatch.setattr(convert, "recognize", lambda module, width: (lambda r: type(r)(
         True, match=UnitMatch(r.match.bns[::-1], r.match.convs, r.match.shortcut, r.match.shortcut_conv))
@@ -294,14 +293,18 @@ def test_guard_without_the_extension_checks_the_mapping_with_the_eager_path(monk
     assert report.num_fused == 0
 
 
-def test_own_unit_keeps_its_own_hooks_through_the_class_change():
+def test_own_unit_becomes_a_fused_twin_that_keeps_its_hooks_and_state():
+    """No class change in place: a new FusedPreActBlock holding the unit's very modules, parameters
+    and hooks (the same dictionaries); the eager unit itself stays what it was."""
     from fused_preact.units import PreActBlock
     unit = PreActBlock(4, 4)
     seen = []
     unit.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     fused = convert_to_fused(unit, backend="eager")
-    assert fused is unit and isinstance(unit, FusedPreActBlock)
-    unit(torch.randn(2, 4, 5, 5))
+    assert fused is not unit and type(fused) is FusedPreActBlock and type(unit) is PreActBlock
+    assert fused._modules is unit._modules and fused.conv1 is unit.conv1
+    assert [p for p in fused.parameters()] == [p for p in unit.parameters()]
+    fused(torch.randn(2, 4, 5, 5))
     assert seen == [(2, 4, 5, 5)]
 
 

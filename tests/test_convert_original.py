@@ -16,6 +16,7 @@ from torch import nn
 import foreign_models as fm
 from comparisons import assert_same_step, perturb_bn
 from fused_preact import convert_to_fused, dispatch, models
+from fused_preact.converted import ConvertedUnit
 from fused_preact.fused import FusedOriginalBlock, FusedOriginalBottleneck, FusedPreActBlock, _FusedUnitMixin
 from fused_preact.recognize import OriginalUnitMatch, recognize
 from fused_preact.units import OriginalBlock, OriginalBottleneck, PadShortcut, PreActBlock
@@ -32,6 +33,11 @@ def _need(backend, x):
 
 def _fused_units(model):
     return [m for m in model.modules() if isinstance(m, _FusedUnitMixin)]
+
+
+def _original_class(unit):
+    """The class of the module a fused unit stands for."""
+    return unit.original_class if isinstance(unit, ConvertedUnit) else type(unit)
 
 
 # -- recognition: what each way of writing the unit is seen as ------------------------------------
@@ -82,16 +88,19 @@ def _torchvision(depth, **kwargs):
 
 
 def _check_converted(model, units, classes):
-    """Converted in place: every unit fused, the very tensors in the original order (an
-    optimizer built before keeps working), the original's state_dict keys, strict loads."""
+    """Converted in place: every unit fused (``classes``: the classes of the modules fused), the very
+    tensors in the original order (an optimizer built before keeps working), the original's module
+    paths and state_dict keys, strict loads."""
     unconverted = copy.deepcopy(model)
     params, buffers = list(model.parameters()), list(model.buffers())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     state = copy.deepcopy(model.state_dict())
+    names = [n for n, _ in model.named_modules()]
     converted, report = convert_to_fused(model, backend="cuda", return_report=True)
     assert converted is model and report.num_fused == report.num_units == units, report.summary()
     fused = _fused_units(model)
-    assert len(fused) == units and {type(u) for u in fused} == classes
+    assert len(fused) == units and {_original_class(u) for u in fused} == classes
+    assert [n for n, _ in model.named_modules()] == names
     assert [p is q for p, q in zip(model.parameters(), params)] == [True] * len(params)
     assert [b is c for b, c in zip(model.buffers(), buffers)] == [True] * len(buffers)
     assert optimizer.param_groups[0]["params"][0] is next(model.parameters())
@@ -102,8 +111,7 @@ def _check_converted(model, units, classes):
 
 
 @pytest.mark.full
-@pytest.mark.parametrize("depth,units,cls", [(18, 8, FusedOriginalBlock), (34, 16, FusedOriginalBlock),
-                                             (50, 16, FusedOriginalBottleneck)])
+@pytest.mark.parametrize("depth,units,cls", [(18, 8, BasicBlock), (34, 16, BasicBlock), (50, 16, Bottleneck)])
 def test_torchvision_resnets_convert_and_compute_the_same_in_float64(depth, units, cls):
     """Every block fused; a training and an eval step as the unconverted net, on the C++ CPU
     kernels (64 px, batch 4: layer4's BNs see 4 x 2 x 2 = 16 values per channel)."""
@@ -136,7 +144,7 @@ def test_one_block_of_each_torchvision_form_on_the_triton_interpreter():
     model = perturb_bn(nn.Sequential(BasicBlock(8, 8), Bottleneck(8, 4, 2, downsample)).double())
     reference = copy.deepcopy(model)
     convert_to_fused(model, backend="triton")
-    assert [type(u) for u in _fused_units(model)] == [FusedOriginalBlock, FusedOriginalBottleneck]
+    assert [_original_class(u) for u in _fused_units(model)] == [BasicBlock, Bottleneck]
     assert_same_step(reference, model, x)
 
 
@@ -148,7 +156,7 @@ def test_zero_init_residual_converts_and_stays_exact():
     _need("cuda", x)
     model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, zero_init_residual=True).double()
     assert all(float(block.bn2.weight.detach().abs().max()) == 0 for block in (model.layer1[0], model.layer4[0]))
-    reference = _check_converted(model, 4, {FusedOriginalBlock})
+    reference = _check_converted(model, 4, {BasicBlock})
     assert_same_step(reference, model, x)
 
 
@@ -185,7 +193,7 @@ def test_cifar_ports_convert_and_compute_the_same_in_float64(build):
     x = torch.randn(2, 3, 12, 12, dtype=torch.float64) * 1.5 + 0.3
     _need("cuda", x)
     model = perturb_bn(build().double())
-    reference = _check_converted(model, 9, {FusedOriginalBlock})
+    reference = _check_converted(model, 9, {type(next(m for m in model.modules() if "BasicBlock" in type(m).__name__))})
     assert_same_step(reference, model, x)
     reference.eval(), model.eval()
     assert_same_step(reference, model, x)
@@ -199,15 +207,16 @@ def test_option_a_with_zeros_in_front_on_the_triton_interpreter_and_in_a_preact_
     model = perturb_bn(fm.akamaster_resnet(8, "A").layer2.double())
     reference = copy.deepcopy(model)
     convert_to_fused(model, backend="triton")
-    assert model[0].pad_shortcut.front_channels == 2
+    assert model[0]._parts.pad_shortcut.front_channels == 2
     assert_same_step(reference, model, x)
 
     _need("cuda", x)
     unit = perturb_bn(PreActBlock(4, 8, 2, "A").double())
     unit.pad_shortcut = PadShortcut(4, 8, 2, front_channels=3)
     reference = copy.deepcopy(unit)
-    assert convert_to_fused(unit, backend="cuda") is unit and type(unit) is FusedPreActBlock
-    assert_same_step(reference, unit, torch.randn(4, 4, 6, 6, dtype=torch.float64))
+    fused = convert_to_fused(unit, backend="cuda")
+    assert type(fused) is FusedPreActBlock and fused.pad_shortcut is unit.pad_shortcut
+    assert_same_step(reference, fused, torch.randn(4, 4, 6, 6, dtype=torch.float64))
     with pytest.raises(ValueError, match="front_channels must be an int in \\[0, 4\\]"):
         PadShortcut(4, 8, 2, front_channels=5)
 

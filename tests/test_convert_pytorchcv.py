@@ -28,19 +28,20 @@ from pytorchcv.models.wrn_cifar import get_wrn_cifar  # noqa: E402
 
 from comparisons import assert_same_step, perturb_bn  # noqa: E402
 from fused_preact import convert_to_fused, dispatch  # noqa: E402
-from fused_preact.fused import FusedPreActBlock, FusedPreActBottleneck, _FusedUnitMixin  # noqa: E402
+from fused_preact.converted import ConvertedUnit  # noqa: E402
+from fused_preact.fused import _FusedUnitMixin  # noqa: E402
 from fused_preact.recognize import UnitMatch, recognize  # noqa: E402
 
 BATCH = 4
 
-# name, builder, input size, fused class
+# name, builder, input size, branch convs of its units (2: basic, 3: bottleneck)
 NETS = [
-    ("preresnet20_cifar10", preresnet20_cifar10, 8, FusedPreActBlock),
-    ("preresnet56_cifar10", preresnet56_cifar10, 8, FusedPreActBlock),
-    ("preresnet164bn_cifar10", preresnet164bn_cifar10, 8, FusedPreActBottleneck),
-    ("preresnet18_wd4", preresnet18_wd4, 64, FusedPreActBlock),
-    ("preresnet50 width/8", lambda: get_preresnet(blocks=50, width_scale=0.125), 64, FusedPreActBottleneck),
-    ("wrn16_2_cifar10", lambda: get_wrn_cifar(num_classes=10, blocks=16, width_factor=2), 8, FusedPreActBlock),
+    ("preresnet20_cifar10", preresnet20_cifar10, 8, 2),
+    ("preresnet56_cifar10", preresnet56_cifar10, 8, 2),
+    ("preresnet164bn_cifar10", preresnet164bn_cifar10, 8, 3),
+    ("preresnet18_wd4", preresnet18_wd4, 64, 2),
+    ("preresnet50 width/8", lambda: get_preresnet(blocks=50, width_scale=0.125), 64, 3),
+    ("wrn16_2_cifar10", lambda: get_wrn_cifar(num_classes=10, blocks=16, width_factor=2), 8, 2),
 ]
 NET_IDS = [n[0] for n in NETS]
 
@@ -95,13 +96,13 @@ def _need(backend, x):
         pytest.skip(reason)
 
 
-@pytest.mark.parametrize("name,build,size,fused_class", NETS, ids=NET_IDS)
-def test_every_preres_unit_fused_and_exact_on_the_cpp_cpu_kernels(name, build, size, fused_class, one_cpu_thread):
+@pytest.mark.parametrize("name,build,size,num_convs", NETS, ids=NET_IDS)
+def test_every_preres_unit_fused_and_exact_on_the_cpp_cpu_kernels(name, build, size, num_convs, one_cpu_thread):
     """backend="cuda" on CPU tensors runs the extension's C++ CPU kernels; training then eval."""
     x = torch.randn(BATCH, 3, size, size, dtype=torch.float64) * 1.5 + 0.3
     _need("cuda", x)
     reference, model, _ = _converted(build, "cuda", x)
-    assert all(type(u) is fused_class for u in _fused_units(model))
+    assert all(type(u) is ConvertedUnit and u.num_convs == num_convs for u in _fused_units(model))
     for training in (True, False):
         reference.train(training), model.train(training)
         assert_same_step(reference, model, x)
@@ -111,13 +112,13 @@ def test_every_preres_unit_fused_and_exact_on_the_cpp_cpu_kernels(name, build, s
 # an identity and two projection units), the named nets in the full run
 TRITON_NETS = [pytest.param("preresnet8_cifar10", lambda: get_preresnet_cifar(num_classes=10, blocks=8,
                                                                              bottleneck=False),
-                             8, FusedPreActBlock, id="preresnet8_cifar10")]
+                             8, 2, id="preresnet8_cifar10")]
 TRITON_NETS += [pytest.param(*n, marks=pytest.mark.full, id=n[0]) for n in NETS
                 if n[0] in ("preresnet20_cifar10", "preresnet164bn_cifar10", "wrn16_2_cifar10")]
 
 
-@pytest.mark.parametrize("name,build,size,fused_class", TRITON_NETS)
-def test_fused_and_exact_on_the_triton_interpreter(name, build, size, fused_class, one_cpu_thread):
+@pytest.mark.parametrize("name,build,size,num_convs", TRITON_NETS)
+def test_fused_and_exact_on_the_triton_interpreter(name, build, size, num_convs, one_cpu_thread):
     """backend="triton" on the CPU runs Triton's interpreter; training then eval."""
     x = torch.randn(BATCH, 3, size, size, dtype=torch.float64) * 1.5 + 0.3
     _need("triton", x)

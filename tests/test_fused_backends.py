@@ -30,7 +30,7 @@ import torch
 
 from fused_preact import dispatch, convert_to_fused
 from fused_preact.fused import FusedPreActBlock, FusedPreActBottleneck
-from fused_preact.models import cifar_resnet
+from fused_preact.models import ResNet, cifar_resnet
 from comparisons import perturb_bn, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -339,13 +339,21 @@ def test_gradients_match_float64_finite_differences(backend):
 # (about 8 s in the interpreter) with --full
 @pytest.mark.default_cases(ids=["cuda"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_training_step_compiles_without_graph_breaks(backend):
+def test_training_step_compiles_without_graph_breaks(backend, monkeypatch):
+    """A ResNet whose first stage has two units: the second takes the first's output statistics in
+    the compiled graph too (stats_handoff: neighbours in one nn.Sequential)."""
     x = torch.randn(2, 3, 8, 8, device=DEVICE)
     _need(backend, x)
-    model = convert_to_fused(cifar_resnet(8), backend=backend).to(DEVICE)
+    model = convert_to_fused(ResNet((2, 1, 1), (16, 32, 64), bottleneck=False, num_classes=10),
+                             backend=backend).to(DEVICE)
     eager_model = copy.deepcopy(model)
+    handed = []
+    real = dispatch.run_unit
+    monkeypatch.setattr(dispatch, "run_unit", lambda *args: handed.append(args[3] is not None) or real(*args))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     out = compiled(x)
+    assert handed[:4] == [False, True, False, False]      # as traced
+    monkeypatch.setattr(dispatch, "run_unit", real)
     out.sum().backward()
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # no fallback warning either

@@ -6,7 +6,8 @@ import torch
 
 from fused_preact import models
 from fused_preact.models import MODELS, cifar_resnet, create_model, imagenet_resnet
-from fused_preact.units import ACTIVATIONS, SHORTCUTS, PreActBlock, PreActBottleneck
+from fused_preact.units import PreActBlock, PreActBottleneck
+from fused_preact.variants import ACTIVATIONS, SHORTCUTS
 
 
 def count(model):

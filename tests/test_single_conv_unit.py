@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from fused_preact.convert import convert_to_fused
 from fused_preact.models import cifar_resnet110, cifar_resnet110_1layer, cifar_resnet_1layer, create_model
-from fused_preact.units import SingleConvUnit, make_unit
+from fused_preact.variants import SingleConvUnit, make_unit
 
 
 @pytest.mark.parametrize("activation", ["original", "full_preact"])

@@ -63,7 +63,7 @@ def test_log_signal_works_with_other_unit_variants(data, tmp_path, capsys, recwa
     metrics = main(_argv(data, tmp_path, "--iters", "2", "--activation", "original",
                          "--shortcut", "exclusive_gating", "--log-signal", "--log-signal-every", "1"))
     # the units that have no fused form are named in the start line, not in a stray warning
-    assert "0 of 3 residual units fused; left eager: ResidualUnit x3" in capsys.readouterr().out
+    assert "0 of 3 residual units fused; left eager: VariantUnit x3" in capsys.readouterr().out
     assert not [w for w in recwarn if "convert_to_fused" in str(w.message)]
     rows = list(csv.DictReader(open(tmp_path / "signal.csv")))
     assert len(rows) == 2 * 3 and all(float(r["grad_norm"]) > 0 for r in rows)

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fused_preact.units import (ACTIVATIONS, SHORTCUTS, OriginalBlock, OriginalBottleneck, PreActBlock, PreActBottleneck,
-                                ResidualUnit, make_unit)
+from fused_preact.units import OriginalBlock, OriginalBottleneck, PreActBlock, PreActBottleneck
+from fused_preact.variants import ACTIVATIONS, SHORTCUTS, VariantUnit, make_unit
 
 SHAPES = [  # (in, out, stride)
     (8, 8, 1),     # identity unit
@@ -35,7 +35,7 @@ def _default_case(params):
 @pytest.mark.parametrize("bottleneck,activation,shortcut,shape", list(_cases()))
 def test_every_variant_runs_forward_and_backward(bottleneck, activation, shortcut, shape):
     cin, cout, stride = shape
-    unit = ResidualUnit(cin, cout, stride, bottleneck=bottleneck, activation=activation, shortcut=shortcut)
+    unit = VariantUnit(cin, cout, stride, bottleneck=bottleneck, activation=activation, shortcut=shortcut)
     x = torch.randn(2, cin, 9, 7, dtype=torch.float64, requires_grad=True)
     unit.double()
     y = unit(x)
@@ -70,7 +70,7 @@ def _paper_basic(unit, x):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_basic_unit_follows_the_paper_equation(activation):
-    unit = ResidualUnit(6, 6, activation=activation).double()
+    unit = VariantUnit(6, 6, activation=activation).double()
     for m in unit.modules():   # non-trivial BN affine parameters
         if isinstance(m, torch.nn.BatchNorm2d):
             m.weight.data.uniform_(0.5, 1.5)
@@ -115,7 +115,7 @@ def test_option_a_shortcut_pads_the_raw_input():
 
 @pytest.mark.parametrize("shortcut", SHORTCUTS)
 def test_shortcut_equations(shortcut):
-    unit = ResidualUnit(6, 6, activation="original", shortcut=shortcut, scale_shortcut=0.5,
+    unit = VariantUnit(6, 6, activation="original", shortcut=shortcut, scale_shortcut=0.5,
                         scale_residual=0.25, gate_bias=-1.0).double().eval()
     x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
     branch = unit.bn2(unit.conv2(F.relu(unit.bn1(unit.conv1(x)))))
@@ -133,12 +133,12 @@ def test_shortcut_equations(shortcut):
 
 def test_gate_bias_initialization_is_selectable():
     for b in (-6.0, 0.0):
-        unit = ResidualUnit(4, 4, shortcut="shortcut_gating", gate_bias=b)
+        unit = VariantUnit(4, 4, shortcut="shortcut_gating", gate_bias=b)
         assert torch.all(unit.gate.bias == b)
 
 
 def test_dropout_shortcut_drops_half_in_training():
-    unit = ResidualUnit(4, 4, shortcut="dropout", dropout=0.5)
+    unit = VariantUnit(4, 4, shortcut="dropout", dropout=0.5)
     assert unit.shortcut_dropout.p == 0.5
     unit.train()
     s = unit.shortcut_dropout(torch.ones(10000))
@@ -150,7 +150,7 @@ def test_make_unit_returns_the_standard_classes():
     assert type(make_unit(4, 16, 2, bottleneck=True, stride_on="3x3")) is PreActBottleneck
     assert type(make_unit(4, 4, activation="original")) is OriginalBlock
     assert type(make_unit(4, 16, 2, bottleneck=True, activation="original", projection="A")) is OriginalBottleneck
-    assert type(make_unit(4, 4, activation="original", shortcut="scaling")) is ResidualUnit
+    assert type(make_unit(4, 4, activation="original", shortcut="scaling")) is VariantUnit
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -167,7 +167,7 @@ def test_bad_constructor_arguments_name_the_argument(kwargs, match):
     args = dict(in_channels=4, out_channels=8)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        ResidualUnit(**args)
+        VariantUnit(**args)
 
 
 def test_bad_inputs_name_the_argument():
