@@ -59,3 +59,23 @@ def test_two_gloo_processes_match_one_process(data, tmp_path, backend):
     losses_two = torch.tensor([loss for _, loss in two["history"]["train"]])
     torch.testing.assert_close(losses_two, losses_one, rtol=1e-4, atol=1e-5)
     assert single["world_size"] == 1
+
+
+@pytest.mark.parametrize("activation", ["full_preact", "original"])
+def test_sync_bn_leaves_every_fused_units_batchnorms_to_the_fused_kernels(activation):
+    """--sync-bn gives fused units (pre-activation and original, built or converted) sync_batch_stats
+    and other BNs a synchronized class; a fused unit's own BNs stay plain BatchNorms, which its kernels
+    read (a ProcessGroupBatchNorm inside it made the unit run eager)."""
+    from torch import nn
+    from fused_preact import convert_to_fused, models
+    from fused_preact.fused import _FusedUnitMixin
+    from fused_preact.train.distributed import ProcessGroupBatchNorm, synchronize_batch_norm
+    model = convert_to_fused(models.cifar_resnet(8, num_classes=3, activation=activation), backend="cuda")
+    group = object()      # any non-None group: sync_batch_stats records it, nothing runs a collective here
+    synchronize_batch_norm(model, "cpu", process_group=group)
+    units = [m for m in model.modules() if isinstance(m, _FusedUnitMixin)]
+    assert len(units) == 3 and all(u._stats_group is group for u in units)
+    inside = {id(bn) for u in units for bn in u.modules() if isinstance(bn, nn.BatchNorm2d)}
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            assert isinstance(bn, ProcessGroupBatchNorm) == (id(bn) not in inside)

@@ -22,9 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..fused import FusedPreActBlock, FusedPreActBottleneck
-
-FUSED_UNITS = (FusedPreActBlock, FusedPreActBottleneck)
+from ..fused import _FusedUnitMixin
 
 
 @dataclass(frozen=True)
@@ -150,8 +148,10 @@ class ProcessGroupBatchNorm(nn.BatchNorm2d):
 
 
 def _runs_kernels(module: nn.Module) -> bool:
-    """A fused unit whose backend may run a kernel (not explicitly ``"eager"``)."""
-    return isinstance(module, FUSED_UNITS) and module.backend != "eager"
+    """A fused unit (pre-activation or original, built or converted) whose backend may run a kernel
+    (not explicitly ``"eager"``): its BNs are synchronized by ``sync_batch_stats``, and must stay
+    plain BatchNorms the kernels read."""
+    return isinstance(module, _FusedUnitMixin) and module.backend != "eager"
 
 
 def _outside_fused_units(model: nn.Module):
