@@ -335,7 +335,7 @@ def write_png(run: dict, path: Path) -> Path:
 
 
 def ratio_table(results: list[dict]) -> str:
-    """Markdown: saved bytes relative to eager, one row per model and dtype (as the README shows it)."""
+    """Markdown: saved bytes relative to eager, one row per model and dtype (as docs/memory.md shows it)."""
     rows = ["| model | dtype | eager MiB/image | " + " | ".join(f"{c} / eager" for c in CONTENDERS[1:]) + " |",
             "|---|---|---|" + "---|" * (len(CONTENDERS) - 1)]
     keys = dict.fromkeys((e["arch"], e["dtype"]) for e in results)

@@ -161,7 +161,7 @@ def _assert_ratio_below(arch, target, side=16, batch=1):
 
 # Targets of the issue: ResNet-110 <= 0.30x eager, ResNet-1001 <= 0.35x. Activations scale with the image
 # area and the batch alike in both, so 16x16 images at batch 1 give the ratio of 32x32 at any batch
-# (bench/memory.py measured the same ratios at 32x32, batch 2: README). The default run takes ResNet-164
+# (bench/memory.py measured the same ratios at 32x32, batch 2: docs/memory.md). The default run takes ResNet-164
 # for the bottleneck target: the same units as ResNet-1001 (18 per stage instead of 111), so the same
 # per-unit saving and a larger share of the stem and head, which fused units do not shrink: ResNet-1001's
 # ratio is below ResNet-164's (bench/memory.py: 0.334 and 0.337).
