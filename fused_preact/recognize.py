@@ -438,20 +438,27 @@ def recognize(module: nn.Module, in_channels: int) -> Recognition:
     out = recorder.values[_key(y)]
     final = nodes[out]
     if final.kind != "add":
-        before = nodes[final.inputs[0]] if len(final.inputs) == 1 else None
-        if before is not None and before.kind == "add":
-            inner = _computed_by_child(recorder, final.inputs[0])
+        # a residual sum followed by a few one-input ops (the ReLU of an original unit; BN and ReLU
+        # after the addition, the paper's Fig. 4(b); another activation): still a residual unit, which
+        # the report counts
+        after, at = [], out
+        while nodes[at].kind in ("relu", "bn", "other") and len(nodes[at].inputs) == 1 and len(after) < 3:
+            after.append(nodes[at])
+            at = nodes[at].inputs[0]
+        if after and nodes[at].kind == "add":
+            inner = _computed_by_child(recorder, at)
             # relu(bn_n(h_n) + s): an original (post-activation) unit, unless one child computed both
             # the sum and its ReLU (then that child is the smaller module holding the unit)
-            if final.kind == "relu" and (inner is None or _computed_by_child(recorder, out) != inner):
+            if after == [final] and final.kind == "relu" and (
+                    inner is None or _computed_by_child(recorder, out) != inner):
                 if recorder.values.get(_key(x)) != 0:
                     return Recognition(True, reason="it modifies its input in place")
-                recognition = _recognize_original(nodes, final.inputs[0], replica, size)
+                recognition = _recognize_original(nodes, at, replica, size)
                 if recognition.match is not None or inner is None:
                     return recognition
-            return Recognition(True, reason=f"its output is {_describe(final)} of the residual sum, not the sum "
-                                            f"itself or its ReLU (the fused units: full pre-activation and "
-                                            f"original)", inner=inner)
+            ops = " of ".join(_describe(node) for node in after)
+            return Recognition(True, reason=f"its output is {ops} of the residual sum, not the sum itself or its "
+                                            f"ReLU (the fused units: full pre-activation and original)", inner=inner)
         return Recognition(False, reason=f"its output is {_describe(final)}, not a residual sum")
     inner = _computed_by_child(recorder, out)
     if inner is not None:

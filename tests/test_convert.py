@@ -51,10 +51,14 @@ def test_converts_own_models_in_place(builder, size):
         _assert_same_training_step(reference, model, torch.randn(2, 3, size, size, dtype=torch.float64))
 
 
-def test_other_variants_are_left_alone():
-    model = models.cifar_resnet20(activation="relu_before_add")
-    with pytest.warns(RuntimeWarning, match=r"0 of 9 residual units fused; left eager: VariantUnit x7: its residual "
-                                            r"branch ends in a ReLU, not a convolution"):
+@pytest.mark.parametrize("activation,reason", [
+    ("relu_before_add", "VariantUnit x7: its residual branch ends in a ReLU, not a convolution"),
+    # BN and ReLU after the addition (Fig. 4(b)): residual units too, counted ("0 of 9", not "0 of 0")
+    ("bn_after_add", "VariantUnit x9: its output is a ReLU of bn_add of the residual sum, not the sum itself"),
+])
+def test_other_variants_are_left_alone(activation, reason):
+    model = models.cifar_resnet20(activation=activation)
+    with pytest.warns(RuntimeWarning, match=rf"0 of 9 residual units fused; left eager: {reason}"):
         _, report = convert_to_fused(model, return_report=True)
     assert all(type(u) is VariantUnit for u in model.units())
     assert report.num_units == 9 and not report.fused

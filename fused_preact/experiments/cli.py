@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="multiplies every iteration count (0.001: a smoke run of 64 iterations)")
     run.add_argument("--out", default=DEFAULT_OUT, help="folder of all runs (<out>/<experiment>/seed<k>...)")
     run.add_argument("--backend", choices=BACKENDS, default="auto",
-                     help="who runs the fused pre-activation units; experiments without them run eager")
+                     help="who runs the fused units (pre-activation and original); experiments without them run eager")
     run.add_argument("--device", default=None, help="cuda or cpu (default: the trainer's)")
     run.add_argument("--nproc", type=int, default=1,
                      help="processes (GPUs) per run, launched with torchrun; the global batch stays the paper's")
