@@ -69,6 +69,10 @@ torch.func: ``torch.library``'s generated autograd Function cannot run under tor
 same setup and backward; ``grad``, ``vjp`` and ``jacrev`` work (the backward operators have a
 vmap rule that loops over the batch), ``vmap`` of a fused forward raises ``VMAP_MESSAGE``.
 
+Exporters: while the TorchScript tracer or ``torch.onnx.export`` traces, ``run_fused_unit`` records
+the forward operator's decomposition into standard ops (``unit_decomposition``) instead of the
+operator; the decompositions are also in torch's decomposition table (registered below).
+
 Activations are NHWC inside; ``run_fused_unit`` takes and returns ``[N, C, H, W]`` tensors, the
 output in channels_last memory format (an NCHW-contiguous input is converted once).
 """
