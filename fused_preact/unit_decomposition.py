@@ -45,7 +45,7 @@ tracer returns the operator's fake implementation: as if the table had no entry.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +78,34 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1)
 
 
+def _per_channel(t: torch.Tensor) -> torch.Tensor:
+    """A ``[C]`` tensor shaped to broadcast over NCHW."""
+    return t[None, :, None, None]
+
+
+class BatchNormParams(NamedTuple):
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: Optional[torch.Tensor]
+    running_var: Optional[torch.Tensor]
+    num_batches_tracked: Optional[torch.Tensor]
+
+
+class BatchNormStats(NamedTuple):
+    """What one BN applies (statistics dtype, ``[C]`` each): ``h * scale + shift``."""
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    def affine(self, h: torch.Tensor) -> torch.Tensor:
+        return h * _per_channel(self.scale) + _per_channel(self.shift)
+
+
+def _bn_params(bn_weights, bn_biases, running_means, running_vars, batches_tracked) -> list[BatchNormParams]:
+    return [BatchNormParams(*p) for p in zip(bn_weights, bn_biases, running_means, running_vars, batches_tracked)]
+
+
 class _Decomposition:
     """One call: the plan, the activation and statistics dtypes, and the steps both kinds share.
     Tensors are NCHW inside (the operators take and return NHWC)."""
@@ -93,37 +121,36 @@ class _Decomposition:
             raise RuntimeError(SYNCHRONIZED_MESSAGE)
 
     # ---- BN ----
-    def statistics(self, j: int, h, weight, bias, running_mean, running_var, batches_tracked, partials=None):
-        """``(mean, invstd, scale, shift, new running (mean, var) or None)`` of BN ``j`` reading NCHW
-        ``h``: the running statistics (eval) or the batch's (from ``partials`` when given)."""
+    def statistics(self, j: int, h, params: BatchNormParams, partials=None):
+        """``(BatchNormStats, new running (mean, var) or None)`` of BN ``j`` reading NCHW ``h``: the
+        running statistics (eval) or the batch's (from ``partials`` when given)."""
         mode = self.plan.bn[j]
         c = self.compute
         if not mode.batch_stats:
-            mean = _as(running_mean, c)
-            invstd = torch.rsqrt(_as(running_var, c) + mode.eps)
+            mean = _as(params.running_mean, c)
+            invstd = torch.rsqrt(_as(params.running_var, c) + mode.eps)
         else:
             mean, m2, count = self._merge(partials) if partials is not None else self._moments(h)
             invstd = torch.rsqrt(m2 / count + mode.eps)
-        scale = _as(weight, c) * invstd
-        shift = _as(bias, c) - mean * scale
-        running = None
-        if mode.update_running:
-            f = 1.0 / _as(batches_tracked, c) if mode.momentum < 0 else mode.momentum
-            new_mean = (1 - f) * _as(running_mean, c) + f * mean
-            new_var = (1 - f) * _as(running_var, c) + f * (m2 / (count - 1))
-            running = (_as(new_mean, running_mean.dtype), _as(new_var, running_var.dtype))
-        return (mean, invstd, scale, shift), running
+        scale = _as(params.weight, c) * invstd
+        stats = BatchNormStats(mean, invstd, scale, _as(params.bias, c) - mean * scale)
+        if not mode.update_running:
+            return stats, None
+        f = 1.0 / _as(params.num_batches_tracked, c) if mode.momentum < 0 else mode.momentum
+        new_mean = (1 - f) * _as(params.running_mean, c) + f * mean
+        new_var = (1 - f) * _as(params.running_var, c) + f * (m2 / (count - 1))   # unbiased, as nn.BatchNorm2d
+        return stats, (_as(new_mean, params.running_mean.dtype), _as(new_var, params.running_var.dtype))
 
     def _moments(self, h):
-        """Mean, sum of squared deviations and count per channel of NCHW ``h`` (two passes)."""
+        """Mean, sum of squared deviations (M2) and count per channel of NCHW ``h`` (two passes)."""
         values = _as(h, self.compute)
         mean = values.mean(dim=(0, 2, 3))
-        m2 = (values - mean[None, :, None, None]).square().sum(dim=(0, 2, 3))
+        m2 = (values - _per_channel(mean)).square().sum(dim=(0, 2, 3))
         count = torch.ones_like(values[:, :1]).sum()   # N * H * W, a tensor (no size specialization)
         return mean, m2, count
 
     def _merge(self, partials):
-        """Chan's merge of partials ``(pmean [T, C], pm2 [T, C], pcount [T])``."""
+        """Chan's merge of partials ``(pmean [T, C], pm2 [T, C], pcount [T])`` into mean, M2, count."""
         pmean, pm2, pcount = (_as(t, self.compute) for t in partials)
         count = pcount.sum()
         mean = (pmean * pcount[:, None]).sum(0) / count
@@ -139,13 +166,12 @@ class _Decomposition:
         return tuple(like.new_empty(0, dtype=self.compute) for _ in range(3))
 
     # ---- the conv, with its prologue ----
-    def preactivation(self, h, stats):
+    def preactivation(self, h, stats: Optional[BatchNormStats]):
         """``relu(scale * h + shift)`` in the statistics dtype, rounded to the activation dtype (h as
         it is without a prologue, ``stats`` None)."""
         if stats is None:
             return h
-        scale, shift = stats[2][None, :, None, None], stats[3][None, :, None, None]
-        return _as(torch.relu(_as(h, self.compute) * scale + shift), self.dtype)
+        return _as(torch.relu(stats.affine(_as(h, self.compute))), self.dtype)
 
     def conv(self, spec: ConvSpec, a, weight, residual=None):
         """The conv of the activated NCHW input ``a`` with the conv's stride and zero padding, on
@@ -169,8 +195,8 @@ class _Decomposition:
         return F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, plan.pad_front, plan.pad_back))
 
 
-def _stats_lists(stats: list) -> tuple[list, list, list, list]:
-    return [s[0] for s in stats], [s[1] for s in stats], [s[2] for s in stats], [s[3] for s in stats]
+def _stats_lists(stats: list[BatchNormStats]) -> tuple[list, list, list, list]:
+    return [s.mean for s in stats], [s.invstd for s in stats], [s.scale for s in stats], [s.shift for s in stats]
 
 
 def _running_lists(running: list) -> tuple[list, list]:
@@ -184,17 +210,17 @@ def preact(x, x_mean, x_m2, x_count, conv_weights, bn_weights, bn_biases, runnin
     ``backend`` is not used)."""
     plan = decode_plan(plan)
     d = _Decomposition(plan, x.dtype, group)
+    bns = _bn_params(bn_weights, bn_biases, running_means, running_vars, batches_tracked)
     x = _nchw(x)
-    partials = (x_mean, x_m2, x_count) if x_mean is not None and plan.bn[0].batch_stats else None
+    x_partials = (x_mean, x_m2, x_count) if x_mean is not None and plan.bn[0].batch_stats else None
     h, residual = x, None
     hs, stats, running = [], [], []
     for i, spec in enumerate(plan.convs):
-        bn_stats, new_running = d.statistics(i, h, bn_weights[i], bn_biases[i], running_means[i], running_vars[i],
-                                             batches_tracked[i], partials if i == 0 else None)
+        bn_stats, new_running = d.statistics(i, h, bns[i], x_partials if i == 0 else None)
         stats.append(bn_stats)
         running.append(new_running)
         a = d.preactivation(h, bn_stats)
-        if i == 0:
+        if i == 0:   # the shortcut: of the first pre-activation, of x, or x itself
             if plan.shortcut == "projection":
                 residual = d.conv(plan.shortcut_conv, a, shortcut_weight)
             elif plan.shortcut == "raw_projection":
@@ -213,13 +239,13 @@ def original(x, conv_weights, bn_weights, bn_biases, running_means, running_vars
     """The ``fused_preact_unit::original`` operator in standard ops."""
     plan = decode_plan(plan)
     d = _Decomposition(plan, x.dtype, group)
+    bns = _bn_params(bn_weights, bn_biases, running_means, running_vars, batches_tracked)
     x = _nchw(x)
     hs, stats, running = [], [], []
     h = x
-    for i, spec in enumerate(plan.convs):
+    for i, spec in enumerate(plan.convs):   # conv i reads x (i = 0) or relu(bn_{i-1}(h_i))
         h = d.conv(spec, d.preactivation(h, stats[i - 1] if i > 0 else None), conv_weights[i])
-        bn_stats, new_running = d.statistics(i, h, bn_weights[i], bn_biases[i], running_means[i], running_vars[i],
-                                             batches_tracked[i])
+        bn_stats, new_running = d.statistics(i, h, bns[i])
         hs.append(h)
         stats.append(bn_stats)
         running.append(new_running)
@@ -228,17 +254,15 @@ def original(x, conv_weights, bn_weights, bn_biases, running_means, running_vars
     else:
         residual = d.padded_shortcut(x) if plan.shortcut == "pad" else x
     s = _as(residual, d.compute)
-    if plan.shortcut_bn is not None:
+    if plan.shortcut_bn is not None:   # the projection's own BN
         j = plan.shortcut_bn
-        bn_stats, new_running = d.statistics(j, residual, bn_weights[j], bn_biases[j], running_means[j],
-                                             running_vars[j], batches_tracked[j])
+        bn_stats, new_running = d.statistics(j, residual, bns[j])
         stats.append(bn_stats)
         running.append(new_running)
         hs.append(residual)
-        s = s * bn_stats[2][None, :, None, None] + bn_stats[3][None, :, None, None]
-    last = stats[plan.num_convs - 1]
-    branch = _as(hs[plan.num_convs - 1], d.compute) * last[2][None, :, None, None] + last[3][None, :, None, None]
-    y = _as(torch.relu(branch + s), d.dtype)
+        s = bn_stats.affine(s)
+    branch = stats[plan.num_convs - 1].affine(_as(hs[plan.num_convs - 1], d.compute))
+    y = _as(torch.relu(branch + s), d.dtype)   # relu(bn_k(h_k) + s), rounded once
     saved_h = [] if plan.recompute else [_nhwc(t) for t in hs]
     return (_nhwc(y), *_running_lists(running), saved_h, *_stats_lists(stats))
 
@@ -249,10 +273,11 @@ DECOMPOSITIONS: dict[str, Callable] = {"preact": preact, "original": original}
 # -- registration in torch's decomposition table --------------------------------------------------------
 def _tracer_decomposing() -> bool:
     """Whether a proxy mode (make_fx: ``run_decompositions``, the ONNX exporter) is tracing this call,
-    which it does only when it looked the operator up in its decomposition table."""
+    which it does only when it looked the operator up in its decomposition table. A torch without the
+    (private) lookup: True, so the table decomposes as registered."""
     get_mode = getattr(torch._C, "_get_dispatch_mode", None)
     key = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "PROXY", None)
-    return get_mode is not None and key is not None and get_mode(key) is not None
+    return get_mode is None or key is None or get_mode(key) is not None
 
 
 def _fake_without_tracer(args) -> bool:

@@ -94,20 +94,24 @@ class UnitCalls(TorchDispatchMode):
         return outputs
 
 
+def _tensors(value) -> list:
+    return [value] if isinstance(value, torch.Tensor) else list(value)
+
+
 def compare_outputs(op, got, expected) -> None:
     """Every output of ``op`` (schema order): tensors by relative error, partials by what they merge to."""
-    for ret, g, e in zip(op._schema.returns, got, expected):
-        if ret.name in ("y_mean", "y_m2", "y_count"):
-            continue
-        for i, (a, b) in enumerate(zip(*([t] if isinstance(t, torch.Tensor) else list(t) for t in (g, e)))):
-            assert a.shape == b.shape and a.dtype == b.dtype, f"{ret.name}[{i}]: {a.shape} {a.dtype}, {b.shape} {b.dtype}"
-            error = relative_error(a, b) if b.numel() else 0.0
-            assert error <= TOL, f"{ret.name}[{i}]: max error {error:.3g}"
-        if isinstance(g, (list, tuple)):
-            assert len(g) == len(e), ret.name
     names = [r.name for r in op._schema.returns]
+    for name, g, e in zip(names, got, expected):
+        if name in ("y_mean", "y_m2", "y_count"):
+            continue
+        g, e = _tensors(g), _tensors(e)
+        assert len(g) == len(e), f"{name}: {len(g)} tensors, the operator {len(e)}"
+        for i, (a, b) in enumerate(zip(g, e)):
+            assert (a.shape, a.dtype) == (b.shape, b.dtype), f"{name}[{i}]: {a.shape} {a.dtype}, {b.shape} {b.dtype}"
+            error = relative_error(a, b) if b.numel() else 0.0
+            assert error <= TOL, f"{name}[{i}]: max error {error:.3g}"
     if "y_mean" in names:
-        partials = [tuple(outs[names.index(n)] for n in ("y_mean", "y_m2", "y_count")) for outs in (got, expected)]
+        partials = [tuple(out[names.index(n)] for n in ("y_mean", "y_m2", "y_count")) for out in (got, expected)]
         assert (partials[0][0].numel() == 0) == (partials[1][0].numel() == 0), "want_stats honoured"
         if partials[1][0].numel():
             for what, a, b in zip(("mean", "M2", "count"), merge_partials(*partials[0]), merge_partials(*partials[1])):
@@ -194,7 +198,8 @@ def _converted_resnet(**options):
     return convert_to_fused(model, backend="cuda").eval()
 
 
-ONNX_MODELS = {"preact-basic": dict(), "preact-bottleneck": dict(bottleneck=True), "original": dict(activation="original")}
+ONNX_MODELS = {"preact-basic": dict(), "preact-bottleneck": dict(bottleneck=True),
+               "original": dict(activation="original")}
 
 
 @pytest.mark.usefixtures("cpp")
