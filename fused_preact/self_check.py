@@ -11,8 +11,8 @@ verdict.
 
 What it costs: nothing per step once a configuration is known (``checked_backend`` looks up a small
 key in the unit's own dict: no tensor is read back to the host). The check itself runs in plain
-eager execution only: never while torch.compile traces, a CUDA graph captures, a torch.func
-transform, a TorchDispatchMode or saved-tensor hooks are active (then the unit runs as resolved and
+eager execution only: never while torch.compile or the TorchScript tracer traces, a CUDA graph
+captures, a torch.func transform, a TorchDispatchMode or saved-tensor hooks are active (then the unit runs as resolved and
 is checked at a later plain call). It works on deep copies of the unit without the user's hooks: parameters, running
 statistics and the autograd graph of the real call are untouched.
 
@@ -138,10 +138,10 @@ def _local_key(unit: nn.Module, x: torch.Tensor, name: str) -> tuple:
 
 
 def _plain_execution(x: torch.Tensor) -> bool:
-    """No tracing, capture, functorch transform, dispatch mode or saved-tensor hooks (offloading,
-    a measurement of what autograd saves: the check's own backward would run through them): a
-    check may run now."""
-    if torch.compiler.is_compiling():
+    """No tracing (torch.compile, torch.export, the TorchScript tracer), capture, functorch transform,
+    dispatch mode or saved-tensor hooks (offloading, a measurement of what autograd saves: the check's
+    own backward would run through them): a check may run now."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     if saved_tensor_hooks is not None and saved_tensor_hooks(False) is not None:

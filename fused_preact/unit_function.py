@@ -69,11 +69,16 @@ torch.func: ``torch.library``'s generated autograd Function cannot run under tor
 same setup and backward; ``grad``, ``vjp`` and ``jacrev`` work (the backward operators have a
 vmap rule that loops over the batch), ``vmap`` of a fused forward raises ``VMAP_MESSAGE``.
 
+Exporters: while the TorchScript tracer or ``torch.onnx.export`` traces, ``run_fused_unit`` records
+the forward operator's decomposition into standard ops (``unit_decomposition``) instead of the
+operator; the decompositions are also in torch's decomposition table (registered below).
+
 Activations are NHWC inside; ``run_fused_unit`` takes and returns ``[N, C, H, W]`` tensors, the
 output in channels_last memory format (an NCHW-contiguous input is converted once).
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -81,6 +86,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .unit_decomposition import DECOMPOSITIONS, register_decompositions
 from .unit_ops import statistics_dtype
 from .unit_plan import (MEMORY_MODES, ConvSpec, GradNeeds, UnitPlan, backward_work, check_branch_shape,
                         check_memory, decode_plan, unit_plan)
@@ -679,6 +685,10 @@ def _register_autograd(kind: str) -> None:
 for _kind in _KINDS:
     _register_autograd(_kind)
 
+# the forward operators in standard ops, in torch's decomposition table (ONNX export, TorchScript tracing)
+register_decompositions(NAMESPACE, {"preact": lambda *args: preact_forward(*args, fake=True),
+                                    "original": lambda *args: original_forward(*args, fake=True)})
+
 
 # -- torch.func ---------------------------------------------------------------------------------------
 def _functorch_transform_active() -> bool:
@@ -792,6 +802,17 @@ def _unit_bns(unit: nn.Module, plan: UnitPlan) -> list[nn.Module]:
     return bns + ([unit.shortcut_bn] if plan.shortcut_bn is not None else [])
 
 
+def _exporter_tracing() -> bool:
+    """Whether an exporter traces this call: the TorchScript tracer (``torch.jit.trace``, the legacy
+    ONNX exporter), which cannot record an operator with ``Tensor?[]`` arguments, or the ONNX exporter,
+    which would decompose the operator anyway and whose dynamic shapes then need no backend's fake
+    implementation. ``torch.compile`` sees False (dynamo folds ``is_in_onnx_export``)."""
+    if torch.jit.is_tracing():
+        return True
+    onnx = sys.modules.get("torch.onnx")   # torch imports it lazily: not imported, not exporting
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
 def run_fused_unit(backend: str, unit: nn.Module, x: torch.Tensor, stats_in: Optional[Partials] = None,
                    want_stats: bool = False) -> tuple[torch.Tensor, Optional[Partials]]:
     """Run ``unit`` (full pre-activation, or original post-activation) on ``x`` with the operator set
@@ -816,7 +837,7 @@ def run_fused_unit(backend: str, unit: nn.Module, x: torch.Tensor, stats_in: Opt
             bn.num_batches_tracked.add_(1)
     convs = [getattr(unit, f"conv{i}") for i in range(1, unit.num_convs + 1)]
     inputs = dict(
-        x=x.to(dtype).contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1),
+        x=(x if x.dtype == dtype else x.to(dtype)).contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1),
         conv_weights=[c.weight for c in convs],
         bn_weights=[bn.weight for bn in bns], bn_biases=[bn.bias for bn in bns],
         running_means=[bn.running_mean for bn in bns], running_vars=[bn.running_var for bn in bns],
@@ -836,6 +857,10 @@ def run_fused_unit(backend: str, unit: nn.Module, x: torch.Tensor, stats_in: Opt
         leaves, in_spec = pytree.tree_flatten(ordered)
         flat = _FunctorchUnit.apply(plan.kind, holder, in_spec, *leaves)
         outputs = pytree.tree_unflatten(list(flat), holder.spec)
+    elif _exporter_tracing():
+        # the exporters record the operator's decomposition into standard ops (unit_decomposition)
+        outputs = dict(zip(kind.outputs, DECOMPOSITIONS[kind.forward](**ordered)))
+        _store_running(plan, ordered, outputs)
     else:
         outputs = dict(zip(kind.outputs, _operator(kind.forward)(**ordered)))
         _store_running(plan, ordered, outputs)

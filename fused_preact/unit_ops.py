@@ -156,6 +156,10 @@ namespace, defined (with their fake implementations, autograd, vmap rules and FL
   ``no_grad``, ``create_graph=True`` then gets a node that raises the double-backward message when
   differentiated); ``register_fake`` runs the same Python forward and backward on fake tensors
   (every backend operator has a fake; collectives by shape only).
+- The forward operators in standard ATen ops (``fused_preact.unit_decomposition``): what the
+  exporters record (``torch.onnx.export``, both exporters; ``torch.jit.trace``), also registered in
+  torch's decomposition table for graphs that hold the operators (``torch.onnx.export`` of an
+  ``ExportedProgram``).
 
 Why this design: ``torch.export`` inlines an ``autograd.Function`` and loses its backward (an
 exported program of a unit written as an autograd Function trains without gradients); an operator with
