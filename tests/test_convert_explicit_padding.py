@@ -90,7 +90,8 @@ def test_pads_the_fused_unit_cannot_take_stay_eager_with_the_reason(unit, reason
 
 
 @pytest.mark.parametrize("backend,pad,memory", [("cuda", "module", "default"), ("cuda", "function", "default"),
-                                                ("triton", "module", "default"), ("cuda", "module", "min")])
+                                                pytest.param("triton", "module", "default", marks=pytest.mark.full),
+                                                ("cuda", "module", "min")])   # Triton's padding: test_conv_padding
 def test_explicit_padding_fused_and_exact(backend, pad, memory, one_cpu_thread):
     """Both forms, (1, 1, 1, 1) and the stride-2 (0, 1, 0, 1), fused on the C++ CPU kernels and the
     Triton interpreter, memory="min" too (its recompute passes each conv's padding); training then

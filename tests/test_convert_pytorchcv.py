@@ -112,7 +112,7 @@ def test_every_preres_unit_fused_and_exact_on_the_cpp_cpu_kernels(name, build, s
 # an identity and two projection units), the named nets in the full run
 TRITON_NETS = [pytest.param("preresnet8_cifar10", lambda: get_preresnet_cifar(num_classes=10, blocks=8,
                                                                              bottleneck=False),
-                             8, 2, id="preresnet8_cifar10")]
+                             8, 2, marks=pytest.mark.full, id="preresnet8_cifar10")]
 TRITON_NETS += [pytest.param(*n, marks=pytest.mark.full, id=n[0]) for n in NETS
                 if n[0] in ("preresnet20_cifar10", "preresnet164bn_cifar10", "wrn16_2_cifar10")]
 

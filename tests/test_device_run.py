@@ -202,5 +202,13 @@ def test_a_sample_keeps_evenly_spaced_cases_of_each_test(tmp_path):
             pass
     """, FUSED_PREACT_SAMPLE_PER_TEST="3")
     assert "4 passed, 7 deselected" in done.stdout, done.stdout[-2000:]
-    bad = _pytest_in(tmp_path, "def test_x(): pass\n", FUSED_PREACT_SAMPLE_PER_TEST="0")
-    assert "FUSED_PREACT_SAMPLE_PER_TEST must be a positive integer" in bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "three"])
+def test_a_sample_size_that_is_not_a_positive_integer_is_named(value, monkeypatch):
+    import conftest
+    monkeypatch.setenv("FUSED_PREACT_SAMPLE_PER_TEST", value)
+    monkeypatch.delenv("FUSED_PREACT_FULL_TESTS", raising=False)
+    config = type("Config", (), {"getoption": staticmethod(lambda name: False if name == "--full" else "")})()
+    with pytest.raises(pytest.UsageError, match="FUSED_PREACT_SAMPLE_PER_TEST must be a positive integer"):
+        conftest.pytest_collection_modifyitems(config, [])

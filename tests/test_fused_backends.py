@@ -275,6 +275,7 @@ def test_unit_momentum_none_several_steps(backend):
         torch.testing.assert_close(f.cpu().double(), b.double(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.default_cases(ids=["cuda"])   # a whole net on the interpreter by default: test_convert_foreign
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_whole_cifar_resnet_of_fused_units(backend):
     """A CIFAR ResNet-8 whose units run fused, chained statistics included, against float64 eager."""
