@@ -117,15 +117,17 @@ def test_contenders_that_cannot_run_are_listed_with_a_reason(smoke_run):
         assert item["reason"] in done.stdout
 
 
-def test_report_is_rebuilt_from_the_json_of_a_run_stopped_early(smoke_run, tmp_path):
+def test_report_is_rebuilt_from_the_json_of_a_run_stopped_early(smoke_run, tmp_path, capsys):
+    """``python -m bench.report DIR`` (its main, in this process: a second interpreter costs 5 s here)."""
     out_dir, _, data = smoke_run
     (tmp_path / "results.json").write_text((out_dir / "results.json").read_text())
-    done = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path)], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert report.main([str(tmp_path)]) == 0
     assert (tmp_path / "report.md").read_text() == (out_dir / "report.md").read_text()
     assert (tmp_path / "speedup.png").read_bytes().startswith(b"\x89PNG")
-    assert data["info"]["git_commit"][:12] in done.stdout
+    assert data["info"]["git_commit"][:12] in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "missing")])
+    assert "out_dir: no results.json" in capsys.readouterr().err
 
 
 @pytest.mark.full   # a second benchmark process (about 6 s); the GPU run measures the Triton contenders

@@ -131,10 +131,12 @@ UNITS = [
 ]
 
 
-# by default: every unit form on both backends in training mode, eval mode (running statistics) once per
-# backend; the rest of the product on the Triton interpreter (about 0.7 s a case) with --full
+# by default: every unit form on the C++ kernels in training and eval mode; on the Triton interpreter
+# (about 1 s a case) the basic unit in both modes and, training, option A and the stride-2 1x1
+# bottleneck (the other forms run there in test_unit_cross_product's sample); the rest with --full
 def _default_unit_case(params):
-    return params["backend"] == "cuda" or params["train"] or params["name"] == "basic"
+    return (params["backend"] == "cuda" or params["name"] == "basic"
+            or (params["train"] and params["name"] in ("basic s2 A", "bottleneck s2 1x1")))
 
 
 @pytest.mark.default_cases(keep=_default_unit_case)
