@@ -145,15 +145,29 @@ AOT_VARIANTS = _aot_variants(os.environ.get("FUSED_PREACT_FULL_TESTS") == "1" or
                              or "full" in sys.argv)
 
 
+def _compile_one(job) -> None:
+    from gpu_code import compile_triton
+    variant, arch, folder = job
+    cubin = compile_triton(variant["kernel"], variant["signature"], variant["constexprs"], arch,
+                           num_warps=variant["num_warps"], num_stages=variant["num_stages"])
+    with open(os.path.join(folder, f"{variant['name']}.sm{arch}.cubin"), "wb") as f:
+        f.write(cubin)
+
+
 def compile_all(folder: str, every_variant: bool) -> None:
-    """Entry point of the subprocess: ``<name>.sm<arch>.cubin`` for every variant and arch."""
-    from gpu_code import ARCHS, compile_triton
-    for name, variant in _aot_variants(every_variant).items():
-        for arch in ARCHS:
-            cubin = compile_triton(variant["kernel"], variant["signature"], variant["constexprs"], arch,
-                                   num_warps=variant["num_warps"], num_stages=variant["num_stages"])
-            with open(os.path.join(folder, f"{name}.sm{arch}.cubin"), "wb") as f:
-                f.write(cubin)
+    """Entry point of the subprocess: ``<name>.sm<arch>.cubin`` for every variant and arch, two compiles
+    at a time (the CI machine's cores)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from gpu_code import ARCHS
+    jobs = [(name, arch, folder) for name in _aot_variants(every_variant) for arch in ARCHS]
+    with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        list(pool.map(_compile_by_name, [(every_variant, *job) for job in jobs]))
+
+
+def _compile_by_name(job) -> None:
+    every_variant, name, arch, folder = job
+    _compile_one((_aot_variants(every_variant)[name], arch, folder))
 
 
 @pytest.fixture(scope="module")

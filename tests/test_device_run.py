@@ -180,28 +180,23 @@ def _pytest_in(folder: Path, test_source: str, **env_vars) -> subprocess.Complet
                           text=True, timeout=120)
 
 
-def test_a_test_over_its_time_fails_and_the_run_goes_on(tmp_path):
+def test_a_test_over_its_time_fails_the_run_goes_on_and_a_sample_keeps_spaced_cases(tmp_path):
+    """The device run's two controls of a pytest step, in one pytest process (each costs ~5 s here):
+    FUSED_PREACT_TEST_TIMEOUT fails a test that hangs and the run goes on; FUSED_PREACT_SAMPLE_PER_TEST=3
+    keeps 3 evenly spaced cases of each test function (the others deselected)."""
     done = _pytest_in(tmp_path, """
         import time
+        import pytest
         def test_hangs():
             time.sleep(60)
         def test_after():
             assert True
-    """, FUSED_PREACT_TEST_TIMEOUT="1")
-    assert "the test ran over FUSED_PREACT_TEST_TIMEOUT=1 s" in done.stdout, done.stdout[-2000:]
-    assert "1 failed, 1 passed" in done.stdout
-
-
-def test_a_sample_keeps_evenly_spaced_cases_of_each_test(tmp_path):
-    done = _pytest_in(tmp_path, """
-        import pytest
         @pytest.mark.parametrize("i", range(10))
         def test_many(i):
             print("ran", i)
-        def test_single():
-            pass
-    """, FUSED_PREACT_SAMPLE_PER_TEST="3")
-    assert "4 passed, 7 deselected" in done.stdout, done.stdout[-2000:]
+    """, FUSED_PREACT_TEST_TIMEOUT="1", FUSED_PREACT_SAMPLE_PER_TEST="3")
+    assert "the test ran over FUSED_PREACT_TEST_TIMEOUT=1 s" in done.stdout, done.stdout[-2000:]
+    assert "1 failed, 4 passed, 7 deselected" in done.stdout, done.stdout[-2000:]
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "three"])

@@ -381,15 +381,21 @@ DEFAULT_AOT = {"channel_stats_bf16_c64", "channel_stats_fp16_c64", "channel_stat
                "bn_backward_finish_fp32_c64_batch", "bn_backward_finish_fp64_c128_running_add"}
 
 
+def _compile_one(job) -> None:
+    name, arch, folder = job
+    variant = AOT_VARIANTS[name]
+    cubin = compile_triton(variant["kernel"], variant["signature"], variant["constexprs"], arch,
+                           num_warps=variant["num_warps"], num_stages=variant["num_stages"])
+    with open(os.path.join(folder, f"{name}.sm{arch}.cubin"), "wb") as f:
+        f.write(cubin)
+
+
 def compile_all(folder: str, names) -> None:
-    """Entry point of the subprocess: ``<name>.sm<arch>.cubin`` for each variant named and arch."""
-    for name in names:
-        variant = AOT_VARIANTS[name]
-        for arch in ARCHS:
-            cubin = compile_triton(variant["kernel"], variant["signature"], variant["constexprs"], arch,
-                                   num_warps=variant["num_warps"], num_stages=variant["num_stages"])
-            with open(os.path.join(folder, f"{name}.sm{arch}.cubin"), "wb") as f:
-                f.write(cubin)
+    """Entry point of the subprocess: ``<name>.sm<arch>.cubin`` for each variant named and arch, two
+    compiles at a time (the CI machine's cores)."""
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        list(pool.map(_compile_one, [(name, arch, folder) for name in names for arch in ARCHS]))
 
 
 @pytest.fixture(scope="module")
