@@ -159,11 +159,30 @@ def test_fake_partial_rows_match_the_kernels():
         assert (r.shape, r.dtype) == (f.shape, f.dtype)
 
 
+def test_constant_results_are_marked_as_torch_compiler_marks_them():
+    """dispatch marks its constant-result functions without importing torch._dynamo: the mark must be
+    all that torch.compiler.assume_constant_result sets (a torch that changes it fails here)."""
+    from fused_preact import dispatch
+
+    def theirs():
+        return None
+
+    def ours():
+        return None
+    torch.compiler.assume_constant_result(theirs)
+    dispatch._mark_constant(ours)
+    assert vars(theirs) == vars(ours) == {"_dynamo_marked_constant": True}
+    assert all(vars(f) == vars(theirs) for f in (dispatch._triton_import_error, dispatch._triton_interpreting,
+                                                 dispatch._extension_error, dispatch._extension_has_cuda))
+
+
 def test_importing_the_registration_loads_no_kernel():
-    code = ("import sys, fused_preact.kernels.ops, torch; "
+    """Nor does ``import fused_preact`` load torch._dynamo (1.7 s here): see dispatch._mark_constant."""
+    code = ("import sys, fused_preact, fused_preact.kernels.ops, torch; "
             "assert hasattr(torch.ops.fused_preact_triton, 'bn_finalize'); "
             "loaded = [m for m in sys.modules if m.startswith('fused_preact.kernels.') "
             "and m != 'fused_preact.kernels.ops']; "
-            "assert not loaded, loaded")
+            "assert not loaded, loaded; "
+            "assert 'torch._dynamo' not in sys.modules, 'import fused_preact loaded torch._dynamo'")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
