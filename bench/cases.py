@@ -107,10 +107,14 @@ def _original_cifar_case(name: str, batch: int, image: int, quick: bool) -> Case
                 build=lambda: create_model(name, activation="original", projection="A"), quick=quick)
 
 
-def _torchvision_case(name: str, batch: int, image: int, quick: bool, **options) -> Case:
-    """``torchvision.models.<name>(**options)``: original units, stride on the 3x3 (v1.5)."""
+def _torchvision_case(name: str, batch: int, image: int, quick: bool, layers: Optional[list[int]] = None,
+                      **options) -> Case:
+    """``torchvision.models.<name>(**options)``: original units, stride on the 3x3 (v1.5). With
+    ``layers``: torchvision's ``ResNet`` class of ``BasicBlock``s, that many per stage (``resnet10``)."""
     def build() -> nn.Module:
         import torchvision       # only the cases that use it need it
+        if layers is not None:
+            return torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, layers, **options)
         return getattr(torchvision.models, name)(**options)
     return Case(f"model/torchvision_{name}", "model", batch, (3, image, image), build=build, quick=quick)
 
@@ -152,11 +156,12 @@ def smoke_cases() -> list[Case]:
     convs = [_conv_case("tiny", ConvShape(8, 8, 3, 1, 8), 4, True),
              _conv_case("tiny", ConvShape(32, 8, 1, 1, 8), 4, True)]
     # the smallest CIFAR net (one unit per stage) at 8 px: the net pools globally
-    # and the original unit's: the same net with original units, torchvision's ResNet-18 at 16 px; batches
+    # and the original unit's: the same net with original units, torchvision's ResNet class with one
+    # BasicBlock per stage (a ResNet-10: ResNet-18's units and widths, half of them) at 16 px; batches
     # such that every BN sees >= 16 values per channel (stage 3 at 2x2; layer3 and layer4 at 1x1), else
     # fp32 training steps differ from float64 by O(1) in eager and fused alike
     originals = [_original_cifar_case("cifar_resnet8", 4, 8, True),
-                 _torchvision_case("resnet18", 16, 16, True, num_classes=10)]
+                 _torchvision_case("resnet10", 16, 16, True, layers=[1, 1, 1, 1], num_classes=10)]
     return convs + units + [_model_case("cifar_resnet8", 2, 8, True)] + originals
 
 

@@ -91,10 +91,11 @@ def test_every_figure_comes_from_its_samples(smoke_run):
 
 def test_smoke_run_measures_the_original_unit_nets(smoke_run):
     """The original (post-activation) unit's cases: this project's net with original units and
-    torchvision's ResNet-18, eager and (when the extension is built) converted to fused C++ CPU units."""
+    torchvision's ResNet class (a ResNet-10), eager and (when the extension is built) converted to fused C++
+    CPU units."""
     from fused_preact import _extension
     _, _, data = smoke_run
-    for case in ("model/cifar_resnet8-original", "model/torchvision_resnet18"):
+    for case in ("model/cifar_resnet8-original", "model/torchvision_resnet10"):
         measured = {(e["contender"], e["mode"]): e for e in data["results"]
                     if e["case"] == case and e["status"] == "measured"}
         assert {("eager", "train"), ("eager", "infer")} <= set(measured), case
