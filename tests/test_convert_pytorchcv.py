@@ -96,6 +96,9 @@ def _need(backend, x):
         pytest.skip(reason)
 
 
+# by default one net of each structure (CIFAR basic, CIFAR bottleneck with BN shortcut, ImageNet, WRN);
+# the deeper CIFAR net and the bottleneck ImageNet net with --full
+@pytest.mark.default_cases(ids=["preresnet20_cifar10", "preresnet164bn_cifar10", "preresnet18_wd4", "wrn16_2_cifar10"])
 @pytest.mark.parametrize("name,build,size,num_convs", NETS, ids=NET_IDS)
 def test_every_preres_unit_fused_and_exact_on_the_cpp_cpu_kernels(name, build, size, num_convs, one_cpu_thread):
     """backend="cuda" on CPU tensors runs the extension's C++ CPU kernels; training then eval."""

@@ -187,6 +187,7 @@ def _torchvision_resnet50_fused(model: nn.Module, memory: str) -> nn.Module:
     return fused
 
 
+@pytest.mark.full   # about 5 s here; the memory modes of original units run by default on the nets above
 def test_torchvision_resnet50_saves_at_most_0_6x_eagers_activations():
     """Saved activation bytes of one training forward of the real torchvision ResNet-50 (64 px, batch 2,
     float32, fused units on the C++ CPU kernels), counted as bench/memory.py counts them."""
