@@ -71,7 +71,9 @@ def step(unit, x, g, bf16=False):
     (y.float() * g).sum().backward()
 
 
-def measure(case, repeats, bf16=False):
+def _units_and_input(case):
+    """An eager unit of ``case``, its fused twin (C++ CPU kernels) with the same state, an input and an
+    output gradient."""
     bottleneck, channels, batch, side, channels_last = CASES[case]
     eager = (PreActBottleneck if bottleneck else PreActBlock)(channels, channels)
     fused = (FusedPreActBottleneck if bottleneck else FusedPreActBlock)(channels, channels, backend="cuda")
@@ -80,6 +82,11 @@ def measure(case, repeats, bf16=False):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     g = torch.randn_like(x)
+    return eager, fused, x, g
+
+
+def measure(case, repeats, bf16=False):
+    eager, fused, x, g = _units_and_input(case)
     sides = {"eager": lambda: step(eager, x, g, bf16), "fused": lambda: step(fused, x, g, bf16)}
     for fn in sides.values():   # the first of two warm-up calls each; median_seconds makes the second
         fn()
@@ -108,14 +115,7 @@ def measure_input_grad(case, repeats):
     """{(side, BN mode): (full backward ms, input-only backward ms)}, medians of ``repeats`` calls each;
     every call of a round runs side by side (eager full, eager input-only, fused full, fused
     input-only), so the shared VM's drift hits all four alike."""
-    bottleneck, channels, batch, side, channels_last = CASES[case]
-    eager = (PreActBottleneck if bottleneck else PreActBlock)(channels, channels)
-    fused = (FusedPreActBottleneck if bottleneck else FusedPreActBlock)(channels, channels, backend="cuda")
-    fused.load_state_dict(eager.state_dict())
-    x = torch.randn(batch, channels, side, side)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    g = torch.randn_like(x)
+    eager, fused, x, g = _units_and_input(case)
     results = {}
     for mode in ("train", "eval"):
         sides = {"eager": eager.train(mode == "train"), "fused": fused.train(mode == "train")}

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .unit_ops import statistics_dtype
-from .unit_plan import ConvSpec, UnitPlan, decode_plan
+from .unit_plan import BatchNormParams, ConvSpec, UnitPlan, bn_params, decode_plan
 
 ONNX_TRAINING_MESSAGE = (
     "fused-preact: torch.onnx.export of a fused unit in training mode (its BNs normalize with batch "
@@ -83,14 +83,6 @@ def _per_channel(t: torch.Tensor) -> torch.Tensor:
     return t[None, :, None, None]
 
 
-class BatchNormParams(NamedTuple):
-    weight: torch.Tensor
-    bias: torch.Tensor
-    running_mean: Optional[torch.Tensor]
-    running_var: Optional[torch.Tensor]
-    num_batches_tracked: Optional[torch.Tensor]
-
-
 class BatchNormStats(NamedTuple):
     """What one BN applies (statistics dtype, ``[C]`` each): ``h * scale + shift``."""
     mean: torch.Tensor
@@ -100,10 +92,6 @@ class BatchNormStats(NamedTuple):
 
     def affine(self, h: torch.Tensor) -> torch.Tensor:
         return h * _per_channel(self.scale) + _per_channel(self.shift)
-
-
-def _bn_params(bn_weights, bn_biases, running_means, running_vars, batches_tracked) -> list[BatchNormParams]:
-    return [BatchNormParams(*p) for p in zip(bn_weights, bn_biases, running_means, running_vars, batches_tracked)]
 
 
 class _Decomposition:
@@ -210,7 +198,7 @@ def preact(x, x_mean, x_m2, x_count, conv_weights, bn_weights, bn_biases, runnin
     ``backend`` is not used)."""
     plan = decode_plan(plan)
     d = _Decomposition(plan, x.dtype, group)
-    bns = _bn_params(bn_weights, bn_biases, running_means, running_vars, batches_tracked)
+    bns = bn_params(bn_weights, bn_biases, running_means, running_vars, batches_tracked)
     x = _nchw(x)
     x_partials = (x_mean, x_m2, x_count) if x_mean is not None and plan.bn[0].batch_stats else None
     h, residual = x, None
@@ -239,7 +227,7 @@ def original(x, conv_weights, bn_weights, bn_biases, running_means, running_vars
     """The ``fused_preact_unit::original`` operator in standard ops."""
     plan = decode_plan(plan)
     d = _Decomposition(plan, x.dtype, group)
-    bns = _bn_params(bn_weights, bn_biases, running_means, running_vars, batches_tracked)
+    bns = bn_params(bn_weights, bn_biases, running_means, running_vars, batches_tracked)
     x = _nchw(x)
     hs, stats, running = [], [], []
     h = x

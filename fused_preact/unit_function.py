@@ -88,8 +88,8 @@ from torch.utils import _pytree as pytree
 
 from .unit_decomposition import DECOMPOSITIONS, register_decompositions
 from .unit_ops import statistics_dtype
-from .unit_plan import (MEMORY_MODES, ConvSpec, GradNeeds, UnitPlan, backward_work, check_branch_shape,
-                        check_memory, decode_plan, unit_plan)
+from .unit_plan import (MEMORY_MODES, BackwardWork, BatchNormParams, ConvSpec, GradNeeds, UnitPlan, backward_work,
+                        bn_params, check_branch_shape, check_memory, decode_plan, unit_plan)
 
 __all__ = ["DOUBLE_BACKWARD_MESSAGE", "MEMORY_MODES", "NAMESPACE", "Partials", "VMAP_MESSAGE", "check_memory",
            "compute_dtype", "process_count", "register_operator_set", "run_fused_unit", "unit_plan"]
@@ -199,14 +199,6 @@ class BatchNormStats(NamedTuple):
     invstd: torch.Tensor
     scale: torch.Tensor
     shift: torch.Tensor
-
-
-class BatchNormParams(NamedTuple):
-    weight: torch.Tensor
-    bias: torch.Tensor
-    running_mean: Optional[torch.Tensor]
-    running_var: Optional[torch.Tensor]
-    num_batches_tracked: Optional[torch.Tensor]
 
 
 def _count(h: torch.Tensor, world: int) -> int:
@@ -339,10 +331,6 @@ class _UnitRun:
         return hs
 
 
-def _bn_params(bn_weights, bn_biases, running_means, running_vars, batches_tracked) -> list[BatchNormParams]:
-    return [BatchNormParams(*p) for p in zip(bn_weights, bn_biases, running_means, running_vars, batches_tracked)]
-
-
 def _stats_lists(stats: list[BatchNormStats]) -> tuple[list, list, list, list]:
     return ([s.mean for s in stats], [s.invstd for s in stats], [s.scale for s in stats],
             [s.shift for s in stats])
@@ -398,7 +386,7 @@ def preact_forward(x, x_mean, x_m2, x_count, conv_weights, bn_weights, bn_biases
     """The ``preact`` operator (``fake``: on fake tensors, collectives by shape only)."""
     plan = decode_plan(plan)
     run = _UnitRun(plan, backend, group, fake)
-    bns = _bn_params(bn_weights, bn_biases, running_means, running_vars, batches_tracked)
+    bns = bn_params(bn_weights, bn_biases, running_means, running_vars, batches_tracked)
     partials = (x_mean, x_m2, x_count) if x_mean is not None else None
     h, residual = x, None
     hs, stats, running = [], [], []
@@ -423,14 +411,26 @@ def preact_forward(x, x_mean, x_m2, x_count, conv_weights, bn_weights, bn_biases
     return (y, *y_partials, *_running_lists(running), saved_h, *_stats_lists(stats))
 
 
+class _BackwardStart(NamedTuple):
+    """What both backward operators start from."""
+    plan: UnitPlan
+    needs: GradNeeds             # the gradients asked for
+    work: BackwardWork           # the convs and reductions they take
+    run: "_UnitRun"
+    stats: list[BatchNormStats]  # the forward's, per BN
+
+
+def _backward_start(plan, needs, backend, group, fake, means, invstds, scales, shifts) -> _BackwardStart:
+    plan = decode_plan(plan)
+    needs = GradNeeds.from_flags(needs, plan)
+    return _BackwardStart(plan, needs, backward_work(plan, needs), _UnitRun(plan, backend, group, fake),
+                          [BatchNormStats(*s) for s in zip(means, invstds, scales, shifts)])
+
+
 def preact_backward(dy, x, saved_h, means, invstds, scales, shifts, conv_weights, bn_weights, shortcut_weight,
                     plan, backend, group, needs, *, fake=False):
     """The ``preact_backward`` operator."""
-    plan = decode_plan(plan)
-    needs = GradNeeds.from_flags(needs, plan)
-    work = backward_work(plan, needs)
-    run = _UnitRun(plan, backend, group, fake)
-    stats = [BatchNormStats(*s) for s in zip(means, invstds, scales, shifts)]
+    plan, needs, work, run, stats = _backward_start(plan, needs, backend, group, fake, means, invstds, scales, shifts)
     hs = [x, *(run.recompute(x, conv_weights, stats, shortcut_weight) if plan.recompute else saved_h)]
     grads = _Grads(x, conv_weights, bn_weights)
     dy = dy.contiguous()
@@ -479,7 +479,7 @@ def original_forward(x, conv_weights, bn_weights, bn_biases, running_means, runn
     """The ``original`` operator."""
     plan = decode_plan(plan)
     run = _UnitRun(plan, backend, group, fake)
-    bns = _bn_params(bn_weights, bn_biases, running_means, running_vars, batches_tracked)
+    bns = bn_params(bn_weights, bn_biases, running_means, running_vars, batches_tracked)
     hs, stats, running = [], [], []
     h = x
     for i in range(plan.num_convs):
@@ -507,11 +507,7 @@ def original_forward(x, conv_weights, bn_weights, bn_biases, running_means, runn
 def original_backward(dy, x, y, saved_h, means, invstds, scales, shifts, conv_weights, bn_weights, shortcut_weight,
                       plan, backend, group, needs, *, fake=False):
     """The ``original_backward`` operator."""
-    plan = decode_plan(plan)
-    needs = GradNeeds.from_flags(needs, plan)
-    work = backward_work(plan, needs)
-    run = _UnitRun(plan, backend, group, fake)
-    stats = [BatchNormStats(*s) for s in zip(means, invstds, scales, shifts)]
+    plan, needs, work, run, stats = _backward_start(plan, needs, backend, group, fake, means, invstds, scales, shifts)
     hs = run.recompute(x, conv_weights, stats, shortcut_weight) if plan.recompute else list(saved_h)
     n, s = plan.num_convs, plan.shortcut_bn
     h_s = hs[n] if s is not None else None

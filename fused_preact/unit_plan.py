@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
+import torch
 from torch import nn
 
 from .unit_ops import Padding, padded_output_shape
@@ -269,3 +270,17 @@ def backward_work(plan: UnitPlan, needs: GradNeeds) -> BackwardWork:
     return BackwardWork(wgrad=tuple(needs.conv), dgrad=tuple(dgrad), finish=tuple(finish),
                         shortcut_wgrad=needs.shortcut and plan.shortcut_conv is not None,
                         shortcut_dgrad=shortcut_dgrad)
+
+
+class BatchNormParams(NamedTuple):
+    """One BN's tensors as the unit operators take them (per-BN lists, in the plan's BN order)."""
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: Optional[torch.Tensor]
+    running_var: Optional[torch.Tensor]
+    num_batches_tracked: Optional[torch.Tensor]
+
+
+def bn_params(bn_weights, bn_biases, running_means, running_vars, batches_tracked) -> list[BatchNormParams]:
+    """The operators' per-BN lists as one record per BN."""
+    return [BatchNormParams(*p) for p in zip(bn_weights, bn_biases, running_means, running_vars, batches_tracked)]

@@ -84,6 +84,17 @@ def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
 
 
+def raw_shortcut(unit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The shortcut of a unit whose shortcut reads the raw input ``x``: its projection (``unit.shortcut``,
+    then ``unit.shortcut_bn`` when it has one), else its option-A padding (``unit.pad_shortcut``), else x."""
+    if unit.shortcut is not None:
+        s = unit.shortcut(x)
+        return unit.shortcut_bn(s) if unit.shortcut_bn is not None else s
+    if unit.pad_shortcut is not None:
+        return unit.pad_shortcut(x)
+    return x
+
+
 class PadShortcut(nn.Module):
     """Option A of the original ResNet: subsample by ``stride`` and zero-pad channels.
 
@@ -276,12 +287,7 @@ class _OriginalUnit(ResidualUnit):
             self.pad_shortcut = PadShortcut(in_channels, out_channels, stride)
 
     def _shortcut_of(self, x: torch.Tensor) -> torch.Tensor:
-        if self.shortcut is not None:
-            s = self.shortcut(x)
-            return self.shortcut_bn(s) if self.shortcut_bn is not None else s
-        if self.pad_shortcut is not None:
-            return self.pad_shortcut(x)
-        return x
+        return raw_shortcut(self, x)
 
     def extra_repr(self) -> str:
         shortcut = "conv1x1" if self.shortcut is not None and not self._changes_shape() else self.projection

@@ -56,7 +56,7 @@ from torch import nn
 
 from .units import (ACTIVATIONS, BOTTLENECK_EXPANSION, BOTTLENECK_STRIDE_ON, PROJECTIONS, SHORTCUTS, OriginalBlock,
                     OriginalBottleneck, PadShortcut, PreActBlock, PreActBottleneck, ResidualUnit, _choice,
-                    branch_convs, conv1x1, conv3x3)
+                    branch_convs, conv1x1, conv3x3, raw_shortcut)
 
 
 class VariantUnit(ResidualUnit):
@@ -183,12 +183,7 @@ class VariantUnit(ResidualUnit):
         return h
 
     def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        if self.shortcut is not None:
-            s = self.shortcut(x)
-            return self.shortcut_bn(s) if self.shortcut_bn is not None else s
-        if self.pad_shortcut is not None:
-            return self.pad_shortcut(x)
-        return x
+        return raw_shortcut(self, x)
 
     def _combine(self, shortcut_in: torch.Tensor, s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         kind = self.shortcut_kind
