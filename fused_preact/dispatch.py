@@ -25,7 +25,6 @@ none so far, figures in ``notes/cpp_ops.md``). An explicit backend always runs a
 from __future__ import annotations
 
 import importlib
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -194,22 +193,15 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _mark_constant(fn: Callable) -> Callable:
-    """What ``torch.compiler.assume_constant_result`` does to ``fn`` (torch 2.4 to 2.14: one attribute,
-    which dynamo reads when it meets a call), without importing ``torch._dynamo`` (1.7 s of every
-    ``import fused_preact`` here). tests/test_triton_ops.py checks that torch's decorator sets nothing
-    else."""
+    """``torch.compiler.assume_constant_result``: evaluated once while tracing, never traced into. Done
+    as torch's decorator does it (torch 2.4 to 2.14: one attribute, which dynamo reads when it meets a
+    call) without importing ``torch._dynamo`` (1.7 s of every ``import fused_preact`` here);
+    tests/test_triton_ops.py checks that torch's decorator sets nothing else."""
     fn._dynamo_marked_constant = True
     return fn
 
 
-def _constant_result(fn: Callable) -> Callable:
-    """``torch.compiler.assume_constant_result``: evaluated once while tracing, never traced into."""
-    if "torch._dynamo" in sys.modules:   # loaded already: torch's own decorator costs nothing
-        return torch.compiler.assume_constant_result(fn)
-    return _mark_constant(fn)
-
-
-@_constant_result   # evaluated once while tracing, never traced into
+@_mark_constant   # evaluated once while tracing, never traced into
 def _triton_import_error() -> Optional[str]:
     try:
         importlib.import_module("fused_preact.kernels.ops")   # imports triton, registers torch.ops.fused_preact_triton
@@ -218,7 +210,7 @@ def _triton_import_error() -> Optional[str]:
     return None
 
 
-@_constant_result
+@_mark_constant
 def _triton_interpreting() -> bool:
     return importlib.import_module("fused_preact.kernels.runtime").interpreting()
 
@@ -248,7 +240,7 @@ def _triton_ops():
     return torch.ops.fused_preact_triton
 
 
-@_constant_result
+@_mark_constant
 def _extension_error() -> Optional[str]:
     if not _extension.available():
         return _extension.unavailable_reason()
@@ -260,7 +252,7 @@ def _extension_error() -> Optional[str]:
     return None
 
 
-@_constant_result
+@_mark_constant
 def _extension_has_cuda() -> bool:
     """Built with CUDA *and* the fused-unit operators have CUDA kernels registered."""
     return _extension.built_with_cuda() and all(

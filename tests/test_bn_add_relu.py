@@ -147,7 +147,8 @@ AOT_VARIANTS = _aot_variants(os.environ.get("FUSED_PREACT_FULL_TESTS") == "1" or
 
 def _compile_one(job) -> None:
     from gpu_code import compile_triton
-    variant, arch, folder = job
+    every_variant, name, arch, folder = job
+    variant = _aot_variants(every_variant)[name]
     cubin = compile_triton(variant["kernel"], variant["signature"], variant["constexprs"], arch,
                            num_warps=variant["num_warps"], num_stages=variant["num_stages"])
     with open(os.path.join(folder, f"{variant['name']}.sm{arch}.cubin"), "wb") as f:
@@ -160,14 +161,9 @@ def compile_all(folder: str, every_variant: bool) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     from gpu_code import ARCHS
-    jobs = [(name, arch, folder) for name in _aot_variants(every_variant) for arch in ARCHS]
+    jobs = [(every_variant, name, arch, folder) for name in _aot_variants(every_variant) for arch in ARCHS]
     with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        list(pool.map(_compile_by_name, [(every_variant, *job) for job in jobs]))
-
-
-def _compile_by_name(job) -> None:
-    every_variant, name, arch, folder = job
-    _compile_one((_aot_variants(every_variant)[name], arch, folder))
+        list(pool.map(_compile_one, jobs))
 
 
 @pytest.fixture(scope="module")
